@@ -1,0 +1,47 @@
+"""normkernels: normalization layers with PyTorch's semantics on NumPy and CuPy.
+
+>>> import numpy as np, normkernels
+>>> bn = normkernels.BatchNorm(3)
+>>> y = bn.forward(np.random.default_rng(0).normal(size=(8, 3, 5)).astype(np.float32), training=True)
+>>> int(bn.num_batches_tracked)
+1
+"""
+
+from normkernels.backend import Device, cuda_device_count, parse_device
+from normkernels.core import Moments, Plan, backward, forward_eval, forward_train, moments
+from normkernels.errors import (
+    ConfigError,
+    DeviceError,
+    DTypeError,
+    NonFiniteError,
+    NormError,
+    ShapeError,
+    StateDictError,
+)
+from normkernels.layers import KINDS, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, make_layer
+
+__all__ = [
+    "KINDS",
+    "BatchNorm",
+    "ConfigError",
+    "DTypeError",
+    "Device",
+    "DeviceError",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "Moments",
+    "NonFiniteError",
+    "NormError",
+    "Plan",
+    "RMSNorm",
+    "ShapeError",
+    "StateDictError",
+    "backward",
+    "cuda_device_count",
+    "forward_eval",
+    "forward_train",
+    "make_layer",
+    "moments",
+    "parse_device",
+]

@@ -1,0 +1,112 @@
+"""Shared test helpers: PyTorch twins of our layers, a float64 reference, random data."""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import pytest
+
+import normkernels as nk
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip `gpu` tests cleanly when CuPy or a CUDA device is missing."""
+    if nk.cuda_device_count() > 0:
+        return
+    skip = pytest.mark.skip(reason="needs CuPy and a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def torch_twin(layer: nk.layers._NormBase, rank: int):
+    """The torch.nn module with the same config (and dtype) as ``layer``, for inputs of ``rank``."""
+    import torch
+
+    cfg = dict(layer.config)
+    dtype = getattr(torch, cfg.pop("dtype"))
+    cfg.pop("device")
+    cfg.pop("biased_running_var", None)
+    if layer.kind in ("batch_norm", "instance_norm"):
+        spatial = rank - 2
+        if layer.kind == "batch_norm":
+            cls = {0: torch.nn.BatchNorm1d, 1: torch.nn.BatchNorm1d, 2: torch.nn.BatchNorm2d, 3: torch.nn.BatchNorm3d}
+        else:
+            cls = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}
+        module = cls[spatial](**cfg, dtype=dtype)
+    else:
+        cls = {"group_norm": torch.nn.GroupNorm, "layer_norm": torch.nn.LayerNorm, "rms_norm": torch.nn.RMSNorm}
+        module = cls[layer.kind](**cfg, dtype=dtype)
+    return module
+
+
+def randomize(layer: nk.layers._NormBase, rng: np.random.Generator) -> None:
+    """Give a layer random parameters and running statistics (never the init values)."""
+    state = {}
+    for key, value in layer.state_dict().items():
+        if key == "num_batches_tracked":
+            state[key] = np.asarray(int(rng.integers(0, 5)), dtype=np.int64)
+        elif key == "running_var":
+            state[key] = rng.uniform(0.5, 2.0, value.shape)
+        else:
+            state[key] = rng.normal(0.3, 0.8, value.shape)
+    layer.load_state_dict(state)
+
+
+def input_shape(layer: nk.layers._NormBase, batch: int, spatial: tuple[int, ...], lead: tuple[int, ...] = ()):
+    """An input shape for ``layer``: (N, C, *spatial) or (*lead, *normalized_shape)."""
+    if hasattr(layer, "normalized_shape"):
+        return (*lead, *layer.normalized_shape)
+    return (batch, layer.num_features, *spatial)
+
+
+def reference_forward(layer: nk.layers._NormBase, x: np.ndarray, training: bool) -> np.ndarray:
+    """Textbook float64 formulas, independent of normkernels.core."""
+    x = x.astype(np.float64)
+    kind = layer.kind
+    eps = layer.eps if layer.eps is not None else np.finfo(np.float64 if x.dtype == np.float64 else np.float32).eps
+    if kind in ("layer_norm", "rms_norm"):
+        axes = tuple(range(x.ndim - len(layer.normalized_shape), x.ndim))
+        w = 1.0 if layer.weight is None else layer.weight.astype(np.float64)
+        b = 0.0 if layer.bias is None else layer.bias.astype(np.float64)
+        if kind == "rms_norm":
+            return x / np.sqrt(np.mean(x**2, axis=axes, keepdims=True) + eps) * w
+        mean = x.mean(axis=axes, keepdims=True)
+        return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps) * w + b
+    n, c = x.shape[:2]
+    bshape = (1, c) + (1,) * (x.ndim - 2)
+    w = 1.0 if layer.weight is None else layer.weight.astype(np.float64).reshape(bshape)
+    b = 0.0 if layer.bias is None else layer.bias.astype(np.float64).reshape(bshape)
+    if not training and layer.track_running_stats:
+        mean = layer.running_mean.astype(np.float64).reshape(bshape)
+        var = layer.running_var.astype(np.float64).reshape(bshape)
+        return (x - mean) / np.sqrt(var + eps) * w + b
+    if kind == "group_norm":
+        g = layer.num_groups
+        xg = x.reshape(n, g, -1)
+        xhat = (xg - xg.mean(-1, keepdims=True)) / np.sqrt(xg.var(-1, keepdims=True) + eps)
+        return xhat.reshape(x.shape) * w + b
+    axes = (0, *range(2, x.ndim)) if kind == "batch_norm" else tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps) * w + b
+
+
+def clone(layer: nk.layers._NormBase) -> nk.layers._NormBase:
+    """An independent copy with the same config and state."""
+    twin = nk.make_layer(layer.kind, **layer.config)
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+def snapshot(layer: nk.layers._NormBase) -> dict[str, bytes]:
+    """The layer's state as bytes, for exact before/after comparisons."""
+    out = {k: np.asarray(v).tobytes() + str(np.asarray(v).dtype).encode() for k, v in layer.state_dict().items()}
+    out["__config__"] = repr(layer.config).encode()
+    return out
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator seeded from the test's name: random, yet reproducible."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))

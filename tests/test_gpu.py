@@ -1,0 +1,78 @@
+"""CuPy layers (device="cuda") against the NumPy ones: same generic code, same numbers.
+
+Marked `gpu`: skipped cleanly where CuPy or a CUDA device is missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import input_shape, randomize
+
+import normkernels as nk
+
+pytestmark = pytest.mark.gpu
+
+CONFIGS = [
+    ("batch_norm", {"num_features": 8}, (6, 5)),
+    ("batch_norm", {"num_features": 8, "momentum": None, "affine": False}, ()),
+    ("instance_norm", {"num_features": 8, "affine": True, "track_running_stats": True}, (7, 3)),
+    ("group_norm", {"num_groups": 4, "num_channels": 8}, (9,)),
+    ("layer_norm", {"normalized_shape": [16, 4]}, ()),
+    ("rms_norm", {"normalized_shape": [64]}, ()),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
+@pytest.mark.parametrize(("kind", "config", "spatial"), CONFIGS)
+def test_cupy_matches_numpy(kind, config, spatial, dtype, rng) -> None:
+    import cupy
+
+    param_dtype = "float64" if dtype == "float64" else "float32"
+    cpu = nk.make_layer(kind, **config, dtype=param_dtype)
+    randomize(cpu, rng)
+    gpu = nk.make_layer(kind, **config, dtype=param_dtype, device="cuda:0")
+    gpu.load_state_dict(cpu.state_dict())
+    tol = {"float16": 2e-2, "float32": 1e-5, "float64": 1e-12}[dtype]
+    shape = input_shape(cpu, batch=5, spatial=spatial, lead=(3, 2))
+    for _ in range(3):
+        x = rng.normal(1.5, 2.0, shape).astype(dtype)
+        dy = rng.normal(size=shape).astype(dtype)
+        for training in (True, False):
+            y = gpu.forward(cupy.asarray(x), training=training)
+            assert isinstance(y, cupy.ndarray)
+            assert y.dtype == x.dtype
+            np.testing.assert_allclose(y.get(), cpu.forward(x, training=training), rtol=tol, atol=tol)
+            dx, grads = gpu.backward(cupy.asarray(x), cupy.asarray(dy), training=training)
+            dx_cpu, grads_cpu = cpu.backward(x, dy, training=training)
+            np.testing.assert_allclose(dx.get(), dx_cpu, rtol=tol, atol=tol)
+            for name, g in grads.items():
+                if g is None:
+                    assert grads_cpu[name] is None
+                else:
+                    np.testing.assert_allclose(g.get(), grads_cpu[name], rtol=tol, atol=tol * x.size)
+    for key, value in gpu.state_dict().items():
+        assert isinstance(value, cupy.ndarray)
+        np.testing.assert_allclose(value.get(), cpu.state_dict()[key], rtol=tol, atol=tol)
+
+
+def test_cuda_layer_refuses_host_arrays_and_cpu_layer_refuses_cupy() -> None:
+    import cupy
+
+    with pytest.raises(nk.DeviceError, match=r"must be a CuPy array.*cupy.asarray"):
+        nk.BatchNorm(2, device="cuda").forward(np.ones((4, 2), np.float32))
+    with pytest.raises(nk.DeviceError, match=r"CuPy array but the layer is on cpu"):
+        nk.BatchNorm(2).forward(cupy.ones((4, 2), cupy.float32))
+
+
+def test_non_finite_batch_rejected_on_gpu(rng) -> None:
+    import cupy
+
+    layer = nk.BatchNorm(3, device="cuda")
+    x = cupy.asarray(rng.normal(size=(4, 3)).astype(np.float32))
+    x[1, 2] = cupy.nan
+    before = layer.state_dict()
+    with pytest.raises(nk.NonFiniteError):
+        layer.forward(x)
+    after = layer.state_dict()
+    assert all(bool((before[k] == after[k]).all()) for k in before)
