@@ -69,11 +69,18 @@ def _np(t: torch.Tensor | None) -> np.ndarray | None:
     return None if t is None else t.detach().numpy()
 
 
-def _assert_close(ours, theirs, dtype: str, what: str) -> None:
+def _assert_close(ours, theirs, dtype: str, what: str, exact=None) -> None:
+    """ours ~ theirs; with ``exact`` (float64 truth) also fine when ours is nearer the truth than theirs."""
     if theirs is None:
         assert ours is None, what
         return
-    np.testing.assert_allclose(ours, theirs, **TOL[dtype], err_msg=what)
+    tol = TOL[dtype]
+    allowed = tol["atol"] + tol["rtol"] * np.abs(theirs)
+    if exact is not None and dtype != "float64":
+        allowed = allowed + 2 * np.abs(theirs.astype(np.float64) - exact)
+    excess = np.abs(np.asarray(ours, np.float64) - theirs) - allowed
+    assert np.asarray(ours).shape == np.shape(theirs), what
+    assert (excess <= 0).all(), f"{what}: ours {ours!r} vs torch {theirs!r} (worst excess {excess.max():.3g})"
 
 
 def _grad(module: torch.nn.Module, name: str) -> torch.Tensor | None:
@@ -89,7 +96,7 @@ def _torch_grads(module: torch.nn.Module, x: np.ndarray, dy: np.ndarray):
     return _np(xt.grad), _np(_grad(module, "weight")), _np(_grad(module, "bias"))
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cases())
 def test_matches_torch_module(case) -> None:
     layer, shape, seed = case
@@ -106,12 +113,17 @@ def test_matches_torch_module(case) -> None:
         dy = rng.normal(size=shape).astype(dtype)
         for training in (True, False):
             module.train(training)
-            dx_t, dw_t, db_t = _torch_grads(module, x, dy)
-            dx, grads = layer.backward(x, dy, training=training)
             tag = f"step {step} training={training}"
-            _assert_close(dx, dx_t, dtype, f"dx {tag}")
-            _assert_close(grads["weight"], dw_t, dtype, f"dweight {tag}")
-            _assert_close(grads["bias"], db_t, dtype, f"dbias {tag}")
+            dx, grads = layer.backward(x, dy, training=training)
+            theirs = _torch_grads(module, x, dy)
+            # float32 gradients of ill-conditioned groups (two nearly equal
+            # values) carry rounding error in torch too: there, ours must be at
+            # least as close as torch's to the float64 gradient of the same values.
+            truth = _torch_grads(copy.deepcopy(module).double(), x.astype(np.float64), dy.astype(np.float64))
+            for name, got, want, exact in zip(
+                ("dx", "dweight", "dbias"), (dx, grads["weight"], grads["bias"]), theirs, truth, strict=True
+            ):
+                _assert_close(got, want, dtype, f"{name} {tag}", exact)
             with torch.no_grad():
                 y_t = _np(module(torch.tensor(x)))
             y = layer.forward(x, training=training)
