@@ -147,6 +147,14 @@ def ones(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
     return _ones(xp, n, np.dtype(dtype), device_id)
 
 
+#: Below this many elements, reductions use ``sum`` instead of BLAS.
+_BLAS_MIN_SIZE = 1 << 14
+
+
+def _reduced_axes(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(k for k, (n, o) in enumerate(zip(shape, out_shape, strict=True)) if o == 1 and n != 1)
+
+
 def _suffix_start(shape: tuple[int, ...], out_shape: tuple[int, ...]) -> int:
     """First axis of the trailing run of axes that ``out_shape`` reduces to 1."""
     j = len(shape)
@@ -173,16 +181,18 @@ def sum_to(a: Array, shape: tuple[int, ...]) -> Array:
     """
     if a.shape == shape:
         return a
+    if a.size < _BLAS_MIN_SIZE:  # a BLAS call costs more than it saves on small arrays
+        return a.sum(axis=_reduced_axes(a.shape, shape), keepdims=True)
     xp = _xp(a)
     j = _suffix_start(a.shape, shape)
-    if j < a.ndim:
+    if j < a.ndim and math.prod(a.shape[j:]) > 1:
         r = math.prod(a.shape[j:])
         a = (a.reshape(-1, r) @ ones(xp, r, a.dtype)).reshape(a.shape[:j] + (1,) * (a.ndim - j))
     i = min(_prefix_end(shape), j)
     if i > 0:
         lead = math.prod(a.shape[:i])
         a = (ones(xp, lead, a.dtype) @ a.reshape(lead, -1)).reshape((1,) * i + a.shape[i:])
-    rest = tuple(k for k in range(a.ndim) if shape[k] == 1 and a.shape[k] != 1)
+    rest = _reduced_axes(a.shape, shape)
     return a.sum(axis=rest, keepdims=True) if rest else a
 
 
@@ -195,7 +205,7 @@ def dot_to(a: Array, b: Array, shape: tuple[int, ...]) -> Array:
     xp = _xp(a)
     j = _suffix_start(a.shape, shape)
     rows = math.prod(a.shape[:j])
-    if j < a.ndim:
+    if j < a.ndim and math.prod(a.shape[j:]) > 1:
         if b.shape == a.shape:
             part = xp.einsum("ij,ij->i", a.reshape(rows, -1), b.reshape(rows, -1))
         elif all(n == 1 for n in b.shape[:j]) and b.shape[j:] == a.shape[j:]:

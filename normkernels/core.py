@@ -23,8 +23,10 @@ with small per-group coefficients, so dx costs three elementwise passes.
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
@@ -41,20 +43,30 @@ class Plan:
     param_shape: tuple[int, ...]
     center: bool = True
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         """Elements behind each statistic."""
         return math.prod(self.view) // math.prod(self.stat_shape)
 
-    @property
+    @functools.cached_property
     def joint_shape(self) -> tuple[int, ...]:
         """Finest grid on which both statistics and parameters are constant."""
-        return tuple(max(s, p) for s, p in zip(self.stat_shape, self.param_shape, strict=False))
+        return tuple(max(s, p) for s, p in zip(self.stat_shape, self.param_shape, strict=True))
 
-    @property
+    @functools.cached_property
     def folds(self) -> bool:
         """Statistics and parameters vary on a grid coarser than x: fold them into one scale."""
         return math.prod(self.joint_shape) < math.prod(self.view)
+
+    @functools.cached_property
+    def rows_independent(self) -> bool:
+        """Each slice along axis 0 has its own statistics (all kinds but batch norm)."""
+        return self.stat_shape[0] == self.view[0] and self.param_shape[0] == 1
+
+    def with_rows(self, rows: int) -> Plan:
+        """The plan for a block of ``rows`` slices along axis 0."""
+        stat = (rows, *self.stat_shape[1:]) if self.stat_shape[0] != 1 else self.stat_shape
+        return replace(self, view=(rows, *self.view[1:]), stat_shape=stat)
 
 
 class Moments(NamedTuple):
@@ -65,20 +77,24 @@ class Moments(NamedTuple):
 
 
 class _Centered(NamedTuple):
-    d: Array  # x - shift, a fresh array the caller may overwrite (x itself when not centering)
+    d: Array  # x - shift, a new array the caller may overwrite (x itself, read only, for RMS norm)
     offset: Array | float  # mean(d): the shift's rounding error
     moments: Moments
 
 
-def _center(xv: Array, plan: Plan, dtype: np.dtype, fresh: bool) -> _Centered:
-    """Center ``xv`` and compute its moments (corrected two-pass)."""
+def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) -> _Centered:
+    """Center ``xv`` and compute its moments (corrected two-pass).
+
+    When centering, ``d`` is a new array (``out`` if given) the caller may
+    overwrite; RMS norm does not center and ``d`` is ``xv`` itself (read only).
+    """
     xp = _xp(xv)
     n = plan.count
     if not plan.center:
-        d = xp.array(xv, dtype=dtype, copy=True) if fresh else xv.astype(dtype, copy=False)
+        d = xv.astype(dtype, copy=False)
         return _Centered(d, 0.0, Moments(None, dot_to(d, d, plan.stat_shape) / n))
     shift = sum_to(xv.astype(dtype, copy=False), plan.stat_shape) / n
-    d = xp.subtract(xv, shift, dtype=dtype)
+    d = xp.subtract(xv, shift, dtype=dtype, out=out)
     offset = sum_to(d, plan.stat_shape) / n
     var = xp.maximum(dot_to(d, d, plan.stat_shape) / n - offset * offset, 0)
     return _Centered(d, offset, Moments(shift + offset, var))
@@ -86,7 +102,7 @@ def _center(xv: Array, plan: Plan, dtype: np.dtype, fresh: bool) -> _Centered:
 
 def moments(xv: Array, plan: Plan, dtype: np.dtype) -> Moments:
     """Batch mean and biased variance of ``xv`` over the plan's statistic groups."""
-    return _center(xv, plan, dtype, fresh=False).moments
+    return _center(xv, plan, dtype).moments
 
 
 def _rstd(var: Array, eps: float) -> Array:
@@ -105,34 +121,66 @@ def _scaled_into(a: Array, rstd: Array, weight: Array | None, plan: Plan, out: A
 
 
 def _normalize_into(
-    d: Array, offset: Array | float, rstd: Array, weight: Array | None, bias: Array | None, plan: Plan
+    d: Array,
+    offset: Array | float,
+    rstd: Array,
+    weight: Array | None,
+    bias: Array | None,
+    plan: Plan,
+    out: Array,
 ) -> Array:
-    """Overwrite ``d`` (data minus a shift) with ``(d - offset) * rstd * weight + bias``."""
+    """``out = (d - offset) * rstd * weight + bias``; ``out`` may be ``d``."""
     xp = _xp(d)
     if plan.folds:
         # Statistics and parameters share a grid coarser than x (batch,
         # instance, group norm): one scale and one shift per grid cell.
         scale = rstd if weight is None else rstd * weight
-        xp.multiply(d, scale, out=d)
+        xp.multiply(d, scale, out=out)
         shift = -offset * scale if plan.center else None
         if bias is not None:
             shift = bias if shift is None else shift + bias
-        return d if shift is None else xp.add(d, shift, out=d)
+        return out if shift is None else xp.add(out, shift, out=out)
     # Per-row statistics, per-column parameters (layer/RMS norm): their outer
     # product would be as large as x, so apply the factors one after another.
-    if plan.center:
-        xp.subtract(d, offset, out=d)
-    _scaled_into(d, rstd, weight, plan, out=d)
-    return d if bias is None else xp.add(d, bias, out=d)
+    # The offset (the first pass's rounding error) gets a pass of its own only
+    # when it shifts xhat by more than half an ulp of 1; usually it does not.
+    if plan.center and float(xp.max(xp.abs(offset * rstd))) > np.finfo(out.dtype).eps / 2:
+        d = xp.subtract(d, offset, out=out)
+    _scaled_into(d, rstd, weight, plan, out=out)
+    return out if bias is None else xp.add(out, bias, out=out)
+
+
+def _forward_train(
+    xv: Array,
+    plan: Plan,
+    weight: Array | None,
+    bias: Array | None,
+    eps: float,
+    dtype: np.dtype,
+    out: Array | None = None,
+) -> tuple[Array, Moments]:
+    d, offset, stats = _center(xv, plan, dtype, out=out)
+    if out is None:
+        out = d if plan.center else _xp(xv).empty(plan.view, dtype=dtype)
+    return _normalize_into(d, offset, _rstd(stats.var, eps), weight, bias, plan, out), stats
 
 
 def forward_train(
     xv: Array, plan: Plan, weight: Array | None, bias: Array | None, eps: float, dtype: np.dtype
 ) -> tuple[Array, Moments]:
     """Normalize with the batch's own statistics; returns y (in ``dtype``) and the moments."""
-    d, offset, stats = _center(xv, plan, dtype, fresh=True)
-    y = _normalize_into(d, offset, _rstd(stats.var, eps), weight, bias, plan)
-    return y, stats
+    blocks = _row_blocks(xv, plan, dtype) if plan.rows_independent else None
+    if blocks is None:
+        return _forward_train(xv, plan, weight, bias, eps, dtype)
+    y = np.empty(plan.view, dtype=dtype)
+    parts = _map_blocks(
+        lambda rows: _forward_train(
+            xv[rows], plan.with_rows(rows.stop - rows.start), weight, bias, eps, dtype, y[rows]
+        )[1],
+        blocks,
+    )
+    mean = None if parts[0].mean is None else np.concatenate([p.mean for p in parts])
+    return y, Moments(mean, np.concatenate([p.var for p in parts]))
 
 
 def forward_eval(
@@ -144,7 +192,7 @@ def forward_eval(
     eps: float,
     dtype: np.dtype,
 ) -> Array:
-    """Normalize with given (running) statistics, per channel: one scale and one shift."""
+    """Normalize with given per-channel (running) statistics: one scale and one shift."""
     xp = _xp(xv)
     scale = _rstd(stats.var.astype(dtype, copy=False), eps)
     if weight is not None:
@@ -152,8 +200,15 @@ def forward_eval(
     shift = 0.0 if stats.mean is None else -stats.mean.astype(dtype, copy=False) * scale
     if bias is not None:
         shift = shift + bias
-    y = xp.multiply(xv, scale, dtype=dtype)
-    return xp.add(y, shift, out=y)
+    y = xp.empty(plan.view, dtype=dtype)
+
+    def run(rows: slice) -> None:
+        xp.multiply(xv[rows], scale, out=y[rows])
+        xp.add(y[rows], shift, out=y[rows])
+
+    # Two passes per block while the block is still in cache.
+    _map_blocks(run, _row_blocks(xv, plan, dtype) or [slice(0, plan.view[0])])
+    return y
 
 
 def backward(
@@ -171,11 +226,34 @@ def backward(
     are differentiated through. Given ``stats`` are constants (eval mode with
     running statistics). dweight and dbias come in ``plan.param_shape``.
     """
+    blocks = _row_blocks(xv, plan, dtype) if plan.rows_independent or stats is not None else None
+    if blocks is None:
+        return _backward(xv, dyv, plan, weight, eps, dtype, stats)
+    dx = np.empty(plan.view, dtype=dtype)
+
+    def run(rows: slice) -> tuple[Array, Array]:
+        block = plan.with_rows(rows.stop - rows.start)
+        return _backward(xv[rows], dyv[rows], block, weight, eps, dtype, stats, out=dx[rows])[1:]
+
+    parts = _map_blocks(run, blocks)
+    return dx, sum(p[0] for p in parts), sum(p[1] for p in parts)
+
+
+def _backward(
+    xv: Array,
+    dyv: Array,
+    plan: Plan,
+    weight: Array | None,
+    eps: float,
+    dtype: np.dtype,
+    stats: Moments | None,
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
     xp = _xp(xv)
     dyv = dyv.astype(dtype, copy=False)
     training = stats is None
     if training:
-        d, offset, stats = _center(xv, plan, dtype, fresh=True)
+        d, offset, stats = _center(xv, plan, dtype)
     else:
         offset = 0.0
         d = xp.subtract(xv, stats.mean, dtype=dtype) if plan.center else xv.astype(dtype, copy=False)
@@ -190,14 +268,14 @@ def backward(
     dweight = sum_to(sum_dy_xhat, plan.param_shape)
     dbias = sum_to(sum_dy, plan.param_shape)
 
-    dx = _scaled_into(dyv, rstd, weight, plan, out=xp.empty(plan.view, dtype=dtype))
+    dx = _scaled_into(dyv, rstd, weight, plan, out=xp.empty(plan.view, dtype=dtype) if out is None else out)
     if training:
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight,
         # xhat = (d - offset) * rstd: the last two terms are d * beta + gamma.
         n = plan.count
         mean_g_xhat = _weighted_sum(sum_dy_xhat, weight, plan.stat_shape) / n
         beta = -rstd * rstd * mean_g_xhat
-        xp.add(dx, xp.multiply(d, beta, out=d), out=dx)
+        xp.add(dx, xp.multiply(d, beta, out=d if plan.center else None), out=dx)
         if plan.center:
             mean_g = _weighted_sum(sum_dy, weight, plan.stat_shape) / n
             xp.add(dx, rstd * (rstd * mean_g_xhat * offset - mean_g), out=dx)
@@ -206,3 +284,31 @@ def backward(
 
 def _weighted_sum(a: Array, weight: Array | None, shape: tuple[int, ...]) -> Array:
     return sum_to(a, shape) if weight is None else dot_to(a, weight, shape)
+
+
+#: Bytes of input per block: a block's temporaries stay in a core's L2 cache.
+_BLOCK_BYTES = 1 << 19
+
+
+def _row_blocks(xv: Array, plan: Plan, dtype: np.dtype) -> list[slice] | None:
+    """Slices along axis 0 for blocked NumPy execution (None: run on the whole array).
+
+    Large arrays are processed a cache-sized block at a time, so that every
+    pass of the math re-reads the block from cache instead of memory: NumPy's
+    way, pass by pass, of approaching a fused kernel. (Threads do not pay
+    here: NumPy calls on cache-sized blocks are too short to amortize the GIL
+    hand-off.) CuPy always runs on the whole array.
+    """
+    if not isinstance(xv, np.ndarray):
+        return None
+    rows = plan.view[0]
+    row_bytes = math.prod(plan.view[1:]) * np.dtype(dtype).itemsize
+    if rows < 2 or rows * row_bytes < 4 * _BLOCK_BYTES:
+        return None
+    per = max(1, _BLOCK_BYTES // row_bytes)
+    return [slice(i, min(i + per, rows)) for i in range(0, rows, per)]
+
+
+def _map_blocks(fn: Callable[[slice], object], blocks: list[slice]) -> list:
+    """``fn`` over ``blocks``, results in block order."""
+    return [fn(rows) for rows in blocks]

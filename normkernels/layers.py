@@ -101,6 +101,7 @@ class _NormBase:
         self.running_mean: Array | None = None
         self.running_var: Array | None = None
         self.num_batches_tracked = 0
+        self._plans: dict[tuple[int, ...], core.Plan] = {}  # validated input shapes (a small cache)
         self.reset_parameters()
 
     # ----------------------------------------------------------------- kind hooks
@@ -202,7 +203,11 @@ class _NormBase:
         x = as_input_array(x, self.device, "x")
         if x.size == 0:
             raise ShapeError(f"x has shape {tuple(x.shape)} with no elements; send at least one sample")
-        plan = self._plan(tuple(x.shape))
+        plan = self._plans.get(x.shape)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            plan = self._plans[x.shape] = self._plan(tuple(x.shape))
         dtypes = [x.dtype, self.dtype]
         if dy is not None:
             dy = as_input_array(dy, self.device, "dy")
@@ -274,11 +279,14 @@ class _NormBase:
             )
         if not self.track_running_stats:
             return
+        # Per-instance statistics (instance norm) are averaged over the batch.
         channels = self.running_mean.shape[0]
+        mean = stats.mean.reshape(-1, channels).sum(axis=0)
+        var = stats.var.reshape(-1, channels).sum(axis=0)
         n = plan.count
-        mean = stats.mean.reshape(-1, channels).mean(axis=0)
-        var = stats.var.reshape(-1, channels)
-        var = (var if self.biased_running_var else var * (n / (n - 1))).mean(axis=0)
+        rows = stats.var.size // channels
+        var_scale = 1.0 / rows if self.biased_running_var else n / ((n - 1) * rows)
+        mean, var = mean * (1.0 / rows), var * var_scale
         batches = self.num_batches_tracked + 1 if self._counts_batches else self.num_batches_tracked
         factor = self._update_factor(batches)
         running_mean = (1.0 - factor) * self.running_mean + factor * mean

@@ -132,3 +132,52 @@ def test_reductions_match_numpy_sum(shape, out, rng) -> None:
     np.testing.assert_allclose(dot_to(a, b, out), (a * b).sum(axis=axes, keepdims=True), rtol=1e-12)
     w = rng.normal(size=(1,) * (len(shape) - 1) + shape[-1:])
     np.testing.assert_allclose(dot_to(a, w, out), (a * w).sum(axis=axes, keepdims=True), rtol=1e-12)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize(
+    "make",
+    [
+        *LAYERS,
+        lambda: nk.BatchNorm(4, affine=False),
+        lambda: nk.LayerNorm(64, bias=False),
+        lambda: nk.RMSNorm(64, 1e-3),
+    ],
+)
+def test_blocked_execution_matches_whole_array(make, training, rng, monkeypatch) -> None:
+    """Large NumPy inputs run in cache-sized blocks on a thread pool; a tiny block size forces it here."""
+    whole, blocked = make(), make()
+    randomize(whole, rng)
+    blocked.load_state_dict(whole.state_dict())
+    x = rng.normal(0.5, 2.0, _shape(whole)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    expected_y = whole.forward(x, training=training)
+    expected_dx, expected_grads = whole.backward(x, dy, training=training)
+    monkeypatch.setattr(nk.core, "_BLOCK_BYTES", 256)
+    plan = blocked._plan(x.shape)
+    if plan.rows_independent or not training:
+        assert nk.core._row_blocks(x.reshape(plan.view), plan, np.dtype(np.float32)) is not None
+    y = blocked.forward(x, training=training)
+    dx, grads = blocked.backward(x, dy, training=training)
+    np.testing.assert_allclose(y, expected_y, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dx, expected_dx, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        if grad is None:
+            assert expected_grads[name] is None
+        else:
+            np.testing.assert_allclose(grad, expected_grads[name], rtol=1e-4, atol=1e-4)
+    for key, value in blocked.state_dict().items():
+        np.testing.assert_allclose(value, whole.state_dict()[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("make", LAYERS)
+def test_inputs_are_never_written(make, training, rng) -> None:
+    layer = make()
+    x = rng.normal(size=_shape(layer)).astype(np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    x_before, dy_before = x.copy(), dy.copy()
+    layer.forward(x, training=training)
+    layer.backward(x, dy, training=training)
+    np.testing.assert_array_equal(x, x_before)
+    np.testing.assert_array_equal(dy, dy_before)
