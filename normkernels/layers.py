@@ -333,21 +333,19 @@ class _ChannelNorm(_NormBase):
         )
 
 
-class BatchNorm(_ChannelNorm):
-    """Batch normalization over (N, C, *spatial): PyTorch's BatchNorm1d/2d/3d."""
-
-    kind = "batch_norm"
+class _TrackedNorm(_ChannelNorm):
+    """Batch and instance norm: per-channel parameters and optional running statistics."""
 
     def __init__(
         self,
         num_features: int,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device: str | Device | None = "cpu",
-        dtype: Any = np.float32,
-        biased_running_var: bool = False,
+        eps: float,
+        momentum: float | None,
+        affine: bool,
+        track_running_stats: bool,
+        device: str | Device | None,
+        dtype: Any,
+        biased_running_var: bool,
     ) -> None:
         super().__init__(
             num_features,
@@ -374,6 +372,25 @@ class BatchNorm(_ChannelNorm):
             "biased_running_var": self.biased_running_var,
         }
 
+
+class BatchNorm(_TrackedNorm):
+    """Batch normalization over (N, C, *spatial): PyTorch's BatchNorm1d/2d/3d."""
+
+    kind = "batch_norm"
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: str | Device | None = "cpu",
+        dtype: Any = np.float32,
+        biased_running_var: bool = False,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, biased_running_var)
+
     def _plan(self, shape: tuple[int, ...]) -> core.Plan:
         n, c, s = self._split(shape)
         return core.Plan(view=(n, c, s), stat_shape=(1, c, 1), param_shape=(1, c, 1))
@@ -384,7 +401,7 @@ class BatchNorm(_ChannelNorm):
             raise self._one_value_error(shape, "value per channel")
 
 
-class InstanceNorm(_ChannelNorm):
+class InstanceNorm(_TrackedNorm):
     """Instance normalization over (N, C, *spatial): PyTorch's InstanceNorm1d/2d/3d.
 
     As in PyTorch, running statistics (``track_running_stats=True``) average
@@ -407,19 +424,7 @@ class InstanceNorm(_ChannelNorm):
         dtype: Any = np.float32,
         biased_running_var: bool = False,
     ) -> None:
-        super().__init__(
-            num_features,
-            eps=_eps(eps),
-            momentum=momentum,
-            weight=affine,
-            bias=affine,
-            track_running_stats=track_running_stats,
-            device=device,
-            dtype=dtype,
-            biased_running_var=biased_running_var,
-        )
-
-    config = BatchNorm.config
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, biased_running_var)
 
     def _plan(self, shape: tuple[int, ...]) -> core.Plan:
         n, c, s = self._split(shape)
