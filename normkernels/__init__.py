@@ -8,7 +8,7 @@
 """
 
 from normkernels.backend import Device, cuda_device_count, parse_device
-from normkernels.core import Moments, Plan, backward, forward_eval, forward_train, moments
+from normkernels.core import Moments, Plan, backward, forward_eval, forward_train
 from normkernels.errors import (
     ConfigError,
     DeviceError,
@@ -42,6 +42,5 @@ __all__ = [
     "forward_eval",
     "forward_train",
     "make_layer",
-    "moments",
     "parse_device",
 ]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
@@ -104,11 +105,6 @@ def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) ->
     return _Centered(d, offset, Moments(shift + offset, var))
 
 
-def moments(xv: Array, plan: Plan, dtype: np.dtype) -> Moments:
-    """Batch mean and biased variance of ``xv`` over the plan's statistic groups."""
-    return _center(xv, plan, dtype).moments
-
-
 def _rstd(var: Array, eps: float) -> Array:
     return 1.0 / _xp(var).sqrt(var + eps)
 
@@ -176,11 +172,9 @@ def forward_train(
     blocks = _row_blocks(xv, plan, dtype) if plan.rows_independent else None
     if blocks is None:
         return _forward_train(xv, plan, weight, bias, eps, dtype)
-    y = np.empty(plan.view, dtype=dtype)
-    parts = [
-        _forward_train(xv[rows], plan.with_rows(rows.stop - rows.start), weight, bias, eps, dtype, y[rows])[1]
-        for rows in blocks
-    ]
+    y, parts = _run_blocks(
+        blocks, plan, dtype, lambda rows, block, out: _forward_train(xv[rows], block, weight, bias, eps, dtype, out)[1]
+    )
     mean = None if parts[0].mean is None else np.concatenate([p.mean for p in parts])
     return y, Moments(mean, np.concatenate([p.var for p in parts]))
 
@@ -229,14 +223,13 @@ def backward(
     blocks = _row_blocks(xv, plan, dtype) if plan.rows_independent or stats is not None else None
     if blocks is None:
         return _backward(xv, dyv, plan, weight, eps, dtype, stats)
-    dx = np.empty(plan.view, dtype=dtype)
-
-    def run(rows: slice) -> tuple[Array, Array]:
-        block = plan.with_rows(rows.stop - rows.start)
-        return _backward(xv[rows], dyv[rows], block, weight, eps, dtype, stats, out=dx[rows])[1:]
-
-    parts = [run(rows) for rows in blocks]
-    return dx, sum(p[0] for p in parts), sum(p[1] for p in parts)
+    dx, parts = _run_blocks(
+        blocks,
+        plan,
+        dtype,
+        lambda rows, block, out: _backward(xv[rows], dyv[rows], block, weight, eps, dtype, stats, out),
+    )
+    return dx, sum(p[1] for p in parts), sum(p[2] for p in parts)
 
 
 def _backward(
@@ -307,3 +300,11 @@ def _row_blocks(xv: Array, plan: Plan, dtype: np.dtype) -> list[slice] | None:
         return None
     per = max(1, _BLOCK_BYTES // row_bytes)
     return [slice(i, min(i + per, rows)) for i in range(0, rows, per)]
+
+
+def _run_blocks(
+    blocks: list[slice], plan: Plan, dtype: np.dtype, step: Callable[[slice, Plan, Array], tuple]
+) -> tuple[np.ndarray, list[tuple]]:
+    """Run ``step(rows, block_plan, out_block)`` over the blocks into one new output; results in order."""
+    out = np.empty(plan.view, dtype=dtype)
+    return out, [step(rows, plan.with_rows(rows.stop - rows.start), out[rows]) for rows in blocks]

@@ -111,9 +111,6 @@ class _NormBase:
     def _check_batch(self, shape: tuple[int, ...]) -> None:
         """Raise when batch statistics would rest on a single value (PyTorch's rule)."""
 
-    def _running_shape(self) -> tuple[int, ...]:
-        return self.param_shape
-
     @property
     def config(self) -> dict[str, Any]:
         """Constructor arguments: ``make_layer(layer.kind, **layer.config)`` rebuilds the layer."""
@@ -126,8 +123,8 @@ class _NormBase:
         if not self.track_running_stats:
             return
         with on_device(self.device):
-            self.running_mean = self.xp.zeros(self._running_shape(), dtype=self.dtype)
-            self.running_var = self.xp.ones(self._running_shape(), dtype=self.dtype)
+            self.running_mean = self.xp.zeros(self.param_shape, dtype=self.dtype)
+            self.running_var = self.xp.ones(self.param_shape, dtype=self.dtype)
 
     def reset_parameters(self) -> None:
         """Weight 1, bias 0, and fresh running statistics."""
@@ -185,9 +182,8 @@ class _NormBase:
             if count < 0:
                 raise StateDictError(f"state['num_batches_tracked'] must be >= 0, got {count}")
             return count
-        want = self.param_shape if key in ("weight", "bias") else self._running_shape()
-        if tuple(arr.shape) != want:
-            raise StateDictError(f"state[{key!r}] has shape {tuple(arr.shape)}, the layer needs {want}")
+        if tuple(arr.shape) != self.param_shape:
+            raise StateDictError(f"state[{key!r}] has shape {tuple(arr.shape)}, the layer needs {self.param_shape}")
         if arr.dtype.kind != "f":
             raise StateDictError(f"state[{key!r}] has dtype {arr.dtype}; it must be a floating-point array")
         arr = arr.astype(self.dtype)  # always a copy: the caller's array stays theirs
