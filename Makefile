@@ -1,19 +1,36 @@
-# Front door: `make test` (everything CI runs) and `make bench`.
+# Front door: `make serve` (start the server) and `make test` (everything CI runs).
 # Each target creates .venv and installs what it needs when missing.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-TEST_STAMP := $(VENV)/.installed-test
+SERVE_STAMP := $(VENV)/.installed-serve
+TEST_STAMP  := $(VENV)/.installed-test
 
-.PHONY: test lint bench clean
+# `make serve` settings; e.g. `make serve PORT=50052 SERVE_ARGS='--device cuda'`.
+HOST       ?= 127.0.0.1
+PORT       ?= 50051
+STATE_DIR  ?= ./normserve-state
+SERVE_ARGS ?=
+
+# `make protos` writes here; the drift test points it at a scratch folder.
+PROTO_OUT ?= protos
+
+.PHONY: serve test lint bench protos clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
+$(SERVE_STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
 $(TEST_STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install --quiet -e '.[test]'
-	touch $@
+	touch $@ $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
+	$(VENV)/bin/normserve serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR) $(SERVE_ARGS)
 
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
@@ -24,6 +41,12 @@ test: lint
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernels.py
+	$(PY) benchmarks/service.py
+
+# Regenerate the committed Python code (messages, stubs, .pyi) from the .proto.
+protos: $(TEST_STAMP)
+	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) protos/normserve/v1/normalization.proto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

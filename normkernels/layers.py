@@ -9,6 +9,7 @@ rule) and how its running statistics are updated.
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -133,7 +134,19 @@ class _NormBase:
             self.bias = self.xp.zeros(self.param_shape, dtype=self.dtype) if self._has["bias"] else None
         self.reset_running_stats()
 
-    def _state_keys(self) -> tuple[str, ...]:
+    def copy(self) -> _NormBase:
+        """A snapshot of this layer that costs no array copies.
+
+        Layers never write their arrays in place (training, loading and resets
+        bind new arrays), so a shallow copy is independent: training the copy
+        leaves this layer untouched and vice versa. The service uses it for
+        copy-on-write updates while readers keep using the old state.
+        """
+        return copy.copy(self)
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        """The keys of :meth:`state_dict`, in PyTorch's order."""
         keys = tuple(k for k in ("weight", "bias") if self._has[k])
         if self.track_running_stats:
             keys += ("running_mean", "running_var", "num_batches_tracked")
@@ -141,7 +154,7 @@ class _NormBase:
 
     def state_dict(self) -> dict[str, Array]:
         """Copies of the state under PyTorch's keys, on the layer's device."""
-        state = {k: getattr(self, k).copy() for k in self._state_keys() if k != "num_batches_tracked"}
+        state = {k: getattr(self, k).copy() for k in self.state_keys if k != "num_batches_tracked"}
         if self.track_running_stats:
             with on_device(self.device):
                 state["num_batches_tracked"] = self.xp.asarray(self.num_batches_tracked, dtype=np.int64)
@@ -155,7 +168,7 @@ class _NormBase:
         variances, unknown keys and (with ``strict``) missing keys are refused
         with a :class:`StateDictError`, and then nothing changes.
         """
-        expected = self._state_keys()
+        expected = self.state_keys
         unknown = sorted(set(state) - set(expected))
         if unknown:
             raise StateDictError(f"unknown state key(s) {unknown} for {type(self).__name__}; expected {list(expected)}")

@@ -110,3 +110,46 @@ def snapshot(layer: nk.layers._NormBase) -> dict[str, bytes]:
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     """A generator seeded from the test's name: random, yet reproducible."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+# ---------------------------------------------------------------------- the real server
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory):
+    """One ``normserve serve`` subprocess shared by the service tests (each test uses its own layer names)."""
+    from serverproc import ServerProcess
+
+    proc = ServerProcess(tmp_path_factory.mktemp("shared") / "state").start()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+@pytest.fixture
+def client(server):
+    from normserve.client import NormClient
+
+    with NormClient(server.target, timeout=60) as nc:
+        yield nc
+
+
+@pytest.fixture
+def layer_name(request: pytest.FixtureRequest) -> str:
+    """A layer name unique to the test (valid under the service's name rule)."""
+    return "t" + format(zlib.crc32(request.node.nodeid.encode()), "08x")
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Start servers of the test's own (on ``tmp_path/state`` by default); stops them afterwards."""
+    from serverproc import ServerProcess
+
+    started = []
+
+    def start(*args: str, state_dir=None):
+        proc = ServerProcess(state_dir or tmp_path / "state", *args).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.process.poll() is None:
+            proc.kill()

@@ -76,3 +76,32 @@ def test_non_finite_batch_rejected_on_gpu(rng) -> None:
         layer.forward(x)
     after = layer.state_dict()
     assert all(bool((before[k] == after[k]).all()) for k in before)
+
+
+def test_service_runs_layers_on_cuda(start_server, rng) -> None:
+    """`normserve serve --device auto` places layers on the GPU; a per-layer device overrides it."""
+    from normserve.client import NormClient
+
+    proc = start_server("--device", "auto")
+    x = rng.normal(1.0, 2.0, (16, 8, 12)).astype(np.float32)
+    with NormClient(proc.target) as nc:
+        on_gpu = nc.create_layer("gpu.bn", "batch_norm", num_features=8)
+        on_cpu = nc.create_layer("cpu.bn", "batch_norm", num_features=8, device="cpu")
+        assert on_gpu.info.config.device == "cuda:0"
+        assert on_cpu.info.config.device == "cpu"
+        local = nk.BatchNorm(8)
+        for _ in range(2):
+            np.testing.assert_allclose(on_gpu.train(x), local.forward(x), rtol=1e-4, atol=1e-5)
+            on_cpu.train(x)
+        np.testing.assert_allclose(on_gpu.infer(x), local.forward(x, training=False), rtol=1e-4, atol=1e-5)
+        dx, dweight, _ = on_gpu.gradient(x, x)
+        ldx, grads = local.backward(x, x)
+        np.testing.assert_allclose(dx, ldx, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(dweight, grads["weight"], rtol=1e-3, atol=1e-3)
+        for key, value in local.state_dict().items():
+            np.testing.assert_allclose(on_gpu.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+    assert proc.stop() == 0
+    restarted = start_server("--device", "auto")
+    with NormClient(restarted.target) as nc:
+        assert nc.layer("gpu.bn").info.config.device == "cuda:0"
+        assert int(nc.layer("gpu.bn").state_dict()["num_batches_tracked"]) == 2

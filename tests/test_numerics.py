@@ -181,3 +181,16 @@ def test_inputs_are_never_written(make, training, rng) -> None:
     layer.backward(x, dy, training=training)
     np.testing.assert_array_equal(x, x_before)
     np.testing.assert_array_equal(dy, dy_before)
+
+
+def test_copy_is_an_independent_snapshot(rng) -> None:
+    """The service's copy-on-write relies on layers never writing their arrays in place."""
+    layer = nk.BatchNorm(3, momentum=None)
+    randomize(layer, rng)
+    before = snapshot(layer)
+    twin = layer.copy()
+    twin.forward(rng.normal(size=(6, 3, 2)).astype(np.float32), training=True)
+    twin.load_state_dict({"weight": np.full(3, 7.0)}, strict=False)
+    twin.reset_running_stats()
+    assert snapshot(layer) == before
+    assert snapshot(twin) != before

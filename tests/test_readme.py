@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The README's Python examples run as written (client examples against the live test server)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,22 @@ from pathlib import Path
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
-def test_readme_python_blocks_run() -> None:
+def test_readme_python_blocks_run(server) -> None:
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert blocks, "README has no python example"
+    assert len(blocks) >= 2, "README has lost its quick start or its normkernels example"
+    client_blocks = [code for code in blocks if "NormClient(" in code]
+    assert client_blocks, "README has no client example"
     for code in blocks:
+        code = code.replace("localhost:50051", server.target)  # the snippet's target is the test server
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, result.stderr
         assert "num_batches_tracked" in result.stdout
+    assert (
+        "encoder.bn1"
+        in subprocess.run(
+            [sys.executable, "-m", "normserve.server", "layers", "--target", server.target],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )

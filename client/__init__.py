@@ -1,0 +1,44 @@
+"""normserve.client: Python clients for the normserve gRPC service.
+
+>>> from normserve.client import NormClient
+>>> with NormClient("localhost:50051") as nc:                          # doctest: +SKIP
+...     bn = nc.create_layer("encoder.bn1", "batch_norm", num_features=64)
+...     y = bn.train(x)
+
+:class:`NormClient` blocks; :class:`AsyncNormClient` has the same methods as
+coroutines. Inputs may be NumPy arrays, CuPy arrays or torch tensors; results
+are always NumPy arrays in the input's dtype. Failures raise
+:class:`NormServeError` subclasses carrying the gRPC status code.
+"""
+
+from normserve.client.aio import AsyncNormClient, AsyncRemoteLayer
+from normserve.client.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NormServeError,
+    NotFound,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+)
+from normserve.client.protocol import RetryPolicy
+from normserve.client.sync import NormClient, RemoteLayer
+
+__all__ = [
+    "AlreadyExists",
+    "AsyncNormClient",
+    "AsyncRemoteLayer",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NormClient",
+    "NormServeError",
+    "NotFound",
+    "RemoteLayer",
+    "ResourceExhausted",
+    "RetryPolicy",
+    "Unauthenticated",
+    "Unavailable",
+]

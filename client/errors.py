@@ -1,0 +1,85 @@
+"""Errors the client raises: one class per gRPC status code a caller may handle."""
+
+from __future__ import annotations
+
+import grpc
+
+__all__ = [
+    "AlreadyExists",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "InvalidArgument",
+    "NormServeError",
+    "NotFound",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "error_from_rpc",
+]
+
+
+class NormServeError(Exception):
+    """A failed call. ``code`` is the gRPC status code, ``details`` the server's message."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, details: str, code: grpc.StatusCode | None = None, method: str = "") -> None:
+        self.details = details
+        self.method = method
+        if code is not None:
+            self.code = code
+        super().__init__(f"{method + ': ' if method else ''}{self.code.name}: {details}")
+
+
+class InvalidArgument(NormServeError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(NormServeError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(NormServeError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(NormServeError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(NormServeError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unauthenticated(NormServeError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class Unavailable(NormServeError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(NormServeError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+_BY_CODE = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        ResourceExhausted,
+        Unauthenticated,
+        Unavailable,
+        DeadlineExceeded,
+    )
+}
+
+
+def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
+    """The NormServeError subclass for a failed gRPC call."""
+    code = error.code()
+    cls = _BY_CODE.get(code, NormServeError)
+    return cls(error.details() or "", code=code, method=method)

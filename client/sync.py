@@ -1,0 +1,126 @@
+"""Blocking client: :class:`NormClient` and the :class:`RemoteLayer` handles it returns."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import grpc
+import numpy as np
+
+from normserve.client import protocol
+from normserve.client.errors import error_from_rpc
+from normserve.v1 import normalization_pb2 as pb
+
+__all__ = ["NormClient", "RemoteLayer"]
+
+
+class NormClient(protocol.ClientBase):
+    """A blocking connection to a normserve server.
+
+    ``timeout`` (seconds) applies to every call unless the call passes its
+    own; ``wire_dtype`` (``None`` = each array's own dtype, or ``"float16"``,
+    ``"bfloat16"``, ...) is the default dtype tensors travel in; ``retry``
+    resends idempotent calls that fail with UNAVAILABLE. Use it as a context
+    manager, or call :meth:`close`.
+    """
+
+    _make_channel = staticmethod(grpc.insecure_channel)
+
+    def __enter__(self) -> NormClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """Send one RPC by name, retrying UNAVAILABLE where that is safe; raises NormServeError."""
+        rpc = getattr(self._stub, method)
+        backoffs = self.retry.backoffs(method)
+        for attempt in itertools.count():
+            try:
+                return rpc(request, timeout=self._timeout(timeout))
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
+                    raise error_from_rpc(error, method) from None
+            time.sleep(backoffs[attempt])
+        raise AssertionError("unreachable")
+
+    # ------------------------------------------------------------------ layers
+    def create_layer(self, name: str, kind: str, *, timeout: float | None = None, **config: Any) -> RemoteLayer:
+        """Create (or, with an equal config, get) a layer; config takes PyTorch's constructor arguments."""
+        request = pb.CreateLayerRequest(name=name, config=protocol.layer_config(kind, **config))
+        return RemoteLayer(self, self.call("CreateLayer", request, timeout))
+
+    def layer(self, name: str, *, timeout: float | None = None) -> RemoteLayer:
+        """A handle on an existing layer (NotFound when there is none)."""
+        return RemoteLayer(self, self.call("GetLayer", pb.GetLayerRequest(name=name), timeout))
+
+    def list_layers(self, prefix: str = "", *, timeout: float | None = None) -> list[RemoteLayer]:
+        response = self.call("ListLayers", pb.ListLayersRequest(prefix=prefix), timeout)
+        return [RemoteLayer(self, info) for info in response.layers]
+
+    def delete_layer(self, name: str, *, timeout: float | None = None) -> pb.Layer:
+        """Delete a layer and its state; returns its last description."""
+        return self.call("DeleteLayer", pb.DeleteLayerRequest(name=name), timeout).layer
+
+
+class RemoteLayer(protocol.LayerHandle):
+    """A named layer on the server. Arrays go in as NumPy, CuPy or torch; results come back as NumPy.
+
+    Results have the input's dtype whatever the wire dtype was; weight and
+    bias gradients and state tensors have the layer's param dtype. ``info``
+    (``version``, ``num_batches_tracked``) follows what the calls report.
+    """
+
+    def refresh(self, *, timeout: float | None = None) -> pb.Layer:
+        self.info = self._client.call("GetLayer", pb.GetLayerRequest(name=self.name), timeout)
+        return self.info
+
+    def _forward(self, method: str, x: Any, wire_dtype: Any, timeout: float | None) -> np.ndarray:
+        request, dtype = protocol.forward_request(method, self.name, x, self._wire(wire_dtype))
+        return self._forward_result(self._client.call(method, request, timeout), dtype)
+
+    def train(self, x: Any, *, wire_dtype: Any = None, timeout: float | None = None) -> np.ndarray:
+        """Training-mode forward: normalize with batch statistics and update the running statistics."""
+        return self._forward("Train", x, wire_dtype, timeout)
+
+    def infer(self, x: Any, *, wire_dtype: Any = None, timeout: float | None = None) -> np.ndarray:
+        """Inference-mode forward with the running statistics; changes nothing."""
+        return self._forward("Infer", x, wire_dtype, timeout)
+
+    def gradient(
+        self, x: Any, dy: Any, training: bool = True, *, wire_dtype: Any = None, timeout: float | None = None
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """``(dx, dweight, dbias)`` of ``sum(forward(x) * dy)``; None for a missing weight or bias."""
+        request, dtype = protocol.gradient_request(self.name, x, dy, training, self._wire(wire_dtype))
+        return protocol.gradient_result(self._client.call("Gradient", request, timeout), dtype)
+
+    def state_dict(self, *, timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array)."""
+        return protocol.state_dict(self._client.call("GetState", pb.GetStateRequest(name=self.name), timeout))
+
+    def load_state_dict(
+        self,
+        state: Mapping[str, Any],
+        strict: bool = True,
+        *,
+        expected_version: int | None = None,
+        timeout: float | None = None,
+    ) -> pb.Layer:
+        """Replace the state, all or nothing (a torch ``state_dict()`` works as is).
+
+        ``strict=False`` updates only the keys given; ``expected_version``
+        makes the update conditional (FailedPrecondition when stale).
+        """
+        request = protocol.load_state_request(self.name, state, strict, expected_version)
+        self.info = self._client.call("SetState", request, timeout)
+        return self.info
+
+    def delete(self, *, timeout: float | None = None) -> pb.Layer:
+        return self._client.delete_layer(self.name, timeout=timeout)

@@ -1,0 +1,240 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    BFLOAT16: _ClassVar[DType]
+
+class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    KIND_UNSPECIFIED: _ClassVar[Kind]
+    BATCH_NORM: _ClassVar[Kind]
+    LAYER_NORM: _ClassVar[Kind]
+    INSTANCE_NORM: _ClassVar[Kind]
+    GROUP_NORM: _ClassVar[Kind]
+    RMS_NORM: _ClassVar[Kind]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+BFLOAT16: DType
+KIND_UNSPECIFIED: Kind
+BATCH_NORM: Kind
+LAYER_NORM: Kind
+INSTANCE_NORM: Kind
+GROUP_NORM: Kind
+RMS_NORM: Kind
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LayerConfig(_message.Message):
+    __slots__ = ("kind", "num_features", "normalized_shape", "num_groups", "eps", "momentum", "cumulative_average", "affine", "track_running_stats", "bias", "biased_running_var", "device", "param_dtype")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    NORMALIZED_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    EPS_FIELD_NUMBER: _ClassVar[int]
+    MOMENTUM_FIELD_NUMBER: _ClassVar[int]
+    CUMULATIVE_AVERAGE_FIELD_NUMBER: _ClassVar[int]
+    AFFINE_FIELD_NUMBER: _ClassVar[int]
+    TRACK_RUNNING_STATS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_FIELD_NUMBER: _ClassVar[int]
+    BIASED_RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    PARAM_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    kind: Kind
+    num_features: int
+    normalized_shape: _containers.RepeatedScalarFieldContainer[int]
+    num_groups: int
+    eps: float
+    momentum: float
+    cumulative_average: bool
+    affine: bool
+    track_running_stats: bool
+    bias: bool
+    biased_running_var: bool
+    device: str
+    param_dtype: DType
+    def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., num_features: _Optional[int] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., bias: _Optional[bool] = ..., biased_running_var: _Optional[bool] = ..., device: _Optional[str] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class Layer(_message.Message):
+    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STATE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: LayerConfig
+    version: int
+    num_batches_tracked: int
+    param_shape: _containers.RepeatedScalarFieldContainer[int]
+    state_keys: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class CreateLayerRequest(_message.Message):
+    __slots__ = ("name", "config")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    config: LayerConfig
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ...) -> None: ...
+
+class GetLayerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ListLayersRequest(_message.Message):
+    __slots__ = ("prefix",)
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    prefix: str
+    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+
+class ListLayersResponse(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[Layer]
+    def __init__(self, layers: _Optional[_Iterable[_Union[Layer, _Mapping]]] = ...) -> None: ...
+
+class DeleteLayerRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteLayerResponse(_message.Message):
+    __slots__ = ("layer",)
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    layer: Layer
+    def __init__(self, layer: _Optional[_Union[Layer, _Mapping]] = ...) -> None: ...
+
+class TrainRequest(_message.Message):
+    __slots__ = ("layer", "x", "output_dtype")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    x: Tensor
+    output_dtype: DType
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class TrainResponse(_message.Message):
+    __slots__ = ("y", "version", "num_batches_tracked")
+    Y_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    y: Tensor
+    version: int
+    num_batches_tracked: int
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ...) -> None: ...
+
+class InferRequest(_message.Message):
+    __slots__ = ("layer", "x", "output_dtype")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    x: Tensor
+    output_dtype: DType
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class InferResponse(_message.Message):
+    __slots__ = ("y", "version")
+    Y_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    y: Tensor
+    version: int
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GradientRequest(_message.Message):
+    __slots__ = ("layer", "x", "dy", "training", "output_dtype")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    DY_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    x: Tensor
+    dy: Tensor
+    training: bool
+    output_dtype: DType
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., training: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class GradientResponse(_message.Message):
+    __slots__ = ("dx", "dweight", "dbias", "version")
+    DX_FIELD_NUMBER: _ClassVar[int]
+    DWEIGHT_FIELD_NUMBER: _ClassVar[int]
+    DBIAS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    dx: Tensor
+    dweight: Tensor
+    dbias: Tensor
+    version: int
+    def __init__(self, dx: _Optional[_Union[Tensor, _Mapping]] = ..., dweight: _Optional[_Union[Tensor, _Mapping]] = ..., dbias: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class GetStateRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class LayerState(_message.Message):
+    __slots__ = ("name", "version", "tensors", "num_batches_tracked")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    tensors: _containers.MessageMap[str, Tensor]
+    num_batches_tracked: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., num_batches_tracked: _Optional[int] = ...) -> None: ...
+
+class SetStateRequest(_message.Message):
+    __slots__ = ("name", "tensors", "num_batches_tracked", "expected_version", "partial")
+    class TensorsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tensors: _containers.MessageMap[str, Tensor]
+    num_batches_tracked: int
+    expected_version: int
+    partial: bool
+    def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., num_batches_tracked: _Optional[int] = ..., expected_version: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...

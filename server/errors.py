@@ -1,0 +1,58 @@
+"""Service-level errors and the gRPC status code each one answers with."""
+
+from __future__ import annotations
+
+import grpc
+
+from normkernels import NormError
+from normserve.v1.codec import TensorError, TensorTooLarge
+
+__all__ = [
+    "InvalidRequest",
+    "LayerExists",
+    "LayerNotFound",
+    "ServiceError",
+    "ShuttingDown",
+    "StaleVersion",
+    "status_for",
+]
+
+
+class ServiceError(Exception):
+    """An error with a gRPC status code; its message goes to the client as is."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(ServiceError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class LayerNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no layer named {name!r}; create it with CreateLayer (ListLayers shows what exists)")
+
+
+class LayerExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class StaleVersion(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ShuttingDown(ServiceError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code for an error a client caused, or None for a server bug."""
+    if isinstance(exc, ServiceError):
+        return exc.code
+    if isinstance(exc, TensorTooLarge):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, (TensorError, NormError)):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return None

@@ -1,0 +1,268 @@
+"""The named layers: who may change them, when, and how changes become durable.
+
+Each layer is published as an immutable :class:`Snapshot`. Readers (Infer,
+Gradient, GetState) take the current snapshot and never wait. Writers
+(Train, SetState, DeleteLayer) queue on the layer's lock, work on a
+copy-on-write copy of the layer, store the result, and only then publish it,
+so a failed or rejected request leaves the published state and the database
+exactly as they were. Kernel work runs on a thread pool (NumPy releases the
+GIL, so different layers compute in parallel); SQLite runs on one thread of
+its own, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+
+from normkernels.backend import on_device, to_numpy
+from normserve.server.errors import LayerExists, LayerNotFound, ShuttingDown, StaleVersion
+from normserve.server.layer_config import build_layer, check_name
+from normserve.server.store import StateStore
+from normserve.v1 import normalization_pb2 as pb
+
+__all__ = ["Registry", "Snapshot"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_RUNNING_KEYS = ("running_mean", "running_var")
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A layer's state at one version. ``layer`` is never changed once published."""
+
+    name: str
+    layer: Any
+    version: int
+
+
+class _Entry:
+    """A name's current snapshot plus the lock that orders its writers."""
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        self.snapshot = snapshot
+        self.lock = asyncio.Lock()
+        self.deleted = False
+
+
+def _to_layer_device(layer: Any, array: np.ndarray) -> Any:
+    if layer.device.kind == "cpu":
+        return array
+    with on_device(layer.device):
+        return layer.xp.asarray(array)
+
+
+def _forward(layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
+    return to_numpy(layer.forward(_to_layer_device(layer, x), training=training))
+
+
+def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
+    dx, grads = layer.backward(_to_layer_device(layer, x), _to_layer_device(layer, dy), training=training)
+    return to_numpy(dx), {k: None if g is None else to_numpy(g) for k, g in grads.items()}
+
+
+def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """The layer's float state tensors (all, or ``keys``) as NumPy arrays."""
+    state = layer.state_dict()
+    return {k: to_numpy(v) for k, v in state.items() if k != "num_batches_tracked" and (keys is None or k in keys)}
+
+
+class Registry:
+    """All layers of one server, backed by a :class:`StateStore`."""
+
+    def __init__(self, store: StateStore, *, default_device: str, workers: int) -> None:
+        self._store = store
+        self.default_device = default_device
+        self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="normserve-store")
+        self._entries: dict[str, _Entry] = {}
+        self._names = asyncio.Lock()  # orders creates and deletes
+        self._pending: set[asyncio.Future] = set()
+        self._closing = False
+
+    # ------------------------------------------------------------------ startup / shutdown
+    def load(self) -> int:
+        """Restore every stored layer (call once, before serving); returns how many."""
+        for stored in self._store.load_all():
+            try:
+                layer = build_layer(pb.LayerConfig.FromString(stored.config), self.default_device)
+                state: dict[str, Any] = dict(stored.tensors)
+                if "num_batches_tracked" in layer.state_keys:
+                    state["num_batches_tracked"] = np.int64(stored.num_batches_tracked)
+                layer.load_state_dict(state)
+            except Exception as exc:
+                raise RuntimeError(f"cannot restore layer {stored.name!r} from {self._store.path}: {exc}") from exc
+            self._entries[stored.name] = _Entry(Snapshot(stored.name, layer, stored.version))
+        return len(self._entries)
+
+    async def close(self) -> None:
+        """Refuse new writes, let started ones finish, and close the store."""
+        self._closing = True
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+        self._kernels.shutdown(wait=True)
+        await asyncio.get_running_loop().run_in_executor(self._writer, self._store.close)
+        self._writer.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ plumbing
+    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
+
+    async def _write(self, fn: Callable[..., None], *args: Any) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
+
+    async def _committed(self, work: Awaitable[T]) -> T:
+        """Run a write to the end even if the caller goes away (deadline, cancel).
+
+        A write that has started must store and publish together; cancelling it
+        between the two would leave memory and database disagreeing.
+        """
+        if self._closing:
+            work.close()
+            raise ShuttingDown("the server is shutting down; retry on another replica or after restart")
+        task = asyncio.ensure_future(work)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
+        return await asyncio.shield(task)
+
+    def _entry(self, name: str) -> _Entry:
+        entry = self._entries.get(name)
+        if entry is None:
+            raise LayerNotFound(check_name(name))
+        return entry
+
+    async def _with_lock(self, name: str, work: Callable[[_Entry], Awaitable[T]]) -> T:
+        entry = self._entry(name)
+
+        async def locked() -> T:
+            async with entry.lock:
+                if entry.deleted:  # deleted while this request queued
+                    raise LayerNotFound(name)
+                return await work(entry)
+
+        return await self._committed(locked())
+
+    # ------------------------------------------------------------------ layers
+    def get(self, name: str) -> Snapshot:
+        return self._entry(name).snapshot
+
+    def list(self, prefix: str = "") -> list[Snapshot]:
+        return [self._entries[n].snapshot for n in sorted(self._entries) if n.startswith(prefix)]
+
+    async def create(self, name: str, config: pb.LayerConfig) -> tuple[Snapshot, bool]:
+        """Create ``name`` (or return it unchanged if it exists with an equal config); True when new."""
+        check_name(name)
+        layer = await self._compute(build_layer, config, self.default_device)
+
+        async def create_locked() -> tuple[Snapshot, bool]:
+            async with self._names:
+                existing = self._entries.get(name)
+                if existing is not None:
+                    if existing.snapshot.layer.config != layer.config:
+                        raise LayerExists(
+                            f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); "
+                            "delete it first or choose another name"
+                        )
+                    return existing.snapshot, False
+                snapshot = Snapshot(name, layer, 1)
+                await self._write(
+                    self._store.create_layer,
+                    name,
+                    config.SerializeToString(deterministic=True),
+                    snapshot.version,
+                    layer.num_batches_tracked,
+                    host_state(layer),
+                )
+                self._entries[name] = _Entry(snapshot)
+                return snapshot, True
+
+        return await self._committed(create_locked())
+
+    async def delete(self, name: str) -> Snapshot:
+        """Delete ``name`` once its queued writes are done; returns its last snapshot."""
+        entry = self._entry(name)
+
+        async def delete_locked() -> Snapshot:
+            async with self._names, entry.lock:
+                if entry.deleted:
+                    raise LayerNotFound(name)
+                await self._write(self._store.delete_layer, name)
+                entry.deleted = True
+                del self._entries[name]
+                return entry.snapshot
+
+        return await self._committed(delete_locked())
+
+    # ------------------------------------------------------------------ compute
+    async def train(self, name: str, x: np.ndarray) -> tuple[np.ndarray, Snapshot]:
+        """Training forward; updates and stores the running statistics atomically."""
+
+        async def work(entry: _Entry) -> tuple[np.ndarray, Snapshot]:
+            current = entry.snapshot
+            layer = current.layer.copy()
+            y = await self._compute(_forward, layer, x, True)
+            if not layer.track_running_stats:
+                return y, current  # nothing changed, nothing to store
+            snapshot = Snapshot(name, layer, current.version + 1)
+            await self._write(
+                self._store.update_state,
+                name,
+                snapshot.version,
+                layer.num_batches_tracked,
+                host_state(layer, _RUNNING_KEYS),
+            )
+            entry.snapshot = snapshot
+            return y, snapshot
+
+        return await self._with_lock(name, work)
+
+    async def infer(self, name: str, x: np.ndarray) -> tuple[np.ndarray, Snapshot]:
+        """Inference forward on the current snapshot; never waits for writers."""
+        snapshot = self.get(name)
+        return await self._compute(_forward, snapshot.layer, x, False), snapshot
+
+    async def gradient(
+        self, name: str, x: np.ndarray, dy: np.ndarray, training: bool
+    ) -> tuple[np.ndarray, dict[str, np.ndarray | None], Snapshot]:
+        """Backward pass on the current snapshot; never changes state."""
+        snapshot = self.get(name)
+        dx, grads = await self._compute(_backward, snapshot.layer, x, dy, training)
+        return dx, grads, snapshot
+
+    async def set_state(
+        self,
+        name: str,
+        state: Mapping[str, Any],
+        *,
+        expected_version: int | None = None,
+        partial: bool = False,
+    ) -> Snapshot:
+        """Load a state dict all-or-nothing, optionally only at ``expected_version``."""
+
+        async def work(entry: _Entry) -> Snapshot:
+            current = entry.snapshot
+            if expected_version is not None and expected_version != current.version:
+                raise StaleVersion(
+                    f"layer {name!r} is at version {current.version}, not the expected {expected_version}: "
+                    "it changed since you read it; read it again (GetState) and retry"
+                )
+            layer = current.layer.copy()
+            await self._compute(layer.load_state_dict, state, not partial)
+            snapshot = Snapshot(name, layer, current.version + 1)
+            changed = tuple(k for k in state if k != "num_batches_tracked")
+            await self._write(
+                self._store.update_state, name, snapshot.version, layer.num_batches_tracked, host_state(layer, changed)
+            )
+            entry.snapshot = snapshot
+            return snapshot
+
+        return await self._with_lock(name, work)

@@ -1,0 +1,168 @@
+"""Durable layer state in an embedded SQLite database (WAL mode).
+
+Every write is one transaction that is committed (and, with
+``synchronous=FULL``, fsynced) before the method returns, so an update the
+server has acknowledged survives ``kill -9`` and power loss. Tensors are
+stored as raw bytes with their dtype and shape, so a restart restores them
+bit for bit. A Train rewrites only what it changed (running_mean,
+running_var, the counters): two small rows.
+
+The store is synchronous and not thread-safe; the registry calls it from one
+dedicated thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
+__all__ = ["DATABASE_NAME", "StateStore", "StoreLocked", "StoredLayer"]
+
+DATABASE_NAME = "normserve.sqlite3"
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layers (
+    name TEXT PRIMARY KEY,
+    config BLOB NOT NULL,               -- the CreateLayer LayerConfig message, serialized
+    version INTEGER NOT NULL,
+    num_batches_tracked INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tensors (
+    layer TEXT NOT NULL REFERENCES layers(name) ON DELETE CASCADE,
+    key TEXT NOT NULL,                  -- weight, bias, running_mean, running_var
+    dtype TEXT NOT NULL,                -- NumPy dtype name
+    shape TEXT NOT NULL,                -- JSON list
+    data BLOB NOT NULL,                 -- C order, native (little-endian) bytes
+    PRIMARY KEY (layer, key)
+) WITHOUT ROWID;
+"""
+
+
+class StoreLocked(RuntimeError):
+    """Another process holds the state directory."""
+
+
+@dataclass(frozen=True)
+class StoredLayer:
+    name: str
+    config: bytes
+    version: int
+    num_batches_tracked: int
+    tensors: dict[str, np.ndarray]
+
+
+class StateStore:
+    """Layer configs, versions and state tensors under ``directory``."""
+
+    def __init__(self, directory: str | Path, synchronous: str = "FULL") -> None:
+        if synchronous.upper() not in ("FULL", "NORMAL"):
+            raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / DATABASE_NAME
+        self._lock_file = self._acquire_directory_lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        self._check_schema_version()
+
+    def _acquire_directory_lock(self):
+        handle = open(self.directory / "LOCK", "a+")  # noqa: SIM115 - held open for the store's lifetime
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                raise StoreLocked(
+                    f"state dir {self.directory} is in use by another normserve process; "
+                    "stop it or pass a different --state-dir"
+                ) from None
+        return handle
+
+    def _check_schema_version(self) -> None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
+        elif int(row[0]) != _SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
+            )
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    # ------------------------------------------------------------------ reads
+    def load_all(self) -> list[StoredLayer]:
+        """Every stored layer, sorted by name."""
+        tensors: dict[str, dict[str, np.ndarray]] = {}
+        for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
+            array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
+            tensors.setdefault(layer, {})[key] = array
+        rows = self._db.execute("SELECT name, config, version, num_batches_tracked FROM layers ORDER BY name")
+        return [StoredLayer(name, bytes(config), v, nbt, tensors.get(name, {})) for name, config, v, nbt in rows]
+
+    # ----------------------------------------------------------------- writes
+    def create_layer(
+        self, name: str, config: bytes, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        """Insert a new layer with its full state."""
+        with self._transaction() as db:
+            db.execute("INSERT INTO layers VALUES (?, ?, ?, ?)", (name, config, version, num_batches_tracked))
+            self._put_tensors(db, name, tensors)
+
+    def update_state(
+        self, name: str, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
+    ) -> None:
+        """Overwrite the given tensors and the counters of an existing layer."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE layers SET version = ?, num_batches_tracked = ? WHERE name = ?",
+                (version, num_batches_tracked, name),
+            )
+            if cursor.rowcount != 1:
+                raise KeyError(name)
+            self._put_tensors(db, name, tensors)
+
+    def delete_layer(self, name: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM layers WHERE name = ?", (name,))
+
+    @staticmethod
+    def _put_tensors(db: sqlite3.Connection, name: str, tensors: Mapping[str, np.ndarray]) -> None:
+        db.executemany(
+            "INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
+            [
+                (name, key, array.dtype.name, json.dumps(list(array.shape)), np.ascontiguousarray(array).tobytes())
+                for key, array in tensors.items()
+            ],
+        )
+
+    def close(self) -> None:
+        """Fold the WAL into the database file and release the directory."""
+        if self._db is None:
+            return
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.close()
+        self._db = None
+        self._lock_file.close()

@@ -1,0 +1,115 @@
+"""Concurrent clients: Train is atomic per layer, readers never wait, layers are independent."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from normserve.client import NormClient
+from normserve.server.registry import Registry
+from normserve.server.store import StateStore
+from normserve.v1 import normalization_pb2 as pb
+
+CLIENTS, CALLS = 8, 40
+
+
+def test_concurrent_trains_on_one_layer_are_atomic(server, layer_name) -> None:
+    with NormClient(server.target) as nc:
+        nc.create_layer(layer_name, "batch_norm", num_features=4, momentum=None)  # cumulative average
+    batches = [
+        [
+            np.random.default_rng(1000 * c + i).normal(c, 1.0 + i % 3, (16, 4, 3)).astype(np.float32)
+            for i in range(CALLS)
+        ]
+        for c in range(CLIENTS)
+    ]
+    versions: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def client(c: int) -> None:
+        try:
+            with NormClient(server.target) as nc:
+                layer = nc.layer(layer_name)
+                for x in batches[c]:
+                    layer.train(x)
+                    with lock:
+                        versions.append(layer.version)  # the version this Train produced
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(CLIENTS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+
+    with NormClient(server.target) as nc:
+        state = nc.layer(layer_name).state_dict()
+    every = [x.astype(np.float64) for per_client in batches for x in per_client]
+    assert int(state["num_batches_tracked"]) == CLIENTS * CALLS
+    # momentum=None: the running statistics are the plain average of the batch statistics, whatever the order
+    mean = np.mean([x.mean(axis=(0, 2)) for x in every], axis=0)
+    var = np.mean([x.var(axis=(0, 2), ddof=1) for x in every], axis=0)
+    np.testing.assert_allclose(state["running_mean"], mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(state["running_var"], var, rtol=1e-5, atol=1e-6)
+    assert sorted(versions) == list(range(2, 2 + CLIENTS * CALLS))  # each Train its own step
+
+
+@pytest.fixture
+def registry(tmp_path):
+    store = StateStore(tmp_path / "state")
+    registry = Registry(store, default_device="cpu", workers=2)
+    yield registry
+    if not registry._closing:
+        asyncio.run(registry.close())
+
+
+def test_readers_never_wait_for_a_writer_and_layers_are_independent(registry) -> None:
+    async def scenario() -> None:
+        for name in ("a", "b"):
+            await registry.create(name, pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
+        x = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+        entry = registry._entry("a")
+        async with entry.lock:  # a writer of "a" is mid-update
+            train_a = asyncio.ensure_future(registry.train("a", x))
+            await asyncio.sleep(0.05)
+            assert not train_a.done()  # queued behind the writer
+            _, snapshot = await asyncio.wait_for(registry.infer("a", x), 10)  # readers do not wait
+            assert snapshot.version == 1
+            await asyncio.wait_for(registry.gradient("a", x, x, True), 10)
+            _, trained_b = await asyncio.wait_for(registry.train("b", x), 10)  # other layers do not wait
+            assert trained_b.version == 2
+        _, trained_a = await asyncio.wait_for(train_a, 10)
+        assert trained_a.version == 2
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_cancelled_train_still_commits_whole(registry) -> None:
+    """A client that gives up mid-Train never leaves memory and the database disagreeing."""
+
+    async def scenario() -> None:
+        await registry.create("a", pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
+        x = np.random.default_rng(1).normal(size=(64, 3, 100)).astype(np.float32)
+        call = asyncio.ensure_future(registry.train("a", x))
+        await asyncio.sleep(0)  # started
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        await registry.close()  # waits for started writes
+        assert registry.get("a").version == 2
+
+    asyncio.run(scenario())
+    reopened = StateStore(registry._store.directory)
+    try:
+        (stored,) = reopened.load_all()
+        assert stored.version == 2
+        assert stored.num_batches_tracked == 1
+    finally:
+        reopened.close()
