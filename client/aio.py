@@ -18,13 +18,9 @@ __all__ = ["AsyncNormClient", "AsyncRemoteLayer"]
 
 
 class AsyncNormClient(protocol.ClientBase):
-    """An asyncio connection to a normserve server.
+    """:class:`~normserve.client.NormClient` for asyncio: the same arguments, coroutine methods.
 
-    ``timeout`` (seconds) applies to every call unless the call passes its
-    own; ``wire_dtype`` (``None`` = each array's own dtype, or ``"float16"``,
-    ``"bfloat16"``, ...) is the default dtype tensors travel in; ``retry``
-    resends idempotent calls that fail with UNAVAILABLE. Use it as a context
-    manager, or call :meth:`close`.
+    Use it as ``async with AsyncNormClient(target) as nc:`` or await :meth:`close`.
     """
 
     _make_channel = staticmethod(grpc.aio.insecure_channel)
@@ -110,11 +106,7 @@ class AsyncRemoteLayer(protocol.LayerHandle):
         expected_version: int | None = None,
         timeout: float | None = None,
     ) -> pb.Layer:
-        """Replace the state, all or nothing (a torch ``state_dict()`` works as is).
-
-        ``strict=False`` updates only the keys given; ``expected_version``
-        makes the update conditional (FailedPrecondition when stale).
-        """
+        """See :meth:`normserve.client.RemoteLayer.load_state_dict`."""
         request = protocol.load_state_request(self.name, state, strict, expected_version)
         self.info = await self._client.call("SetState", request, timeout)
         return self.info

@@ -90,13 +90,16 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             raise InvalidRequest(f"{field} is required: {meaning}")
         return self._tensor(getattr(request, field), field)
 
-    @staticmethod
-    def _output_dtype(requested: int, x: pb.Tensor) -> int:
+    def _batch(self, request: Any) -> tuple[np.ndarray, int]:
+        """The layer name checked, x decoded, and the wire dtype of the answer (x's unless asked otherwise)."""
+        check_name(request.layer, "layer")
+        x = self._input(request, "x", "the input batch")
+        requested = request.output_dtype
         if requested == pb.DTYPE_UNSPECIFIED:
-            return x.dtype
+            return x, request.x.dtype
         if requested not in codec.WIRE_DTYPES:
             raise InvalidRequest(f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype")
-        return requested
+        return x, requested
 
     # ------------------------------------------------------------------ layers
     @_rpc
@@ -121,9 +124,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     # ------------------------------------------------------------------ compute
     @_rpc
     async def Train(self, request: pb.TrainRequest, context: Any) -> pb.TrainResponse:
-        check_name(request.layer, "layer")
-        x = self._input(request, "x", "the input batch")
-        out = self._output_dtype(request.output_dtype, request.x)
+        x, out = self._batch(request)
         y, snapshot = await self._registry.train(request.layer, x)
         return pb.TrainResponse(
             y=codec.encode(y, out), version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked
@@ -131,18 +132,14 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     @_rpc
     async def Infer(self, request: pb.InferRequest, context: Any) -> pb.InferResponse:
-        check_name(request.layer, "layer")
-        x = self._input(request, "x", "the input batch")
-        out = self._output_dtype(request.output_dtype, request.x)
+        x, out = self._batch(request)
         y, snapshot = await self._registry.infer(request.layer, x)
         return pb.InferResponse(y=codec.encode(y, out), version=snapshot.version)
 
     @_rpc
     async def Gradient(self, request: pb.GradientRequest, context: Any) -> pb.GradientResponse:
-        check_name(request.layer, "layer")
-        x = self._input(request, "x", "the forward input")
+        x, out = self._batch(request)
         dy = self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
-        out = self._output_dtype(request.output_dtype, request.x)
         training = request.training if request.HasField("training") else True
         dx, grads, snapshot = await self._registry.gradient(request.layer, x, dy, training)
         response = pb.GradientResponse(dx=codec.encode(dx, out), version=snapshot.version)
