@@ -189,16 +189,16 @@ class Registry:
 
     async def delete(self, name: str) -> Snapshot:
         """Delete ``name`` once its queued writes are done; returns its last snapshot."""
-        entry = self._entry(name)
+        self._entry(name)  # bad name or NOT_FOUND before queuing
 
         async def delete_locked() -> Snapshot:
-            async with self._names, entry.lock:
-                if entry.deleted:
-                    raise LayerNotFound(name)
-                await self._write(self._store.delete_layer, name)
-                entry.deleted = True
-                del self._entries[name]
-                return entry.snapshot
+            async with self._names:  # no create or delete of any name can interleave from here
+                entry = self._entry(name)  # the entry the name holds now, not when the call came in
+                async with entry.lock:
+                    await self._write(self._store.delete_layer, name)
+                    entry.deleted = True
+                    del self._entries[name]
+                    return entry.snapshot
 
         return await self._committed(delete_locked())
 

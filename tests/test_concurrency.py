@@ -113,3 +113,28 @@ def test_a_cancelled_train_still_commits_whole(registry) -> None:
         assert stored.num_batches_tracked == 1
     finally:
         reopened.close()
+
+
+def test_delete_lets_queued_writes_finish_and_refuses_later_ones(registry) -> None:
+    from normserve.server.errors import LayerNotFound
+
+    async def scenario() -> None:
+        config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3)
+        await registry.create("a", config)
+        x = np.random.default_rng(2).normal(size=(5, 3)).astype(np.float32)
+        async with registry._entry("a").lock:  # a writer is mid-update
+            first = asyncio.ensure_future(registry.train("a", x))
+            await asyncio.sleep(0.01)
+            delete = asyncio.ensure_future(registry.delete("a"))
+            await asyncio.sleep(0.01)
+            last = asyncio.ensure_future(registry.train("a", x))
+            await asyncio.sleep(0.01)
+        assert (await first)[1].version == 2  # queued before the delete: applied
+        assert (await delete).version == 2
+        with pytest.raises(LayerNotFound):
+            await last  # queued after the delete: the layer is gone
+        snapshot, created = await registry.create("a", config)
+        assert (created, snapshot.version, snapshot.layer.num_batches_tracked) == (True, 1, 0)
+        await registry.close()
+
+    asyncio.run(scenario())
