@@ -156,7 +156,7 @@ def input_tensor(x: Any, wire_dtype: Any) -> tuple[pb.Tensor, np.dtype, int]:
     """(Tensor to send, dtype to return results in, output dtype to ask for)."""
     array = as_numpy(x)
     enum = _wire_enum(wire_dtype)
-    return codec.encode(array, enum or None), array.dtype, enum
+    return codec.encode(array, enum), array.dtype, enum
 
 
 def output_array(tensor: pb.Tensor, dtype: np.dtype) -> np.ndarray:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["Registry", "Snapshot"]
 
-log = logging.getLogger(__name__)
 T = TypeVar("T")
 _RUNNING_KEYS = ("running_mean", "running_var")
 
@@ -70,9 +68,13 @@ def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tupl
 
 
 def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-    """The layer's float state tensors (all, or ``keys``) as NumPy arrays."""
-    state = layer.state_dict()
-    return {k: to_numpy(v) for k, v in state.items() if k != "num_batches_tracked" and (keys is None or k in keys)}
+    """The layer's float state tensors (all, or ``keys``) as NumPy arrays.
+
+    No copies on CPU: a published layer never changes its arrays (see ``Layer.copy``).
+    """
+    if keys is None:
+        keys = tuple(k for k in layer.state_keys if k != "num_batches_tracked")
+    return {k: to_numpy(getattr(layer, k)) for k in keys}
 
 
 class Registry:

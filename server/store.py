@@ -117,7 +117,7 @@ class StateStore:
         """Every stored layer, sorted by name."""
         tensors: dict[str, dict[str, np.ndarray]] = {}
         for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
-            array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape)).copy()
+            array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
             tensors.setdefault(layer, {})[key] = array
         rows = self._db.execute("SELECT name, config, version, num_batches_tracked FROM layers ORDER BY name")
         return [StoredLayer(name, bytes(config), v, nbt, tensors.get(name, {})) for name, config, v, nbt in rows]
@@ -153,7 +153,7 @@ class StateStore:
         db.executemany(
             "INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
             [
-                (name, key, array.dtype.name, json.dumps(list(array.shape)), np.ascontiguousarray(array).tobytes())
+                (name, key, array.dtype.name, json.dumps(list(array.shape)), array.tobytes())  # C order
                 for key, array in tensors.items()
             ],
         )

@@ -13,8 +13,17 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from normserve.v1 import normalization_pb2 as pb
+
 NORMSERVE = str(Path(sys.executable).with_name("normserve"))
 _LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+
+def everything(stub) -> list[bytes]:
+    """Every layer's description and state on a server, serialized deterministically."""
+    layers = stub.ListLayers(pb.ListLayersRequest()).layers
+    states = [stub.GetState(pb.GetStateRequest(name=layer.name)) for layer in layers]
+    return [m.SerializeToString(deterministic=True) for m in (*layers, *states)]
 
 
 def wait_serving(target: str, timeout: float = 30.0) -> None:

@@ -8,6 +8,7 @@ import re
 import grpc
 import numpy as np
 import pytest
+from serverproc import everything
 
 import normkernels as nk
 from normserve.v1 import codec
@@ -245,13 +246,6 @@ def stub(server):
         for _ in range(2):  # bad.bn at version 3: non-trivial running statistics
             stub.Train(pb.TrainRequest(layer="bad.bn", x=t(RNG.normal(1.0, 2.0, (8, 4)))))
         yield stub
-
-
-def everything(stub) -> list[bytes]:
-    """Every layer's description and state, serialized deterministically."""
-    layers = stub.ListLayers(pb.ListLayersRequest()).layers
-    states = [stub.GetState(pb.GetStateRequest(name=layer.name)) for layer in layers]
-    return [m.SerializeToString(deterministic=True) for m in (*layers, *states)]
 
 
 def test_corpus_is_large_enough() -> None:

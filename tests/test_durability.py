@@ -12,20 +12,17 @@ import numpy as np
 import pytest
 from conftest import randomize
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serverproc import everything
 
 import normkernels as nk
 from normserve.client import NormClient, NormServeError
 from normserve.server.store import StateStore, StoreLocked
-from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 
-def everything(target: str) -> list[bytes]:
+def everything_on(target: str) -> list[bytes]:
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.NormalizationStub(channel)
-        layers = stub.ListLayers(pb.ListLayersRequest()).layers
-        states = [stub.GetState(pb.GetStateRequest(name=layer.name)) for layer in layers]
-    return [m.SerializeToString(deterministic=True) for m in (*layers, *states)]
+        return everything(pb_grpc.NormalizationStub(channel))
 
 
 def test_kill_9_loses_no_acknowledged_train(start_server) -> None:
@@ -84,13 +81,13 @@ def test_graceful_restart_round_trips_every_layer_bit_exactly(start_server, rng)
             layer.load_state_dict(local.state_dict())
             for _ in range(3):
                 layer.train(rng.normal(1.0, 3.0, shape).astype(np.float32))
-    before = everything(proc.target)
+    before = everything_on(proc.target)
     assert proc.stop() == 0
     assert "stopped; state is in" in proc.log()
 
     restarted = start_server()
     assert "6 layer(s) restored" in restarted.log()
-    assert everything(restarted.target) == before
+    assert everything_on(restarted.target) == before
 
 
 def test_sigterm_finishes_in_flight_calls_and_reports_not_serving(start_server, rng) -> None:
