@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2
 
 from normserve.client import protocol
 from normserve.client.errors import error_from_rpc
@@ -23,7 +24,7 @@ class AsyncNormClient(protocol.ClientBase):
     Use it as ``async with AsyncNormClient(target) as nc:`` or await :meth:`close`.
     """
 
-    _make_channel = staticmethod(grpc.aio.insecure_channel)
+    _grpc = grpc.aio
 
     async def __aenter__(self) -> AsyncNormClient:
         return self
@@ -36,16 +37,21 @@ class AsyncNormClient(protocol.ClientBase):
 
     async def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Send one RPC by name, retrying UNAVAILABLE where that is safe; raises NormServeError."""
-        rpc = getattr(self._stub, method)
+        rpc = self._rpc(method)
         backoffs = self.retry.backoffs(method)
         for attempt in itertools.count():
             try:
-                return await rpc(request, timeout=self._timeout(timeout))
+                return await rpc(request, timeout=self._timeout(timeout), metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
                     raise error_from_rpc(error, method) from None
             await asyncio.sleep(backoffs[attempt])
         raise AssertionError("unreachable")
+
+    async def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's health (``"SERVING"``, ``"NOT_SERVING"``, ...); ``service`` "" is the whole server."""
+        response = await self.call("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        return protocol.health_status(response)
 
     # ------------------------------------------------------------------ layers
     async def create_layer(

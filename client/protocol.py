@@ -6,12 +6,16 @@ Nothing here performs I/O, so :mod:`normserve.client.sync` and
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import grpc
 import ml_dtypes
 import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
@@ -23,9 +27,11 @@ __all__ = [
     "LayerHandle",
     "RetryPolicy",
     "as_numpy",
+    "channel_credentials",
     "forward_request",
     "gradient_request",
     "gradient_result",
+    "health_status",
     "layer_config",
     "load_state_request",
     "state_dict",
@@ -36,7 +42,9 @@ DEFAULT_TARGET = "localhost:50051"
 #: Methods that are safe to resend after UNAVAILABLE: they change nothing, or
 #: (CreateLayer) are idempotent by design. Train, SetState and DeleteLayer
 #: are not retried: a lost reply may hide an applied update.
-IDEMPOTENT_METHODS = frozenset({"CreateLayer", "GetLayer", "ListLayers", "Infer", "Gradient", "GetState"})
+IDEMPOTENT_METHODS = frozenset(
+    {"CreateLayer", "GetLayer", "ListLayers", "Infer", "Gradient", "GetState", "Health/Check"}
+)
 
 _STATE_ORDER = ("weight", "bias", "running_mean", "running_var")  # PyTorch's state_dict order
 
@@ -73,10 +81,29 @@ class RetryPolicy:
         return [min(self.max_backoff, self.initial_backoff * self.multiplier**i) for i in range(self.attempts - 1)]
 
 
+Pem = bytes | str | os.PathLike | None  # PEM contents, or the path of a PEM file
+
+
+def _pem(value: Pem) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def channel_credentials(
+    ca_cert: Pem = None, client_cert: Pem = None, client_key: Pem = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: ``ca_cert`` verifies the server (None: the system's roots); a client
+    certificate and key (both or neither) answer a server that requires mutual TLS."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("client_cert and client_key go together: give both (mutual TLS) or neither")
+    return grpc.ssl_channel_credentials(_pem(ca_cert), _pem(client_key), _pem(client_cert))
+
+
 class ClientBase:
     """Settings and channel shared by both clients; subclasses say how a channel is made."""
 
-    _make_channel: Any  # grpc.insecure_channel or grpc.aio.insecure_channel
+    _grpc: Any  # grpc or grpc.aio: where the channel constructors come from
 
     def __init__(
         self,
@@ -85,6 +112,12 @@ class ClientBase:
         timeout: float | None = 60.0,
         wire_dtype: Any = None,
         retry: RetryPolicy | None = None,
+        token: str | None = None,
+        tls: bool | None = None,
+        ca_cert: Pem = None,
+        client_cert: Pem = None,
+        client_key: Pem = None,
+        server_name: str | None = None,
         max_message_bytes: int = (1 << 31) - 1,
         channel_options: Sequence[tuple[str, Any]] = (),
     ) -> None:
@@ -92,16 +125,32 @@ class ClientBase:
         self.timeout = timeout
         self.wire_dtype = wire_dtype
         self.retry = retry or RetryPolicy()
+        self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.max_receive_message_length", max_message_bytes),
             *channel_options,
         ]
-        self._channel = type(self)._make_channel(target, options=options)
+        if server_name is not None:  # the name the server's certificate carries, when the target differs
+            options.append(("grpc.ssl_target_name_override", server_name))
+        if tls is None:
+            tls = any(v is not None for v in (ca_cert, client_cert, client_key, server_name))
+        if tls:
+            credentials = channel_credentials(ca_cert, client_cert, client_key)
+            self._channel = self._grpc.secure_channel(target, credentials, options=options)
+        else:
+            self._channel = self._grpc.insecure_channel(target, options=options)
         self._stub = pb_grpc.NormalizationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _rpc(self, method: str) -> Any:
+        """The stub method for ``method`` (a Normalization method, or ``Health/Check``)."""
+        if method.startswith("Health/"):
+            return getattr(self._health, method.removeprefix("Health/"))
+        return getattr(self._stub, method)
 
 
 class LayerHandle:
@@ -165,6 +214,11 @@ def output_array(tensor: pb.Tensor, dtype: np.dtype) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- requests and results
+def health_status(response: health_pb2.HealthCheckResponse) -> str:
+    """``"SERVING"``, ``"NOT_SERVING"``, ... from a health check answer."""
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
 def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
     """A LayerConfig from PyTorch-style arguments: ``layer_config("group_norm", num_groups=4, num_channels=32)``."""
     try:

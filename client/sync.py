@@ -9,6 +9,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from grpc_health.v1 import health_pb2
 
 from normserve.client import protocol
 from normserve.client.errors import error_from_rpc
@@ -25,9 +26,16 @@ class NormClient(protocol.ClientBase):
     ``"bfloat16"``, ...) is the default dtype tensors travel in; ``retry``
     resends idempotent calls that fail with UNAVAILABLE. Use it as a context
     manager, or call :meth:`close`.
+
+    Security: ``token`` is sent as ``authorization: Bearer <token>`` on every
+    call. ``tls=True`` (implied by any of the next arguments) uses TLS;
+    ``ca_cert`` verifies the server (default: the system's roots);
+    ``client_cert`` and ``client_key`` answer a server that requires mutual
+    TLS; ``server_name`` is the name in the server's certificate when the
+    target address differs. PEM arguments are bytes or file paths.
     """
 
-    _make_channel = staticmethod(grpc.insecure_channel)
+    _grpc = grpc
 
     def __enter__(self) -> NormClient:
         return self
@@ -40,16 +48,21 @@ class NormClient(protocol.ClientBase):
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Send one RPC by name, retrying UNAVAILABLE where that is safe; raises NormServeError."""
-        rpc = getattr(self._stub, method)
+        rpc = self._rpc(method)
         backoffs = self.retry.backoffs(method)
         for attempt in itertools.count():
             try:
-                return rpc(request, timeout=self._timeout(timeout))
+                return rpc(request, timeout=self._timeout(timeout), metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
                     raise error_from_rpc(error, method) from None
             time.sleep(backoffs[attempt])
         raise AssertionError("unreachable")
+
+    def health(self, service: str = "", *, timeout: float | None = None) -> str:
+        """The server's health (``"SERVING"``, ``"NOT_SERVING"``, ...); ``service`` "" is the whole server."""
+        response = self.call("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        return protocol.health_status(response)
 
     # ------------------------------------------------------------------ layers
     def create_layer(self, name: str, kind: str, *, timeout: float | None = None, **config: Any) -> RemoteLayer:

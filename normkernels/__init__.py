@@ -19,10 +19,12 @@ from normkernels.errors import (
     StateDictError,
 )
 from normkernels.layers import KINDS, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, make_layer
+from normkernels.monitor import BatchReport
 
 __all__ = [
     "KINDS",
     "BatchNorm",
+    "BatchReport",
     "ConfigError",
     "DTypeError",
     "Device",

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkernels import core
+from normkernels import core, monitor
 from normkernels.backend import (
     PARAM_DTYPES,
     Array,
@@ -242,18 +242,26 @@ class _NormBase:
 
     def forward(self, x: Any, training: bool = True) -> Array:
         """Normalize ``x``; in training, update the running statistics (if tracked)."""
+        return self._forward(x, training, report=False)[0]
+
+    def train_with_report(self, x: Any) -> tuple[Array, monitor.BatchReport]:
+        """A training forward plus the batch's covariate-shift and entropy numbers (:mod:`normkernels.monitor`)."""
+        return self._forward(x, training=True, report=True)
+
+    def _forward(self, x: Any, training: bool, report: bool) -> tuple[Array, monitor.BatchReport | None]:
         x, _, plan, dtype, use_batch_stats = self._prepare(x, training)
         with on_device(self.device):
             xv = x.reshape(plan.view)
             weight, bias = self._params(plan, dtype)
             eps = self._eps_for(dtype)
-            if use_batch_stats:
-                y, stats = core.forward_train(xv, plan, weight, bias, eps, dtype)
-                if training:
-                    self._after_training_batch(stats, plan)
-            else:
+            if not use_batch_stats:
                 y = core.forward_eval(xv, plan, self._running_moments(plan), weight, bias, eps, dtype)
-            return y.reshape(x.shape).astype(x.dtype, copy=False)
+                return y.reshape(x.shape).astype(x.dtype, copy=False), None
+            y, stats = core.forward_train(xv, plan, weight, bias, eps, dtype)
+            running = None if self.running_mean is None else core.Moments(self.running_mean, self.running_var)
+            batch = self._after_training_batch(stats, plan) if training else None
+            summary = monitor.batch_report(plan, stats, y, eps, batch, running) if report else None
+            return y.reshape(x.shape).astype(x.dtype, copy=False), summary
 
     __call__ = forward
 
@@ -277,8 +285,11 @@ class _NormBase:
             }
             return dx.reshape(x.shape).astype(x.dtype, copy=False), grads
 
-    def _after_training_batch(self, stats: core.Moments, plan: core.Plan) -> None:
-        """Refuse a non-finite batch, then update the running statistics (all or nothing)."""
+    def _after_training_batch(self, stats: core.Moments, plan: core.Plan) -> core.Moments | None:
+        """Refuse a non-finite batch, then update the running statistics (all or nothing).
+
+        Returns the per-channel batch statistics folded in (None without running statistics).
+        """
         xp = self.xp
         finite = xp.isfinite(stats.var).all() and (stats.mean is None or xp.isfinite(stats.mean).all())
         if not bool(finite):
@@ -287,7 +298,7 @@ class _NormBase:
                 "it was rejected and the layer's running statistics are unchanged"
             )
         if not self.track_running_stats:
-            return
+            return None
         # Per-instance statistics (instance norm) are averaged over the batch.
         channels = self.running_mean.shape[0]
         mean = stats.mean.reshape(-1, channels).sum(axis=0)
@@ -303,6 +314,7 @@ class _NormBase:
         self.running_mean = running_mean.astype(self.dtype, copy=False)
         self.running_var = running_var.astype(self.dtype, copy=False)
         self.num_batches_tracked = batches
+        return core.Moments(mean, var)
 
     def _update_factor(self, batches: int) -> float:
         """Exponential-average factor: momentum, or 1/batches for a cumulative average."""

@@ -1,4 +1,4 @@
-"""Assemble and run the server: store, registry, servicer, health, reflection, signals."""
+"""Assemble and run the server: store, registry, servicer, health, reflection, security, metrics, signals."""
 
 from __future__ import annotations
 
@@ -14,7 +14,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import parse_device
+from normserve.server.interceptors import ObserveCalls, RequireToken
+from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
+from normserve.server.security import TlsFiles, TokenSet
 from normserve.server.servicer import Limits, NormalizationServicer
 from normserve.server.store import StateStore
 from normserve.v1 import normalization_pb2 as pb
@@ -35,8 +38,14 @@ class ServerOptions:
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
     max_message_bytes: int = (1 << 31) - 1  # gRPC's own ceiling
     limits: Limits = field(default_factory=Limits)
+    max_layers: int = 10_000
+    max_concurrent_rpcs: int | None = None  # None: no limit; more answer RESOURCE_EXHAUSTED
     grace_period: float = 30.0
     sqlite_synchronous: str = "FULL"
+    tls: TlsFiles | None = None
+    auth_token_file: Path | None = None
+    metrics_port: int = 0  # 0: no metrics endpoint
+    metrics_host: str | None = None  # None: the same as host
 
 
 def _address(host: str, port: int) -> str:
@@ -51,20 +60,30 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     finish, and the store is checkpointed and closed.
     """
     device = str(parse_device(options.device))
+    credentials = None if options.tls is None else options.tls.credentials()
+    tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store = StateStore(options.state_dir, options.sqlite_synchronous)
-    registry = Registry(store, default_device=device, workers=options.workers)
+    registry = Registry(store, default_device=device, workers=options.workers, max_layers=options.max_layers)
     try:
         restored = registry.load()
     except Exception:
         store.close()
         raise
+    if restored >= options.max_layers:
+        log.warning("%d layers restored, --max-layers is %d: no new layer fits", restored, options.max_layers)
 
+    metrics = Metrics(registry.list) if options.metrics_port else None
+    interceptors: list[grpc.aio.ServerInterceptor] = [ObserveCalls(metrics)]  # outermost: sees refusals too
+    if tokens is not None:
+        interceptors.append(RequireToken(tokens))
     server = grpc.aio.server(
+        interceptors=interceptors,
+        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         options=[
             ("grpc.max_receive_message_length", options.max_message_bytes),
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
-        ]
+        ],
     )
     pb_grpc.add_NormalizationServicer_to_server(NormalizationServicer(registry, options.limits), server)
     health_servicer = health.aio.HealthServicer()
@@ -74,8 +93,14 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     )
     address = _address(options.host, options.port)
     try:
-        port = server.add_insecure_port(address)
-    except RuntimeError as exc:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+        metrics_port = (
+            0 if metrics is None else metrics.serve(options.metrics_host or options.host, options.metrics_port)
+        )
+    except (RuntimeError, OSError) as exc:
         await registry.close()
         raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
 
@@ -87,17 +112,26 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    security = "plaintext" if options.tls is None else options.tls.describe()
     log.info(
-        "normserve listening on %s (device %s, %d layer(s) restored from %s)",
+        "normserve listening on %s (%s%s, device %s, %d layer(s) restored from %s)",
         _address(options.host, port),
+        security,
+        "" if tokens is None else " + token auth",
         device,
         restored,
         store.path,
     )
+    if tokens is not None and options.tls is None:
+        log.warning("token auth without TLS: tokens cross the network in plaintext; use --tls-cert/--tls-key")
+    if metrics is not None:
+        log.info("metrics on http://%s/metrics", _address(options.metrics_host or options.host, metrics_port))
     await stop.wait()
 
     log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", options.grace_period)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(options.grace_period)
     await registry.close()
+    if metrics is not None:
+        metrics.close()
     log.info("stopped; state is in %s", store.path)

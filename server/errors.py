@@ -14,6 +14,8 @@ __all__ = [
     "ServiceError",
     "ShuttingDown",
     "StaleVersion",
+    "TooManyLayers",
+    "WaitTimeout",
     "status_for",
 ]
 
@@ -45,6 +47,16 @@ class StaleVersion(ServiceError):
 
 class ShuttingDown(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class TooManyLayers(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class WaitTimeout(ServiceError):
+    """A call waited longer than its deadline (or the server's default) before it could start."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:

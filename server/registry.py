@@ -16,30 +16,50 @@ import asyncio
 import functools
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import numpy as np
 
 from normkernels.backend import on_device, to_numpy
-from normserve.server.errors import LayerExists, LayerNotFound, ShuttingDown, StaleVersion
+from normkernels.monitor import BatchReport
+from normserve.server.errors import (
+    LayerExists,
+    LayerNotFound,
+    ShuttingDown,
+    StaleVersion,
+    TooManyLayers,
+    WaitTimeout,
+)
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["Registry", "Snapshot"]
+__all__ = ["Registry", "Snapshot", "TrainingStats"]
 
 T = TypeVar("T")
 _RUNNING_KEYS = ("running_mean", "running_var")
 
 
 @dataclass(frozen=True)
+class TrainingStats:
+    """Monitoring of a layer's Trains since the server started (not state: never stored)."""
+
+    train_calls: int = 0
+    last: BatchReport | None = None
+
+    def after(self, report: BatchReport) -> TrainingStats:
+        return TrainingStats(self.train_calls + 1, report)
+
+
+@dataclass(frozen=True)
 class Snapshot:
-    """A layer's state at one version. ``layer`` is never changed once published."""
+    """A layer's state at one version, and its training stats. Never changed once published."""
 
     name: str
     layer: Any
     version: int
+    stats: TrainingStats = TrainingStats()
 
 
 class _Entry:
@@ -62,6 +82,11 @@ def _forward(layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
     return to_numpy(layer.forward(_to_layer_device(layer, x), training=training))
 
 
+def _train(layer: Any, x: np.ndarray) -> tuple[np.ndarray, BatchReport]:
+    y, report = layer.train_with_report(_to_layer_device(layer, x))
+    return to_numpy(y), report
+
+
 def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
     dx, grads = layer.backward(_to_layer_device(layer, x), _to_layer_device(layer, dy), training=training)
     return to_numpy(dx), {k: None if g is None else to_numpy(g) for k, g in grads.items()}
@@ -78,17 +103,27 @@ def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.
 
 
 class Registry:
-    """All layers of one server, backed by a :class:`StateStore`."""
+    """All layers of one server, backed by a :class:`StateStore`.
 
-    def __init__(self, store: StateStore, *, default_device: str, workers: int) -> None:
+    Methods that may wait (for a layer's earlier writes, or a free kernel
+    thread) take ``wait``: seconds after which they give up with
+    DEADLINE_EXCEEDED, having changed nothing; None waits as long as needed.
+    Once a write holds its locks it runs to the end.
+    """
+
+    def __init__(self, store: StateStore, *, default_device: str, workers: int, max_layers: int | None = None) -> None:
         self._store = store
         self.default_device = default_device
+        self.max_layers = max_layers
         self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="normserve-store")
         self._entries: dict[str, _Entry] = {}
         self._names = asyncio.Lock()  # orders creates and deletes
         self._pending: set[asyncio.Future] = set()
         self._closing = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     # ------------------------------------------------------------------ startup / shutdown
     def load(self) -> int:
@@ -115,22 +150,48 @@ class Registry:
         self._writer.shutdown(wait=True)
 
     # ------------------------------------------------------------------ plumbing
-    async def _compute(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
+    @staticmethod
+    def _deadline(wait: float | None) -> float | None:
+        return None if wait is None else asyncio.get_running_loop().time() + wait
+
+    @staticmethod
+    async def _within(awaitable: Awaitable[T], deadline: float | None, what: str) -> T:
+        """Await ``awaitable`` until the loop-time ``deadline``; WaitTimeout after it."""
+        if deadline is None:
+            return await awaitable
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+        except asyncio.TimeoutError:
+            raise WaitTimeout(
+                f"gave up waiting for {what}; nothing was changed. Retry, give the call a longer deadline, "
+                "or start the server with a longer --default-deadline"
+            ) from None
+
+    async def _compute(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
+        """Run ``fn`` on a kernel thread; the deadline bounds only the wait for a free thread."""
+        future = asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
+        return await self._within(future, deadline, "a free kernel thread (the server is busy)")
 
     async def _write(self, fn: Callable[..., None], *args: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
 
-    async def _committed(self, work: Awaitable[T]) -> T:
-        """Run a write to the end even if the caller goes away (deadline, cancel).
+    async def _commit(self, locks: list[asyncio.Lock], work: Callable[[], Awaitable[T]]) -> T:
+        """With ``locks`` held: run ``work`` to the end even if the caller goes away, then release them.
 
         A write that has started must store and publish together; cancelling it
         between the two would leave memory and database disagreeing.
         """
-        if self._closing:
-            work.close()
-            raise ShuttingDown("the server is shutting down; retry on another replica or after restart")
-        task = asyncio.ensure_future(work)
+
+        async def run() -> T:
+            try:
+                if self._closing:
+                    raise ShuttingDown("the server is shutting down; retry on another replica or after restart")
+                return await work()
+            finally:
+                for lock in reversed(locks):
+                    lock.release()
+
+        task = asyncio.ensure_future(run())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
@@ -142,16 +203,16 @@ class Registry:
             raise LayerNotFound(check_name(name))
         return entry
 
-    async def _with_lock(self, name: str, work: Callable[[_Entry], Awaitable[T]]) -> T:
+    async def _with_lock(self, name: str, work: Callable[[_Entry], Awaitable[T]], wait: float | None) -> T:
         entry = self._entry(name)
+        await self._within(entry.lock.acquire(), self._deadline(wait), f"the earlier writes of layer {name!r}")
 
-        async def locked() -> T:
-            async with entry.lock:
-                if entry.deleted:  # deleted while this request queued
-                    raise LayerNotFound(name)
-                return await work(entry)
+        async def unless_deleted() -> T:
+            if entry.deleted:  # deleted while this request queued
+                raise LayerNotFound(name)
+            return await work(entry)
 
-        return await self._committed(locked())
+        return await self._commit([entry.lock], unless_deleted)
 
     # ------------------------------------------------------------------ layers
     def get(self, name: str) -> Snapshot:
@@ -160,61 +221,76 @@ class Registry:
     def list(self, prefix: str = "") -> list[Snapshot]:
         return [self._entries[n].snapshot for n in sorted(self._entries) if n.startswith(prefix)]
 
-    async def create(self, name: str, config: pb.LayerConfig) -> tuple[Snapshot, bool]:
+    async def create(self, name: str, config: pb.LayerConfig, *, wait: float | None = None) -> tuple[Snapshot, bool]:
         """Create ``name`` (or return it unchanged if it exists with an equal config); True when new."""
         check_name(name)
-        layer = await self._compute(build_layer, config, self.default_device)
+        deadline = self._deadline(wait)
+        layer = await self._compute(build_layer, config, self.default_device, deadline=deadline)
+        await self._within(self._names.acquire(), deadline, "other creates and deletes")
 
         async def create_locked() -> tuple[Snapshot, bool]:
-            async with self._names:
-                existing = self._entries.get(name)
-                if existing is not None:
-                    if existing.snapshot.layer.config != layer.config:
-                        raise LayerExists(
-                            f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); "
-                            "delete it first or choose another name"
-                        )
-                    return existing.snapshot, False
-                snapshot = Snapshot(name, layer, 1)
-                await self._write(
-                    self._store.create_layer,
-                    name,
-                    config.SerializeToString(deterministic=True),
-                    snapshot.version,
-                    layer.num_batches_tracked,
-                    host_state(layer),
+            existing = self._entries.get(name)
+            if existing is not None:
+                if existing.snapshot.layer.config != layer.config:
+                    raise LayerExists(
+                        f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); "
+                        "delete it first or choose another name"
+                    )
+                return existing.snapshot, False
+            if self.max_layers is not None and len(self._entries) >= self.max_layers:
+                raise TooManyLayers(
+                    f"the server holds {len(self._entries)} layers, its limit (--max-layers {self.max_layers}); "
+                    "delete layers you no longer need or raise the limit"
                 )
-                self._entries[name] = _Entry(snapshot)
-                return snapshot, True
+            snapshot = Snapshot(name, layer, 1)
+            await self._write(
+                self._store.create_layer,
+                name,
+                config.SerializeToString(deterministic=True),
+                snapshot.version,
+                layer.num_batches_tracked,
+                host_state(layer),
+            )
+            self._entries[name] = _Entry(snapshot)
+            return snapshot, True
 
-        return await self._committed(create_locked())
+        return await self._commit([self._names], create_locked)
 
-    async def delete(self, name: str) -> Snapshot:
+    async def delete(self, name: str, *, wait: float | None = None) -> Snapshot:
         """Delete ``name`` once its queued writes are done; returns its last snapshot."""
         self._entry(name)  # bad name or NOT_FOUND before queuing
+        deadline = self._deadline(wait)
+        # Holding the names lock, no create or delete of any name interleaves; the
+        # entry is the one the name holds now, not when the call came in.
+        await self._within(self._names.acquire(), deadline, "other creates and deletes")
+        try:
+            entry = self._entry(name)
+            await self._within(entry.lock.acquire(), deadline, f"the earlier writes of layer {name!r}")
+        except BaseException:
+            self._names.release()
+            raise
 
         async def delete_locked() -> Snapshot:
-            async with self._names:  # no create or delete of any name can interleave from here
-                entry = self._entry(name)  # the entry the name holds now, not when the call came in
-                async with entry.lock:
-                    await self._write(self._store.delete_layer, name)
-                    entry.deleted = True
-                    del self._entries[name]
-                    return entry.snapshot
+            await self._write(self._store.delete_layer, name)
+            entry.deleted = True
+            del self._entries[name]
+            return entry.snapshot
 
-        return await self._committed(delete_locked())
+        return await self._commit([self._names, entry.lock], delete_locked)
 
     # ------------------------------------------------------------------ compute
-    async def train(self, name: str, x: np.ndarray) -> tuple[np.ndarray, Snapshot]:
+    async def train(self, name: str, x: np.ndarray, *, wait: float | None = None) -> tuple[np.ndarray, Snapshot]:
         """Training forward; updates and stores the running statistics atomically."""
 
         async def work(entry: _Entry) -> tuple[np.ndarray, Snapshot]:
             current = entry.snapshot
             layer = current.layer.copy()
-            y = await self._compute(_forward, layer, x, True)
-            if not layer.track_running_stats:
-                return y, current  # nothing changed, nothing to store
-            snapshot = Snapshot(name, layer, current.version + 1)
+            y, report = await self._compute(_train, layer, x)
+            stats = current.stats.after(report)
+            if not layer.track_running_stats:  # no state changed: same version, nothing to store
+                entry.snapshot = replace(current, stats=stats)
+                return y, entry.snapshot
+            snapshot = Snapshot(name, layer, current.version + 1, stats)
             await self._write(
                 self._store.update_state,
                 name,
@@ -225,19 +301,19 @@ class Registry:
             entry.snapshot = snapshot
             return y, snapshot
 
-        return await self._with_lock(name, work)
+        return await self._with_lock(name, work, wait)
 
-    async def infer(self, name: str, x: np.ndarray) -> tuple[np.ndarray, Snapshot]:
+    async def infer(self, name: str, x: np.ndarray, *, wait: float | None = None) -> tuple[np.ndarray, Snapshot]:
         """Inference forward on the current snapshot; never waits for writers."""
         snapshot = self.get(name)
-        return await self._compute(_forward, snapshot.layer, x, False), snapshot
+        return await self._compute(_forward, snapshot.layer, x, False, deadline=self._deadline(wait)), snapshot
 
     async def gradient(
-        self, name: str, x: np.ndarray, dy: np.ndarray, training: bool
+        self, name: str, x: np.ndarray, dy: np.ndarray, training: bool, *, wait: float | None = None
     ) -> tuple[np.ndarray, dict[str, np.ndarray | None], Snapshot]:
         """Backward pass on the current snapshot; never changes state."""
         snapshot = self.get(name)
-        dx, grads = await self._compute(_backward, snapshot.layer, x, dy, training)
+        dx, grads = await self._compute(_backward, snapshot.layer, x, dy, training, deadline=self._deadline(wait))
         return dx, grads, snapshot
 
     async def set_state(
@@ -247,6 +323,7 @@ class Registry:
         *,
         expected_version: int | None = None,
         partial: bool = False,
+        wait: float | None = None,
     ) -> Snapshot:
         """Load a state dict all-or-nothing, optionally only at ``expected_version``."""
 
@@ -259,7 +336,7 @@ class Registry:
                 )
             layer = current.layer.copy()
             await self._compute(layer.load_state_dict, state, not partial)
-            snapshot = Snapshot(name, layer, current.version + 1)
+            snapshot = replace(current, layer=layer, version=current.version + 1)
             changed = tuple(k for k in state if k != "num_batches_tracked")
             await self._write(
                 self._store.update_state, name, snapshot.version, layer.num_batches_tracked, host_state(layer, changed)
@@ -267,4 +344,4 @@ class Registry:
             entry.snapshot = snapshot
             return snapshot
 
-        return await self._with_lock(name, work)
+        return await self._with_lock(name, work, wait)

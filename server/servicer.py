@@ -17,7 +17,7 @@ import numpy as np
 
 from normserve.server.errors import InvalidRequest, status_for
 from normserve.server.layer_config import check_name, describe_config
-from normserve.server.registry import Registry, Snapshot, host_state
+from normserve.server.registry import Registry, Snapshot, TrainingStats, host_state
 from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
@@ -31,10 +31,12 @@ Response = TypeVar("Response")
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-tensor size limits; larger tensors answer RESOURCE_EXHAUSTED."""
+    """What one request may ask: larger tensors answer RESOURCE_EXHAUSTED; a call
+    without a deadline waits at most ``default_deadline`` seconds to start."""
 
     max_tensor_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 28
+    default_deadline: float = 60.0
 
 
 def _rpc(
@@ -60,6 +62,15 @@ def _rpc(
     return handler
 
 
+def describe_stats(stats: TrainingStats) -> pb.LayerStats:
+    message = pb.LayerStats(train_calls=stats.train_calls)
+    if stats.last is not None:
+        for field, value in stats.last._asdict().items():
+            if value is not None:
+                setattr(message, field, value)
+    return message
+
+
 def describe_layer(snapshot: Snapshot) -> pb.Layer:
     layer = snapshot.layer
     return pb.Layer(
@@ -69,6 +80,7 @@ def describe_layer(snapshot: Snapshot) -> pb.Layer:
         num_batches_tracked=layer.num_batches_tracked,
         param_shape=layer.param_shape,
         state_keys=layer.state_keys,
+        stats=describe_stats(snapshot.stats),
     )
 
 
@@ -78,6 +90,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         self._limits = limits
 
     # ------------------------------------------------------------------ decoding helpers
+    def _wait(self, context: grpc.aio.ServicerContext) -> float:
+        """How long this call may wait to start: its own deadline, else the server's default."""
+        remaining = context.time_remaining()
+        return self._limits.default_deadline if remaining is None else remaining
+
     def _tensor(self, tensor: pb.Tensor, what: str) -> np.ndarray:
         array = codec.decode(
             tensor, what, max_elements=self._limits.max_tensor_elements, max_bytes=self._limits.max_tensor_bytes
@@ -106,7 +123,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     async def CreateLayer(self, request: pb.CreateLayerRequest, context: Any) -> pb.Layer:
         if not request.HasField("config"):
             raise InvalidRequest("config is required: at least its kind and size (num_features or normalized_shape)")
-        snapshot, _ = await self._registry.create(request.name, request.config)
+        snapshot, _ = await self._registry.create(request.name, request.config, wait=self._wait(context))
         return describe_layer(snapshot)
 
     @_rpc
@@ -119,13 +136,15 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     @_rpc
     async def DeleteLayer(self, request: pb.DeleteLayerRequest, context: Any) -> pb.DeleteLayerResponse:
-        return pb.DeleteLayerResponse(layer=describe_layer(await self._registry.delete(request.name)))
+        return pb.DeleteLayerResponse(
+            layer=describe_layer(await self._registry.delete(request.name, wait=self._wait(context)))
+        )
 
     # ------------------------------------------------------------------ compute
     @_rpc
     async def Train(self, request: pb.TrainRequest, context: Any) -> pb.TrainResponse:
         x, out = self._batch(request)
-        y, snapshot = await self._registry.train(request.layer, x)
+        y, snapshot = await self._registry.train(request.layer, x, wait=self._wait(context))
         return pb.TrainResponse(
             y=codec.encode(y, out), version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked
         )
@@ -133,7 +152,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     @_rpc
     async def Infer(self, request: pb.InferRequest, context: Any) -> pb.InferResponse:
         x, out = self._batch(request)
-        y, snapshot = await self._registry.infer(request.layer, x)
+        y, snapshot = await self._registry.infer(request.layer, x, wait=self._wait(context))
         return pb.InferResponse(y=codec.encode(y, out), version=snapshot.version)
 
     @_rpc
@@ -141,7 +160,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         x, out = self._batch(request)
         dy = self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
         training = request.training if request.HasField("training") else True
-        dx, grads, snapshot = await self._registry.gradient(request.layer, x, dy, training)
+        dx, grads, snapshot = await self._registry.gradient(request.layer, x, dy, training, wait=self._wait(context))
         response = pb.GradientResponse(dx=codec.encode(dx, out), version=snapshot.version)
         for key, field in (("weight", response.dweight), ("bias", response.dbias)):
             if grads[key] is not None:
@@ -174,5 +193,6 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             state,
             expected_version=request.expected_version if request.HasField("expected_version") else None,
             partial=request.partial,
+            wait=self._wait(context),
         )
         return describe_layer(snapshot)

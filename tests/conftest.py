@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import zlib
 
 import numpy as np
@@ -104,6 +105,50 @@ def snapshot(layer: nk.layers._NormBase) -> dict[str, bytes]:
     out = {k: np.asarray(v).tobytes() + str(np.asarray(v).dtype).encode() for k, v in layer.state_dict().items()}
     out["__config__"] = repr(layer.config).encode()
     return out
+
+
+def _groups(layer: nk.layers._NormBase, a: np.ndarray) -> np.ndarray:
+    """Rows of the elements the layer normalizes together."""
+    if layer.kind == "batch_norm":
+        return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
+    if layer.kind == "instance_norm":
+        return a.reshape(a.shape[0] * a.shape[1], -1)
+    if layer.kind == "group_norm":
+        return a.reshape(a.shape[0] * layer.num_groups, -1)
+    return a.reshape(-1, math.prod(layer.normalized_shape))
+
+
+def _eps(layer: nk.layers._NormBase, x: np.ndarray) -> float:
+    """The layer's eps; None (RMSNorm) is the machine epsilon of the compute dtype, as in PyTorch."""
+    return layer.eps if layer.eps is not None else float(np.finfo(np.promote_types(x.dtype, np.float32)).eps)
+
+
+def _entropy(layer: nk.layers._NormBase, a: np.ndarray) -> float:
+    rows = _groups(layer, a.astype(np.float64))
+    second = (rows**2).mean(axis=1) if layer.kind == "rms_norm" else rows.var(axis=1)
+    return float(np.mean(0.5 * np.log(2 * np.pi * np.e * (second + _eps(layer, a)))))
+
+
+def _folded_batch_stats(layer: nk.layers._NormBase, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance as PyTorch folds them into running statistics."""
+    ddof = 0 if layer.biased_running_var else 1
+    x = x.astype(np.float64)
+    if layer.kind == "batch_norm":
+        rows = _groups(layer, x)
+        return rows.mean(axis=1), rows.var(axis=1, ddof=ddof)
+    per_instance = x.reshape(x.shape[0], x.shape[1], -1)
+    return per_instance.mean(axis=2).mean(axis=0), per_instance.var(axis=2, ddof=ddof).mean(axis=0)
+
+
+def reference_report(layer: nk.layers._NormBase, x: np.ndarray, y: np.ndarray, prior: dict) -> dict[str, float]:
+    """normkernels.monitor's numbers from their definitions, in float64; ``prior``: the state before the batch."""
+    report = {"input_entropy": _entropy(layer, x), "output_entropy": _entropy(layer, y)}
+    if layer.track_running_stats:
+        mean_b, var_b = _folded_batch_stats(layer, x)
+        run_var = np.asarray(prior["running_var"], np.float64) + layer.eps
+        report["mean_shift"] = float(np.mean(np.abs(mean_b - prior["running_mean"]) / np.sqrt(run_var)))
+        report["log_var_shift"] = float(np.mean(np.abs(np.log((var_b + layer.eps) / run_var))))
+    return report
 
 
 @pytest.fixture

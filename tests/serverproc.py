@@ -9,36 +9,36 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
+from normserve.client import NormClient, NormServeError, RetryPolicy
 from normserve.v1 import normalization_pb2 as pb
 
 NORMSERVE = str(Path(sys.executable).with_name("normserve"))
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+_LISTENING = re.compile(r"listening on \S+:(\d+) ")
 
 
 def everything(stub) -> list[bytes]:
-    """Every layer's description and state on a server, serialized deterministically."""
+    """Every layer's description and state on a server, serialized deterministically.
+
+    Training stats are left out: they are monitoring since the server started, not state.
+    """
     layers = stub.ListLayers(pb.ListLayersRequest()).layers
+    for layer in layers:
+        layer.ClearField("stats")
     states = [stub.GetState(pb.GetStateRequest(name=layer.name)) for layer in layers]
     return [m.SerializeToString(deterministic=True) for m in (*layers, *states)]
 
 
-def wait_serving(target: str, timeout: float = 30.0) -> None:
-    """Block until the health service at ``target`` answers SERVING."""
+def wait_serving(target: str, timeout: float = 30.0, **client: Any) -> None:
+    """Block until the health service at ``target`` answers SERVING (``client``: NormClient's TLS arguments)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+    with NormClient(target, retry=RetryPolicy(attempts=1), **client) as nc:
         while True:
             try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
+                if nc.health(timeout=1) == "SERVING":
                     return
-            except grpc.RpcError:
+            except NormServeError:
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{target} did not become SERVING within {timeout} s")
@@ -46,11 +46,19 @@ def wait_serving(target: str, timeout: float = 30.0) -> None:
 
 
 class ServerProcess:
-    """``normserve serve --port 0 --state-dir DIR`` with its log in ``DIR/../server-N.log``."""
+    """``normserve serve --port 0 --state-dir DIR`` with its log in ``DIR/../server-N.log``.
 
-    def __init__(self, state_dir: Path, *args: str) -> None:
+    ``client`` holds NormClient's TLS arguments for a server that serves TLS;
+    ``env`` adds environment variables.
+    """
+
+    def __init__(
+        self, state_dir: Path, *args: str, client: dict[str, Any] | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.args = args
+        self.client = client or {}
+        self.env = env or {}
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.starts = 0
@@ -65,7 +73,9 @@ class ServerProcess:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server-{self.starts}.log"
         command = [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
         deadline = time.monotonic() + timeout
         while (match := _LISTENING.search(self.log())) is None:
             if self.process.poll() is not None:
@@ -74,11 +84,21 @@ class ServerProcess:
                 raise TimeoutError(f"server did not start within {timeout} s:\n{self.log()}")
             time.sleep(0.05)
         self.port = int(match.group(1))
-        wait_serving(self.target, timeout)
+        wait_serving(self.target, timeout, **self.client)
         return self
 
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
+
+    def log_lines(self, text: str, timeout: float = 10.0) -> list[str]:
+        """The log lines containing ``text``, waiting for the first one (the server logs a failed call
+        just after the client has its answer)."""
+        deadline = time.monotonic() + timeout
+        while not (lines := [line for line in self.log().splitlines() if text in line]):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no log line with {text!r} within {timeout} s:\n{self.log()}")
+            time.sleep(0.02)
+        return lines
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM and wait: the graceful shutdown a deployment does."""

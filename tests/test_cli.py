@@ -1,19 +1,22 @@
-"""The normserve command: help, health (the container healthcheck) and layers."""
+"""The normserve command: help, health (the container healthcheck), layers, and configuration by environment."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 
 import pytest
-from serverproc import NORMSERVE
+from serverproc import NORMSERVE, ServerProcess
 
-from normserve.client import NormClient
+from normserve.client import NormClient, ResourceExhausted
 
 
-def normserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=timeout)
+def normserve(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")} | (env or {})
+    return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=timeout, env=environ)
 
 
 @pytest.mark.parametrize(
@@ -21,8 +24,9 @@ def normserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     [
         ((), ["serve", "health", "layers"]),
         (("serve",), ["--host", "--port", "--device", "--state-dir", "--log-level", "--max-message-bytes", "--sync"]),
-        (("health",), ["--target", "SERVING"]),
-        (("layers",), ["--target", "--prefix", "--json"]),
+        (("serve",), ["--tls-cert", "--auth-token-file", "--max-layers", "--default-deadline", "--metrics-port"]),
+        (("health",), ["--target", "SERVING", "--tls-ca", "--token-file"]),
+        (("layers",), ["--target", "--prefix", "--json", "--tls-client-cert"]),
     ],
 )
 def test_help_describes_every_command(command, mentions) -> None:
@@ -68,3 +72,52 @@ def test_serve_refuses_a_busy_state_dir_and_a_bad_device(server, tmp_path) -> No
     result = normserve("serve", "--port", "0", "--state-dir", str(tmp_path), "--device", "tpu:0")
     assert result.returncode == 1
     assert "unknown device" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["serve", "health", "layers"])
+def test_every_flag_names_its_environment_variable(command) -> None:
+    """`--help` shows each flag's variable, NORMSERVE_ plus the flag in capitals."""
+    from normserve.server.cli import env_name
+
+    text = " ".join(normserve(command, "--help").stdout.split())  # undo the help's line wrapping
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*[a-z])", text)) - {"--help"}
+    assert len(flags) >= 4
+    assert set(re.findall(r"\[env (NORMSERVE_[A-Z_]+)\]", text)) == {env_name(flag) for flag in flags}
+
+
+def test_environment_configures_the_server_and_flags_win(tmp_path) -> None:
+    env = {
+        "NORMSERVE_MAX_LAYERS": "1",
+        "NORMSERVE_LOG_FORMAT": "json",
+        "NORMSERVE_PORT": "1",  # ServerProcess passes --port 0: the flag wins
+        "NORMSERVE_STATE_DIR": str(tmp_path / "ignored"),  # and --state-dir
+    }
+    proc = ServerProcess(tmp_path / "state", env=env).start()
+    try:
+        assert proc.port not in (0, 1)
+        assert not (tmp_path / "ignored").exists()
+        assert all(line.startswith("{") for line in proc.log().splitlines())  # NORMSERVE_LOG_FORMAT=json
+        with NormClient(proc.target) as nc:
+            nc.create_layer("only", "layer_norm", normalized_shape=3)
+            with pytest.raises(ResourceExhausted, match=r"holds 1 layers.*--max-layers 1"):
+                nc.create_layer("second", "layer_norm", normalized_shape=3)
+            assert [layer.name for layer in nc.list_layers()] == ["only"]  # nothing changed
+        assert normserve("health", env={"NORMSERVE_PORT": str(proc.port)}).returncode == 0  # the default target
+        assert normserve("health", env={"NORMSERVE_TARGET": proc.target}).returncode == 0
+    finally:
+        assert proc.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        (("serve",), {"NORMSERVE_PORT": "fifty"}, "NORMSERVE_PORT='fifty': invalid literal for int()"),
+        (("serve",), {"NORMSERVE_MAX_LAYERS": "0"}, "NORMSERVE_MAX_LAYERS='0': must be > 0"),
+        (("serve",), {"NORMSERVE_SYNC": "sometimes"}, "NORMSERVE_SYNC='sometimes': choose from full, normal"),
+        (("layers",), {"NORMSERVE_JSON": "maybe"}, "NORMSERVE_JSON='maybe': expected one of 1, true"),
+    ],
+)
+def test_a_bad_environment_variable_is_named(args, env, message, tmp_path) -> None:
+    result = normserve(*args, "--state-dir" if args == ("serve",) else "--prefix", str(tmp_path), env=env)
+    assert result.returncode == 2
+    assert message in result.stderr

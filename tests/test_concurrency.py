@@ -138,3 +138,47 @@ def test_delete_lets_queued_writes_finish_and_refuses_later_ones(registry) -> No
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_queued_write_gives_up_at_its_deadline_and_changes_nothing(registry) -> None:
+    from normserve.server.errors import WaitTimeout
+
+    async def scenario() -> None:
+        await registry.create("a", pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
+        x = np.random.default_rng(3).normal(size=(5, 3)).astype(np.float32)
+        async with registry._entry("a").lock:  # a writer is mid-update
+            with pytest.raises(WaitTimeout, match=r"earlier writes of layer 'a'.*nothing was changed"):
+                await registry.train("a", x, wait=0.05)
+            with pytest.raises(WaitTimeout):
+                await registry.set_state("a", {"running_mean": np.ones(3, np.float32)}, partial=True, wait=0.05)
+            with pytest.raises(WaitTimeout):
+                await registry.delete("a", wait=0.05)
+            abandoned = asyncio.ensure_future(registry.train("a", x))
+            await asyncio.sleep(0.01)
+            abandoned.cancel()  # the client went away before the write started: it never happens
+        assert registry.get("a").version == 1
+        _, snapshot = await registry.train("a", x, wait=1)  # the lock is free again
+        assert snapshot.version == 2
+        assert snapshot.layer.num_batches_tracked == 1
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_max_layers_refuses_new_names_only(tmp_path) -> None:
+    from normserve.server.errors import TooManyLayers
+
+    async def scenario() -> None:
+        registry = Registry(StateStore(tmp_path / "state"), default_device="cpu", workers=1, max_layers=2)
+        config = pb.LayerConfig(kind=pb.LAYER_NORM, normalized_shape=[4])
+        for name in ("a", "b"):
+            await registry.create(name, config)
+        with pytest.raises(TooManyLayers, match=r"holds 2 layers.*--max-layers 2"):
+            await registry.create("c", config)
+        assert (await registry.create("a", config))[1] is False  # an existing name is still answered
+        await registry.delete("a")
+        assert (await registry.create("c", config))[1] is True
+        assert [s.name for s in registry.list()] == ["b", "c"]
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -76,20 +76,36 @@ class LayerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., num_features: _Optional[int] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., bias: _Optional[bool] = ..., biased_running_var: _Optional[bool] = ..., device: _Optional[str] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys")
+    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys", "stats")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
     PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
     STATE_KEYS_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: LayerConfig
     version: int
     num_batches_tracked: int
     param_shape: _containers.RepeatedScalarFieldContainer[int]
     state_keys: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ...) -> None: ...
+    stats: LayerStats
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[LayerStats, _Mapping]] = ...) -> None: ...
+
+class LayerStats(_message.Message):
+    __slots__ = ("train_calls", "mean_shift", "log_var_shift", "input_entropy", "output_entropy")
+    TRAIN_CALLS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    LOG_VAR_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    INPUT_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    train_calls: int
+    mean_shift: float
+    log_var_shift: float
+    input_entropy: float
+    output_entropy: float
+    def __init__(self, train_calls: _Optional[int] = ..., mean_shift: _Optional[float] = ..., log_var_shift: _Optional[float] = ..., input_entropy: _Optional[float] = ..., output_entropy: _Optional[float] = ...) -> None: ...
 
 class CreateLayerRequest(_message.Message):
     __slots__ = ("name", "config")

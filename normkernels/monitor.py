@@ -1,0 +1,85 @@
+"""Numbers that say how a training batch looks to its layer (the seed's parts 4 and 5).
+
+*Covariate shift* compares the batch's per-channel statistics, exactly as a
+Train folds them into the running statistics, with the running statistics
+*before* that Train::
+
+    mean_shift    = mean_c |mu_B,c - mu_run,c| / sqrt(var_run,c + eps)
+    log_var_shift = mean_c |log((var_B,c + eps) / (var_run,c + eps))|
+
+``mean_shift`` is in running standard deviations; ``log_var_shift`` is 0 when
+the batch has the running variance and log(2) ~ 0.69 when it has twice (or
+half) of it. Only layers with running statistics have them.
+
+*Gaussian entropy* is ``0.5 * log(2 pi e (s2 + eps))`` averaged over the
+groups the layer normalizes together (a channel for batch norm, an
+(instance, channel) for instance norm, an (instance, group) for group norm,
+a sample for layer and RMS norm), where ``s2`` is the second moment the layer
+normalizes: the biased variance, or the mean square for RMS norm. A
+normalized output with weight 1 sits at 0.5 * log(2 pi e) ~ 1.419 nats;
+a weight w adds log|w|.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+from normkernels.backend import Array, _xp, dot_to, sum_to
+from normkernels.core import Moments, Plan
+
+__all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy"]
+
+#: Entropy in nats of a unit-variance Gaussian.
+HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
+
+
+class BatchReport(NamedTuple):
+    """Monitoring numbers of one training batch (see the module docstring)."""
+
+    input_entropy: float
+    output_entropy: float
+    mean_shift: float | None  # None for layers without running statistics
+    log_var_shift: float | None
+
+
+def gaussian_entropy(second_moment: Array, eps: float) -> float:
+    """Mean over groups of the entropy (nats) of a Gaussian with variance ``second_moment + eps``."""
+    xp = _xp(second_moment)
+    return HALF_LOG_2PI_E + 0.5 * float(xp.log(second_moment + eps).mean())
+
+
+def _second_moment(yv: Array, plan: Plan) -> Array:
+    """The biased variance (or mean square, uncentered) of ``yv`` per statistics group; one pass."""
+    square = dot_to(yv, yv, plan.stat_shape) / plan.count
+    if not plan.center:
+        return square
+    mean = sum_to(yv, plan.stat_shape) / plan.count
+    return _xp(yv).maximum(square - mean * mean, 0)  # y is normalized: no cancellation to fear
+
+
+def batch_report(
+    plan: Plan,
+    x_moments: Moments,
+    yv: Array,
+    eps: float,
+    batch: Moments | None = None,
+    running: Moments | None = None,
+) -> BatchReport:
+    """The report of a batch with moments ``x_moments`` that gave output ``yv`` (in ``plan.view``).
+
+    ``batch`` (the per-channel statistics folded into the running ones) and
+    ``running`` (the running statistics before the batch) give the shift.
+    """
+    shifts: tuple[float | None, float | None] = (None, None)
+    if batch is not None and running is not None:
+        xp = _xp(batch.var)
+        run_var = running.var + eps
+        mean_shift = float((xp.abs(batch.mean - running.mean) / xp.sqrt(run_var)).mean())
+        log_var_shift = float(xp.abs(xp.log((batch.var + eps) / run_var)).mean())
+        shifts = (mean_shift, log_var_shift)
+    return BatchReport(
+        gaussian_entropy(x_moments.var, eps),
+        gaussian_entropy(_second_moment(yv, plan), eps),
+        *shifts,
+    )
