@@ -113,7 +113,7 @@ def measure_rpcs(target: str, echo_target: str, sizes: list[tuple[int, int]]) ->
             x = rng.normal(size=shape).astype(np.float32)
             dy = rng.normal(size=shape).astype(np.float32)
             calls = {  # op: (remote call, the same kernel locally, tensors sent, tensors returned)
-                "Train": (lambda x=x: layer.train(x), lambda x=x: local.forward(x, training=True), 1, 1),
+                "Train": (lambda x=x: layer.train(x), lambda x=x: local.train_with_report(x), 1, 1),
                 "Infer": (lambda x=x: layer.infer(x), lambda x=x: local.forward(x, training=False), 1, 1),
                 "Gradient": (lambda x=x, dy=dy: layer.gradient(x, dy), lambda x=x, dy=dy: local.backward(x, dy), 2, 1),
             }

@@ -237,15 +237,20 @@ def _client(args: argparse.Namespace) -> Any:
     )
 
 
-def _health(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, question: Callable[[Any], Any]) -> Any:
+    """``question(client)``'s answer; a failure prints one line and exits 1."""
     from normserve.client import NormServeError
 
     try:
         with _client(args) as client:
-            status = client.health(args.service)
+            return question(client)
     except (NormServeError, OSError, ValueError) as error:
         print(f"{args.target}: {error}", file=sys.stderr)
-        return 1
+        raise SystemExit(1) from None
+
+
+def _health(args: argparse.Namespace) -> int:
+    status = _ask(args, lambda client: client.health(args.service))
     print(f"{args.target}: {status}")
     return 0 if status == "SERVING" else 1
 
@@ -253,14 +258,7 @@ def _health(args: argparse.Namespace) -> int:
 def _layers(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    from normserve.client import NormServeError
-
-    try:
-        with _client(args) as client:
-            layers = client.list_layers(args.prefix)
-    except (NormServeError, OSError, ValueError) as error:
-        print(f"{args.target}: {error}", file=sys.stderr)
-        return 1
+    layers = _ask(args, lambda client: client.list_layers(args.prefix))
     for layer in layers:
         if args.json:
             print(json.dumps(json_format.MessageToDict(layer.info, preserving_proto_field_name=True)))

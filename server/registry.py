@@ -219,7 +219,8 @@ class Registry:
         return self._entry(name).snapshot
 
     def list(self, prefix: str = "") -> list[Snapshot]:
-        return [self._entries[n].snapshot for n in sorted(self._entries) if n.startswith(prefix)]
+        # One atomic copy of the entries: metrics scrapes call this from their own thread.
+        return [entry.snapshot for name, entry in sorted(self._entries.items()) if name.startswith(prefix)]
 
     async def create(self, name: str, config: pb.LayerConfig, *, wait: float | None = None) -> tuple[Snapshot, bool]:
         """Create ``name`` (or return it unchanged if it exists with an equal config); True when new."""

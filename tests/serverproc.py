@@ -30,6 +30,12 @@ def everything(stub) -> list[bytes]:
     return [m.SerializeToString(deterministic=True) for m in (*layers, *states)]
 
 
+def env_variables(command: str) -> set[str]:
+    """The NORMSERVE_* variables ``normserve COMMAND --help`` names."""
+    text = subprocess.run([NORMSERVE, command, "--help"], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"\[env (NORMSERVE_[A-Z_]+)\]", " ".join(text.split())))
+
+
 def wait_serving(target: str, timeout: float = 30.0, **client: Any) -> None:
     """Block until the health service at ``target`` answers SERVING (``client``: NormClient's TLS arguments)."""
     deadline = time.monotonic() + timeout
@@ -49,16 +55,23 @@ class ServerProcess:
     """``normserve serve --port 0 --state-dir DIR`` with its log in ``DIR/../server-N.log``.
 
     ``client`` holds NormClient's TLS arguments for a server that serves TLS;
-    ``env`` adds environment variables.
+    ``env`` adds environment variables; ``command`` replaces the whole command
+    line (a deployment's, configured by ``env``).
     """
 
     def __init__(
-        self, state_dir: Path, *args: str, client: dict[str, Any] | None = None, env: dict[str, str] | None = None
+        self,
+        state_dir: Path,
+        *args: str,
+        client: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        command: list[str] | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.args = args
         self.client = client or {}
         self.env = env or {}
+        self.command = command
         self.process: subprocess.Popen | None = None
         self.port = 0
         self.starts = 0
@@ -71,7 +84,7 @@ class ServerProcess:
     def start(self, timeout: float = 60.0) -> ServerProcess:
         self.starts += 1
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server-{self.starts}.log"
-        command = [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
+        command = self.command or [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}

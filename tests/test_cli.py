@@ -9,7 +9,7 @@ import socket
 import subprocess
 
 import pytest
-from serverproc import NORMSERVE, ServerProcess
+from serverproc import NORMSERVE, ServerProcess, env_variables
 
 from normserve.client import NormClient, ResourceExhausted
 
@@ -82,7 +82,7 @@ def test_every_flag_names_its_environment_variable(command) -> None:
     text = " ".join(normserve(command, "--help").stdout.split())  # undo the help's line wrapping
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*[a-z])", text)) - {"--help"}
     assert len(flags) >= 4
-    assert set(re.findall(r"\[env (NORMSERVE_[A-Z_]+)\]", text)) == {env_name(flag) for flag in flags}
+    assert env_variables(command) == {env_name(flag) for flag in flags}
 
 
 def test_environment_configures_the_server_and_flags_win(tmp_path) -> None:

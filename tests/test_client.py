@@ -41,6 +41,9 @@ def test_async_client_mirrors_the_sync_one(server, layer_name, rng) -> None:
 
     async def scenario() -> None:
         async with AsyncNormClient(server.target) as nc:
+            assert await nc.health() == "SERVING"
+            with pytest.raises(NotFound):
+                await nc.health("no.such.Service")
             layer = await nc.create_layer(layer_name, "group_norm", num_groups=2, num_channels=4)
             np.testing.assert_array_equal(await layer.train(x), local.forward(x))
             np.testing.assert_array_equal(await layer.infer(x), local.forward(x, training=False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import subprocess
 import time
@@ -13,7 +14,7 @@ from certs import Authority
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serverproc import NORMSERVE, ServerProcess, everything
 
-from normserve.client import NormClient, RetryPolicy, Unauthenticated, Unavailable
+from normserve.client import AsyncNormClient, NormClient, RetryPolicy, Unauthenticated, Unavailable
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
@@ -177,6 +178,12 @@ def test_tokens_guard_every_method_but_health_and_change_nothing(token_server) -
             list(reflect.ServerReflectionInfo(iter([request]), timeout=10))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert list(reflect.ServerReflectionInfo(iter([request]), metadata=good, timeout=10))
+
+    async def listed_by_async_client() -> list[str]:
+        async with AsyncNormClient(proc.target, token=TOKENS[0]) as nc:
+            return [layer.name for layer in await nc.list_layers()]
+
+    assert asyncio.run(listed_by_async_client()) == ["kept"]
 
     with NormClient(proc.target, retry=ONCE) as anonymous:
         assert anonymous.health() == "SERVING"  # load balancers carry no token
