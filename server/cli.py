@@ -219,7 +219,8 @@ def _serve(options: ServerOptions, args: argparse.Namespace) -> int:
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from normserve.client import NormClient
+    """A client for one question: no retries, so a healthcheck answers within --timeout."""
+    from normserve.client import NormClient, RetryPolicy
 
     token = None
     if args.token_file is not None:
@@ -228,6 +229,7 @@ def _client(args: argparse.Namespace) -> Any:
     return NormClient(
         args.target,
         timeout=args.timeout,
+        retry=RetryPolicy(attempts=1),
         token=token,
         tls=args.tls or None,
         ca_cert=args.tls_ca,

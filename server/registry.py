@@ -168,9 +168,10 @@ class Registry:
             ) from None
 
     async def _compute(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
-        """Run ``fn`` on a kernel thread; the deadline bounds only the wait for a free thread."""
+        """Run ``fn`` on a kernel thread. Past ``deadline`` the answer is abandoned (only work that
+        changes nothing takes one: reads, and building a layer before it is published)."""
         future = asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
-        return await self._within(future, deadline, "a free kernel thread (the server is busy)")
+        return await self._within(future, deadline, "the kernel threads (the server is busy or the work large)")
 
     async def _write(self, fn: Callable[..., None], *args: Any) -> None:
         await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))

@@ -182,3 +182,56 @@ def test_max_layers_refuses_new_names_only(tmp_path) -> None:
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_read_gives_up_when_no_kernel_thread_frees_in_time(tmp_path) -> None:
+    from normserve.server.errors import WaitTimeout
+
+    async def scenario() -> None:
+        registry = Registry(StateStore(tmp_path / "state"), default_device="cpu", workers=1)
+        await registry.create("a", pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
+        x = np.random.default_rng(4).normal(size=(5, 3)).astype(np.float32)
+        release = threading.Event()
+        busy = asyncio.get_running_loop().run_in_executor(registry._kernels, release.wait, 10)  # the only thread
+        with pytest.raises(WaitTimeout, match="kernel threads"):
+            await registry.infer("a", x, wait=0.05)
+        with pytest.raises(WaitTimeout):
+            await registry.gradient("a", x, x, True, wait=0.05)
+        release.set()
+        await busy
+        y, snapshot = await registry.infer("a", x, wait=5)
+        assert y.shape == x.shape
+        assert snapshot.version == 1
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_max_concurrent_rpcs_refuses_the_excess_and_applies_the_rest(tmp_path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from serverproc import ServerProcess
+
+    from normserve.client import ResourceExhausted, RetryPolicy
+
+    proc = ServerProcess(tmp_path / "state", "--max-concurrent-rpcs", "1").start()
+    try:
+        x = np.random.default_rng(5).normal(size=(64, 64, 512)).astype(np.float32)  # 8 MB: calls overlap
+        with NormClient(proc.target, retry=RetryPolicy(attempts=1)) as nc:
+            layer = nc.create_layer("busy", "batch_norm", num_features=64)
+
+            def train(_: int) -> str:
+                try:
+                    layer.train(x)
+                    return "ok"
+                except ResourceExhausted as error:
+                    return error.details
+
+            with ThreadPoolExecutor(6) as pool:
+                answers = list(pool.map(train, range(6)))
+            applied = answers.count("ok")
+            assert 1 <= applied < 6, answers
+            assert all(a == "ok" or "Concurrent RPC limit exceeded" in a for a in answers), answers
+            assert nc.layer("busy").info.num_batches_tracked == applied  # refused calls changed nothing
+    finally:
+        assert proc.stop() == 0
