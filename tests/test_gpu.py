@@ -56,6 +56,22 @@ def test_cupy_matches_numpy(kind, config, spatial, dtype, rng) -> None:
         np.testing.assert_allclose(value.get(), cpu.state_dict()[key], rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize(("kind", "config", "spatial"), CONFIGS)
+def test_cupy_monitoring_report_matches_numpy(kind, config, spatial, rng) -> None:
+    import cupy
+
+    cpu = nk.make_layer(kind, **config)
+    randomize(cpu, rng)
+    gpu = nk.make_layer(kind, **config, device="cuda:0")
+    gpu.load_state_dict(cpu.state_dict())
+    x = rng.normal(0.5, 3.0, input_shape(cpu, batch=5, spatial=spatial, lead=(3, 2))).astype(np.float32)
+    _, on_gpu = gpu.train_with_report(cupy.asarray(x))
+    _, on_cpu = cpu.train_with_report(x)
+    for field, value in on_cpu._asdict().items():
+        assert isinstance(getattr(on_gpu, field), (float, type(None)))
+        assert getattr(on_gpu, field) == (None if value is None else pytest.approx(value, rel=1e-5, abs=1e-6))
+
+
 def test_cuda_layer_refuses_host_arrays_and_cpu_layer_refuses_cupy() -> None:
     import cupy
 
