@@ -92,17 +92,21 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
     address = _address(options.host, options.port)
+    metrics_host = options.metrics_host or options.host
     try:
         if credentials is None:
             port = server.add_insecure_port(address)
         else:
             port = server.add_secure_port(address, credentials)
-        metrics_port = (
-            0 if metrics is None else metrics.serve(options.metrics_host or options.host, options.metrics_port)
-        )
-    except (RuntimeError, OSError) as exc:
+    except RuntimeError as exc:
         await registry.close()
         raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
+    try:
+        metrics_port = 0 if metrics is None else metrics.serve(metrics_host, options.metrics_port)
+    except OSError as exc:
+        await registry.close()
+        where = _address(metrics_host, options.metrics_port)
+        raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc} (--metrics-port)") from None
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -125,7 +129,7 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     if tokens is not None and options.tls is None:
         log.warning("token auth without TLS: tokens cross the network in plaintext; use --tls-cert/--tls-key")
     if metrics is not None:
-        log.info("metrics on http://%s/metrics", _address(options.metrics_host or options.host, metrics_port))
+        log.info("metrics on http://%s/metrics", _address(metrics_host, metrics_port))
     await stop.wait()
 
     log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", options.grace_period)

@@ -179,3 +179,22 @@ def test_json_logs_carry_the_fields(tmp_path) -> None:
 
 def test_metrics_port_zero_serves_no_metrics(server) -> None:
     assert "metrics on" not in server.log()
+
+
+def test_a_busy_metrics_port_stops_startup_with_a_clear_line(tmp_path) -> None:
+    import subprocess
+
+    from serverproc import NORMSERVE
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [NORMSERVE, "serve", "--port", "0", "--state-dir", str(tmp_path), "--metrics-port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
