@@ -258,9 +258,9 @@ class _NormBase:
                 y = core.forward_eval(xv, plan, self._running_moments(plan), weight, bias, eps, dtype)
                 return y.reshape(x.shape).astype(x.dtype, copy=False), None
             y, stats = core.forward_train(xv, plan, weight, bias, eps, dtype)
-            running = None if self.running_mean is None else core.Moments(self.running_mean, self.running_var)
+            prior = core.Moments(self.running_mean, self.running_var)  # the update binds new arrays
             batch = self._after_training_batch(stats, plan) if training else None
-            summary = monitor.batch_report(plan, stats, y, eps, batch, running) if report else None
+            summary = monitor.batch_report(plan, stats, y, eps, batch, prior) if report else None
             return y.reshape(x.shape).astype(x.dtype, copy=False), summary
 
     __call__ = forward

@@ -162,6 +162,9 @@ class ObserveCalls(grpc.aio.ServerInterceptor):
         code = call.code(error)
         if self._metrics is not None:
             self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent)
+        failed = code != grpc.StatusCode.OK
+        if not access_log.isEnabledFor(logging.WARNING if failed else logging.DEBUG):
+            return  # the usual case of a successful call: no log line to build
         fields = {
             "method": call.method,
             "layer": call.layer,
@@ -171,12 +174,11 @@ class ObserveCalls(grpc.aio.ServerInterceptor):
             "bytes_out": call.sent,
             "peer": call.context.peer(),
         }
-        if code == grpc.StatusCode.OK:
-            if access_log.isEnabledFor(logging.DEBUG):
-                access_log.debug("%s ok", call.method, extra={"fields": fields})
-        else:
+        if failed:
             fields["details"] = call.context.details() or (repr(error) if error is not None else "")
             access_log.warning("%s failed: %s", call.method, code.name, extra={"fields": fields})
+        else:
+            access_log.debug("%s ok", call.method, extra={"fields": fields})
 
 
 async def _counted(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:

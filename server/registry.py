@@ -122,9 +122,6 @@ class Registry:
         self._pending: set[asyncio.Future] = set()
         self._closing = False
 
-    def __len__(self) -> int:
-        return len(self._entries)
-
     # ------------------------------------------------------------------ startup / shutdown
     def load(self) -> int:
         """Restore every stored layer (call once, before serving); returns how many."""

@@ -76,8 +76,8 @@ class TokenSet:
         return st.st_mtime_ns, st.st_size, st.st_ino
 
     def _load(self) -> tuple[tuple[bytes, ...], tuple[int, int, int]]:
-        signature = self._stat() if self.path.exists() else (0, 0, 0)
         text = _read(self.path, "token file (--auth-token-file)").decode("utf-8", "replace")
+        signature = self._stat()
         tokens = (line.strip() for line in text.splitlines())
         return tuple(_digest(t) for t in tokens if t and not t.startswith("#")), signature
 
