@@ -6,9 +6,12 @@ Nothing here performs I/O, so :mod:`normserve.client.sync` and
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +20,16 @@ import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from normserve.v1 import codec
+from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
-from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 __all__ = [
     "IDEMPOTENT_METHODS",
     "ClientBase",
     "LayerHandle",
     "RetryPolicy",
+    "SharedMemoryRegion",
+    "answer_assembly",
     "as_numpy",
     "channel_credentials",
     "forward_request",
@@ -43,8 +47,20 @@ DEFAULT_TARGET = "localhost:50051"
 #: (CreateLayer) are idempotent by design. Train, SetState and DeleteLayer
 #: are not retried: a lost reply may hide an applied update.
 IDEMPOTENT_METHODS = frozenset(
-    {"CreateLayer", "GetLayer", "ListLayers", "Infer", "Gradient", "GetState", "Health/Check"}
+    {
+        "CreateLayer",
+        "GetLayer",
+        "ListLayers",
+        "Infer",
+        "Gradient",
+        "GetState",
+        "Health/Check",
+        "RegisterSharedMemory",
+        "ListSharedMemory",
+    }
 )
+#: Methods with a streaming form (``<name>Stream``) for large tensors.
+STREAMABLE_METHODS = frozenset({"Train", "Infer", "Gradient"})
 
 _STATE_ORDER = ("weight", "bias", "running_mean", "running_var")  # PyTorch's state_dict order
 
@@ -120,11 +136,18 @@ class ClientBase:
         server_name: str | None = None,
         max_message_bytes: int = (1 << 31) - 1,
         channel_options: Sequence[tuple[str, Any]] = (),
+        stream_threshold: int = 4 << 20,
+        chunk_bytes: int = 1 << 20,
     ) -> None:
         self.target = target
         self.timeout = timeout
         self.wire_dtype = wire_dtype
         self.retry = retry or RetryPolicy()
+        #: Train/Infer/Gradient calls whose tensors carry at least this many bytes stream them
+        #: in ``chunk_bytes`` pieces (beyond one message's 2 GB ceiling they must).
+        self.stream_threshold = min(stream_threshold, max_message_bytes // 2)
+        self.chunk_bytes = chunk_bytes
+        self._regions: dict[str, SharedMemoryRegion] = {}
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -140,17 +163,120 @@ class ClientBase:
             self._channel = self._grpc.secure_channel(target, credentials, options=options)
         else:
             self._channel = self._grpc.insecure_channel(target, options=options)
-        self._stub = pb_grpc.NormalizationStub(self._channel)
+        self._calls = {
+            m.name: (self._channel.stream_stream if m.streaming else self._channel.unary_unary)(
+                m.path,
+                request_serializer=wire.serializer(m.request_type),
+                response_deserializer=wire.parser(m.response_type),
+            )
+            for m in wire.methods(pb.DESCRIPTOR.services_by_name["Normalization"])
+        }
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
 
     def _rpc(self, method: str) -> Any:
-        """The stub method for ``method`` (a Normalization method, or ``Health/Check``)."""
+        """The callable for ``method`` (a Normalization method, or ``Health/Check``)."""
         if method.startswith("Health/"):
             return getattr(self._health, method.removeprefix("Health/"))
-        return getattr(self._stub, method)
+        return self._calls[method]
+
+    def _streams(self, method: str, request: Any) -> bool:
+        """Whether ``request`` goes through the method's streaming form (by its tensors' size)."""
+        if method not in STREAMABLE_METHODS or not isinstance(request, wire.Payload):
+            return False
+        return sum(wire.nbytes(data) for data in request.data.values()) >= self.stream_threshold
+
+    def _stream_parts(self, request: wire.Payload) -> Any:
+        return wire.split(request, self.chunk_bytes)
+
+    @property
+    def regions(self) -> list[SharedMemoryRegion]:
+        """The shared-memory regions this client created and registered."""
+        return list(self._regions.values())
+
+    def _new_region(self, name: str, byte_size: int, release: Callable[[], Any]) -> SharedMemoryRegion:
+        if name in self._regions:
+            raise ValueError(f"this client already has a region named {name!r}; unregister it or pick another name")
+        return SharedMemoryRegion(name, byte_size, release)
+
+    def _forget_regions(self, regions: Sequence[pb.SharedMemoryRegion]) -> None:
+        for region in regions:
+            local = self._regions.pop(region.name, None)
+            if local is not None:
+                local.close()
+
+
+def answer_assembly() -> wire.Assembly:
+    """Gathers a streamed answer (the server's head and chunks)."""
+    return wire.Assembly(lambda tensor, name: codec.check(tensor, name)[2])
+
+
+class SharedMemoryRegion:
+    """A POSIX shared-memory object this client created, registered with the server under ``name``.
+
+    Arrays made by :meth:`array` live in it: passed as inputs, or as ``out=``
+    for results, they travel by reference (region, offset, size), not over
+    the socket. Only for a server on the same host started with
+    ``--shared-memory``. Close it through the client
+    (``unregister_shared_memory``), or use it as a context manager.
+    """
+
+    def __init__(self, name: str, byte_size: int, release: Callable[[], Any]) -> None:
+        self.name = name
+        self.byte_size = byte_size
+        self._memory = shared_memory.SharedMemory(create=True, size=byte_size)
+        #: The object's POSIX name (what the server opens).
+        self.key = self._memory.name
+        probe = np.frombuffer(self._memory.buf, np.uint8)
+        self._address = probe.__array_interface__["data"][0]
+        del probe  # a live view would keep the mapping from closing
+        self._next = 0
+        self._release = release
+
+    def __repr__(self) -> str:
+        return f"SharedMemoryRegion({self.name!r}, key={self.key!r}, byte_size={self.byte_size})"
+
+    def array(self, shape: int | Sequence[int], dtype: Any = np.float32, *, offset: int | None = None) -> np.ndarray:
+        """A C-contiguous array in the region, at ``offset`` or after the arrays made so far (64-byte aligned)."""
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset is None:
+            offset = -(-self._next // 64) * 64
+        if offset < 0 or offset + nbytes > self.byte_size:
+            raise ValueError(
+                f"an array of {nbytes} bytes at offset {offset} does not fit region {self.name!r} "
+                f"({self.byte_size} bytes); create a larger region"
+            )
+        self._next = max(self._next, offset + nbytes)
+        return np.ndarray(shape, dtype, buffer=self._memory.buf, offset=offset)
+
+    def reference(self, array: np.ndarray) -> pb.SharedMemoryRef | None:
+        """Where ``array`` lies in this region, or None when it does not (or is not C-contiguous)."""
+        start = array.__array_interface__["data"][0] - self._address
+        if not array.flags.c_contiguous or start < 0 or start + array.nbytes > self.byte_size:
+            return None
+        return pb.SharedMemoryRef(region=self.name, offset=start, byte_size=array.nbytes)
+
+    def close(self) -> None:
+        """Unmap and unlink the object here (the client's unregister calls this)."""
+        with contextlib.suppress(BufferError):  # arrays from array() still alive: unmapped with the last one
+            self._memory.close()
+        self._memory.unlink()
+
+    def __enter__(self) -> SharedMemoryRegion:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._release()
+
+    async def __aenter__(self) -> SharedMemoryRegion:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._release()
 
 
 class LayerHandle:
@@ -160,6 +286,8 @@ class LayerHandle:
         self._client = client
         #: The layer's description from the last call that returned one.
         self.info = info
+        #: The forward_id of the last Train called with ``keep_forward=True`` (None before one).
+        self.forward_id: str | None = None
 
     name = property(lambda self: self.info.name)
     kind = property(lambda self: pb.Kind.Name(self.info.config.kind).lower())
@@ -168,15 +296,31 @@ class LayerHandle:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, version={self.version})"
 
-    def _wire(self, wire_dtype: Any) -> Any:
-        return self._client.wire_dtype if wire_dtype is None else wire_dtype
+    def _forward_request(self, method: str, x: Any, wire_dtype: Any, out: Any, keep_forward: bool) -> Request:
+        wire_dtype = self._client.wire_dtype if wire_dtype is None else wire_dtype
+        return forward_request(method, self.name, x, wire_dtype, self._client.regions, out, keep_forward)
 
-    def _forward_result(self, response: Any, dtype: np.dtype) -> np.ndarray:
+    def _gradient_request(
+        self, x: Any, dy: Any, training: bool, wire_dtype: Any, forward_id: str | None, out: Any
+    ) -> Request:
+        wire_dtype = self._client.wire_dtype if wire_dtype is None else wire_dtype
+        if x is None:
+            forward_id = forward_id or self.forward_id
+            if forward_id is None:
+                raise ValueError(
+                    "gradient(None, dy) needs a kept forward: call train(x, keep_forward=True) first, "
+                    "or pass x or forward_id"
+                )
+        return gradient_request(self.name, x, dy, training, wire_dtype, self._client.regions, forward_id, out)
+
+    def _forward_result(self, response: wire.Payload, request: Request) -> np.ndarray:
         """y from a Train/Infer response; ``info`` learns the version (and batch count) it reports."""
         self.info.version = response.version
-        if isinstance(response, pb.TrainResponse):
+        if isinstance(response.message, pb.TrainResponse):
             self.info.num_batches_tracked = response.num_batches_tracked
-        return output_array(response.y, dtype)
+            if response.forward_id:
+                self.forward_id = response.forward_id
+        return output_array(response, "y", request)
 
 
 # ---------------------------------------------------------------------- arrays
@@ -201,16 +345,78 @@ def _wire_enum(wire_dtype: Any) -> int:
     return pb.DTYPE_UNSPECIFIED if wire_dtype is None else codec.dtype_enum(wire_dtype)
 
 
-def input_tensor(x: Any, wire_dtype: Any) -> tuple[pb.Tensor, np.dtype, int]:
-    """(Tensor to send, dtype to return results in, output dtype to ask for)."""
+def input_tensor(x: Any, wire_dtype: Any, regions: Sequence[SharedMemoryRegion]) -> tuple[pb.Tensor, Any, np.dtype]:
+    """(Tensor header, its elements or None when they are in a shared-memory region, the caller's dtype).
+
+    An array in one of ``regions`` goes by reference when it travels in its
+    own dtype; otherwise its elements (cast to ``wire_dtype``) go in the message.
+    """
     array = as_numpy(x)
     enum = _wire_enum(wire_dtype)
-    return codec.encode(array, enum), array.dtype, enum
+    if enum in (pb.DTYPE_UNSPECIFIED, _own_enum(array)):
+        for region in regions:
+            ref = region.reference(array)
+            if ref is not None:
+                return (
+                    pb.Tensor(dtype=codec.dtype_enum(array.dtype), shape=array.shape, shared_memory=ref),
+                    None,
+                    array.dtype,
+                )
+    header, data = codec.outgoing(array, enum)
+    return header, data, array.dtype
 
 
-def output_array(tensor: pb.Tensor, dtype: np.dtype) -> np.ndarray:
-    """A writable array in the caller's dtype (the wire dtype is a transport detail)."""
-    return codec.decode(tensor).astype(dtype)
+def _own_enum(array: np.ndarray) -> int | None:
+    try:
+        return codec.dtype_enum(array.dtype)
+    except codec.TensorError:
+        return None
+
+
+def _output_place(out: Any, regions: Sequence[SharedMemoryRegion]) -> pb.SharedMemoryRef:
+    for region in regions:
+        ref = region.reference(out) if isinstance(out, np.ndarray) else None
+        if ref is not None:
+            return ref
+    raise ValueError(
+        "out must be an array in a shared-memory region of this client (client.create_shared_memory(...).array(...))"
+    )
+
+
+@dataclass
+class Request:
+    """A request ready to send, and how to read its answer."""
+
+    message: wire.Payload
+    dtype: np.dtype  # results come back in it (the input's dtype)
+    out: np.ndarray | None  # the caller's shared-memory array the server writes the result into
+
+
+def _request(
+    message: Any, tensors: dict[str, tuple[pb.Tensor, Any]], dtype: np.dtype, out: Any, regions: Any
+) -> Request:
+    data = {}
+    for field, (header, elements) in tensors.items():
+        getattr(message, field).CopyFrom(header)
+        if elements is not None:
+            data[field] = elements
+    if out is not None:
+        message.output_shared_memory.CopyFrom(_output_place(out, regions))
+        message.output_dtype = codec.dtype_enum(out.dtype)
+    return Request(wire.Payload(message, data), dtype, out)
+
+
+def output_array(response: wire.Payload, field: str, request: Request) -> np.ndarray:
+    """A result in the caller's dtype (the wire dtype is a transport detail): a writable copy,
+    or the caller's ``out`` array the server wrote it into."""
+    if getattr(response, field).HasField("shared_memory"):
+        return request.out
+    return _received(response, field).astype(request.dtype)
+
+
+def _received(response: wire.Payload, field: str) -> np.ndarray:
+    """A response tensor as a read-only view of the received bytes."""
+    return codec.decode(getattr(response, field), field, data=response.data.get(field))
 
 
 # ---------------------------------------------------------------------- requests and results
@@ -245,28 +451,52 @@ def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
 _FORWARD_REQUESTS = {"Train": pb.TrainRequest, "Infer": pb.InferRequest}
 
 
-def forward_request(method: str, name: str, x: Any, wire_dtype: Any) -> tuple[Any, np.dtype]:
-    """A Train or Infer request, and the dtype to return y in."""
-    tensor, dtype, out = input_tensor(x, wire_dtype)
-    return _FORWARD_REQUESTS[method](layer=name, x=tensor, output_dtype=out), dtype
+def forward_request(
+    method: str,
+    name: str,
+    x: Any,
+    wire_dtype: Any,
+    regions: Sequence[SharedMemoryRegion] = (),
+    out: Any = None,
+    keep_forward: bool = False,
+) -> Request:
+    """A Train or Infer request."""
+    header, data, dtype = input_tensor(x, wire_dtype, regions)
+    message = _FORWARD_REQUESTS[method](layer=name, output_dtype=_wire_enum(wire_dtype))
+    if keep_forward:
+        message.keep_forward = True
+    return _request(message, {"x": (header, data)}, dtype, out, regions)
 
 
 def gradient_request(
-    name: str, x: Any, dy: Any, training: bool, wire_dtype: Any
-) -> tuple[pb.GradientRequest, np.dtype]:
-    x_tensor, dtype, out = input_tensor(x, wire_dtype)
-    dy_tensor, _, _ = input_tensor(dy, wire_dtype)
-    request = pb.GradientRequest(layer=name, x=x_tensor, dy=dy_tensor, training=training, output_dtype=out)
-    return request, dtype
+    name: str,
+    x: Any,
+    dy: Any,
+    training: bool,
+    wire_dtype: Any,
+    regions: Sequence[SharedMemoryRegion] = (),
+    forward_id: str | None = None,
+    out: Any = None,
+) -> Request:
+    """A Gradient request for ``x``, or (``x`` None) for the kept forward ``forward_id``."""
+    dy_header, dy_data, dy_dtype = input_tensor(dy, wire_dtype, regions)
+    message = pb.GradientRequest(layer=name, training=training, output_dtype=_wire_enum(wire_dtype))
+    tensors = {"dy": (dy_header, dy_data)}
+    dtype = dy_dtype
+    if x is None:
+        message.forward_id = forward_id
+    else:
+        x_header, x_data, dtype = input_tensor(x, wire_dtype, regions)
+        tensors = {"x": (x_header, x_data), **tensors}
+    return _request(message, tensors, dtype, out, regions)
 
 
 def gradient_result(
-    response: pb.GradientResponse, dtype: np.dtype
+    response: wire.Payload, request: Request
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(dx in the input's dtype, dweight, dbias in the layer's param dtype or None)."""
-    dx = output_array(response.dx, dtype)
-    dweight = codec.decode(response.dweight).copy() if response.HasField("dweight") else None
-    dbias = codec.decode(response.dbias).copy() if response.HasField("dbias") else None
+    dx = output_array(response, "dx", request)
+    dweight, dbias = (_received(response, f).copy() if response.HasField(f) else None for f in ("dweight", "dbias"))
     return dx, dweight, dbias
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import time
 from collections.abc import Mapping
@@ -12,7 +14,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from normserve.client import protocol
-from normserve.client.errors import error_from_rpc
+from normserve.client.errors import NormServeError, error_from_rpc
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["NormClient", "RemoteLayer"]
@@ -44,20 +46,34 @@ class NormClient(protocol.ClientBase):
         self.close()
 
     def close(self) -> None:
+        """Unregister the shared-memory regions this client created (best effort), and close the channel."""
+        if self._regions:
+            with contextlib.suppress(NormServeError):
+                self.unregister_shared_memory(*self._regions, timeout=2)
         self._channel.close()
 
     def call(self, method: str, request: Any, timeout: float | None = None) -> Any:
-        """Send one RPC by name, retrying UNAVAILABLE where that is safe; raises NormServeError."""
-        rpc = self._rpc(method)
+        """Send one RPC by name (large tensors through its streaming form), retrying UNAVAILABLE where
+        that is safe; raises NormServeError."""
+        if self._streams(method, request):
+            send = functools.partial(self._stream, self._rpc(method + "Stream"), request)
+        else:
+            send = functools.partial(self._rpc(method), request)
         backoffs = self.retry.backoffs(method)
         for attempt in itertools.count():
             try:
-                return rpc(request, timeout=self._timeout(timeout), metadata=self._metadata)
+                return send(timeout=self._timeout(timeout), metadata=self._metadata)
             except grpc.RpcError as error:
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
                     raise error_from_rpc(error, method) from None
             time.sleep(backoffs[attempt])
         raise AssertionError("unreachable")
+
+    def _stream(self, rpc: Any, request: Any, **kwargs: Any) -> Any:
+        assembly = protocol.answer_assembly()
+        for part in rpc(self._stream_parts(request), **kwargs):
+            assembly.take(part)
+        return assembly.result()
 
     def health(self, service: str = "", *, timeout: float | None = None) -> str:
         """The server's health (``"SERVING"``, ``"NOT_SERVING"``, ...); ``service`` "" is the whole server."""
@@ -82,6 +98,44 @@ class NormClient(protocol.ClientBase):
         """Delete a layer and its state; returns its last description."""
         return self.call("DeleteLayer", pb.DeleteLayerRequest(name=name), timeout).layer
 
+    # ------------------------------------------------------------------ shared memory
+    def create_shared_memory(
+        self, name: str, byte_size: int, *, timeout: float | None = None
+    ) -> protocol.SharedMemoryRegion:
+        """Create a POSIX shared-memory object of ``byte_size`` bytes and register it as region ``name``.
+
+        Arrays from its ``array()`` then travel by reference, and may be
+        ``out=`` of train/infer/gradient. Needs a server on this host started
+        with ``--shared-memory``. ``with`` it (or :meth:`unregister_shared_memory`) to free it.
+        """
+        region = self._new_region(name, byte_size, lambda: self.unregister_shared_memory(name))
+        try:
+            self.register_shared_memory(name, region.key, byte_size, timeout=timeout)
+        except BaseException:
+            region.close()
+            raise
+        self._regions[name] = region
+        return region
+
+    def register_shared_memory(
+        self, name: str, key: str, byte_size: int, offset: int = 0, *, timeout: float | None = None
+    ) -> pb.SharedMemoryRegion:
+        """Register a byte range of an existing POSIX shared-memory object ``key`` as region ``name``."""
+        request = pb.RegisterSharedMemoryRequest(name=name, key=key, offset=offset, byte_size=byte_size)
+        return self.call("RegisterSharedMemory", request, timeout)
+
+    def unregister_shared_memory(self, *names: str, timeout: float | None = None) -> list[pb.SharedMemoryRegion]:
+        """Unregister regions (all without names); regions this client created are unlinked too."""
+        regions = []
+        for name in names or ("",):
+            response = self.call("UnregisterSharedMemory", pb.UnregisterSharedMemoryRequest(name=name), timeout)
+            regions += response.regions
+        self._forget_regions(regions)
+        return regions
+
+    def list_shared_memory(self, *, timeout: float | None = None) -> list[pb.SharedMemoryRegion]:
+        return list(self.call("ListSharedMemory", pb.ListSharedMemoryRequest(), timeout).regions)
+
 
 class RemoteLayer(protocol.LayerHandle):
     """A named layer on the server. Arrays go in as NumPy, CuPy or torch; results come back as NumPy.
@@ -95,24 +149,53 @@ class RemoteLayer(protocol.LayerHandle):
         self.info = self._client.call("GetLayer", pb.GetLayerRequest(name=self.name), timeout)
         return self.info
 
-    def _forward(self, method: str, x: Any, wire_dtype: Any, timeout: float | None) -> np.ndarray:
-        request, dtype = protocol.forward_request(method, self.name, x, self._wire(wire_dtype))
-        return self._forward_result(self._client.call(method, request, timeout), dtype)
+    def _forward(self, method: str, request: protocol.Request, timeout: float | None) -> np.ndarray:
+        return self._forward_result(self._client.call(method, request.message, timeout), request)
 
-    def train(self, x: Any, *, wire_dtype: Any = None, timeout: float | None = None) -> np.ndarray:
-        """Training-mode forward: normalize with batch statistics and update the running statistics."""
-        return self._forward("Train", x, wire_dtype, timeout)
+    def train(
+        self,
+        x: Any,
+        *,
+        keep_forward: bool = False,
+        out: np.ndarray | None = None,
+        wire_dtype: Any = None,
+        timeout: float | None = None,
+    ) -> np.ndarray:
+        """Training-mode forward: normalize with batch statistics and update the running statistics.
 
-    def infer(self, x: Any, *, wire_dtype: Any = None, timeout: float | None = None) -> np.ndarray:
+        ``keep_forward=True`` has the server keep x, so ``gradient(None, dy)``
+        need not send it again (see :attr:`forward_id`). ``out``, an array in
+        one of the client's shared-memory regions, receives y (and is returned).
+        """
+        request = self._forward_request("Train", x, wire_dtype, out, keep_forward)
+        return self._forward("Train", request, timeout)
+
+    def infer(
+        self, x: Any, *, out: np.ndarray | None = None, wire_dtype: Any = None, timeout: float | None = None
+    ) -> np.ndarray:
         """Inference-mode forward with the running statistics; changes nothing."""
-        return self._forward("Infer", x, wire_dtype, timeout)
+        return self._forward("Infer", self._forward_request("Infer", x, wire_dtype, out, False), timeout)
 
     def gradient(
-        self, x: Any, dy: Any, training: bool = True, *, wire_dtype: Any = None, timeout: float | None = None
+        self,
+        x: Any,
+        dy: Any,
+        training: bool = True,
+        *,
+        forward_id: str | None = None,
+        out: np.ndarray | None = None,
+        wire_dtype: Any = None,
+        timeout: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """``(dx, dweight, dbias)`` of ``sum(forward(x) * dy)``; None for a missing weight or bias."""
-        request, dtype = protocol.gradient_request(self.name, x, dy, training, self._wire(wire_dtype))
-        return protocol.gradient_result(self._client.call("Gradient", request, timeout), dtype)
+        """``(dx, dweight, dbias)`` of ``sum(forward(x) * dy)``; None for a missing weight or bias.
+
+        ``x=None`` differentiates a kept forward instead: ``forward_id``, or
+        the last ``train(..., keep_forward=True)`` of this handle (its x and
+        the weight and bias it ran with). FailedPrecondition means the server
+        dropped it: call again with x.
+        """
+        request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out)
+        return protocol.gradient_result(self._client.call("Gradient", request.message, timeout), request)
 
     def state_dict(self, *, timeout: float | None = None) -> dict[str, np.ndarray]:
         """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array)."""

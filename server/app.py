@@ -18,15 +18,13 @@ from normserve.server.interceptors import ObserveCalls, RequireToken
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
 from normserve.server.security import TlsFiles, TokenSet
-from normserve.server.servicer import Limits, NormalizationServicer
+from normserve.server.servicer import SERVICE_NAME, Limits, NormalizationServicer
+from normserve.server.shared_memory import SharedMemoryRegions
 from normserve.server.store import StateStore
-from normserve.v1 import normalization_pb2 as pb
-from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 __all__ = ["SERVICE_NAME", "ServerOptions", "run"]
 
 log = logging.getLogger("normserve")
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
 
 
 @dataclass(frozen=True)
@@ -46,6 +44,8 @@ class ServerOptions:
     auth_token_file: Path | None = None
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str | None = None  # None: the same as host
+    shared_memory: bool = False  # serve tensors in clients' POSIX shared memory (same host, trusted clients)
+    forward_cache_bytes: int = 1 << 30  # budget of forwards kept for Gradient by forward_id
 
 
 def _address(host: str, port: int) -> str:
@@ -63,7 +63,13 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store = StateStore(options.state_dir, options.sqlite_synchronous)
-    registry = Registry(store, default_device=device, workers=options.workers, max_layers=options.max_layers)
+    registry = Registry(
+        store,
+        default_device=device,
+        workers=options.workers,
+        max_layers=options.max_layers,
+        forward_cache_bytes=options.forward_cache_bytes,
+    )
     try:
         restored = registry.load()
     except Exception:
@@ -85,7 +91,8 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
         ],
     )
-    pb_grpc.add_NormalizationServicer_to_server(NormalizationServicer(registry, options.limits), server)
+    shared_memory = SharedMemoryRegions(enabled=options.shared_memory)
+    server.add_generic_rpc_handlers([NormalizationServicer(registry, options.limits, shared_memory).generic_handler()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -130,11 +137,17 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         log.warning("token auth without TLS: tokens cross the network in plaintext; use --tls-cert/--tls-key")
     if metrics is not None:
         log.info("metrics on http://%s/metrics", _address(metrics_host, metrics_port))
+    if options.shared_memory:
+        log.warning(
+            "shared memory on: every client that may call this server can read and write the shared-memory "
+            "objects this server's user can open; allow only trusted clients on this host"
+        )
     await stop.wait()
 
     log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", options.grace_period)
     await health_servicer.enter_graceful_shutdown()
     await server.stop(options.grace_period)
+    shared_memory.close()
     await registry.close()
     if metrics is not None:
         metrics.close()

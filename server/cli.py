@@ -123,6 +123,18 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         default=defaults.grace_period,
         help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
     )
+    add(
+        "--forward-cache-bytes",
+        type=_number(int, 0),
+        default=defaults.forward_cache_bytes,
+        help="bytes of Train inputs kept for Gradient by forward_id (least recently used out; 0: none)",
+    )
+    add(
+        "--shared-memory",
+        action="store_true",
+        help="serve tensors in clients' POSIX shared memory (RegisterSharedMemory); any caller can then read "
+        "and write the shared-memory objects this server's user can open: trusted clients on this host only",
+    )
     # Security
     add("--tls-cert", type=Path, help="PEM certificate chain of the server; with --tls-key, serve TLS only")
     add("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -205,6 +217,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         auth_token_file=args.auth_token_file,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        shared_memory=args.shared_memory,
+        forward_cache_bytes=args.forward_cache_bytes,
     )
 
 

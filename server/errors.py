@@ -6,12 +6,18 @@ import grpc
 
 from normkernels import NormError
 from normserve.v1.codec import TensorError, TensorTooLarge
+from normserve.v1.wire import WireError
 
 __all__ = [
+    "ForwardGone",
+    "ForwardTooLarge",
     "InvalidRequest",
     "LayerExists",
     "LayerNotFound",
+    "RegionExists",
+    "RegionNotFound",
     "ServiceError",
+    "SharedMemoryOff",
     "ShuttingDown",
     "StaleVersion",
     "TooManyLayers",
@@ -53,6 +59,31 @@ class TooManyLayers(ServiceError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ForwardGone(ServiceError):
+    """A Gradient names a kept forward the server no longer holds."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ForwardTooLarge(ServiceError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class SharedMemoryOff(ServiceError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class RegionExists(ServiceError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class RegionNotFound(ServiceError):
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no shared-memory region named {name!r} (ListSharedMemory shows what is registered)")
+
+
 class WaitTimeout(ServiceError):
     """A call waited longer than its deadline (or the server's default) before it could start."""
 
@@ -65,6 +96,6 @@ def status_for(exc: BaseException) -> grpc.StatusCode | None:
         return exc.code
     if isinstance(exc, TensorTooLarge):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, (TensorError, NormError)):
+    if isinstance(exc, (TensorError, NormError, WireError)):
         return grpc.StatusCode.INVALID_ARGUMENT
     return None

@@ -31,6 +31,7 @@ from normserve.server.errors import (
     TooManyLayers,
     WaitTimeout,
 )
+from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
 from normserve.v1 import normalization_pb2 as pb
@@ -39,6 +40,9 @@ __all__ = ["Registry", "Snapshot", "TrainingStats"]
 
 T = TypeVar("T")
 _RUNNING_KEYS = ("running_mean", "running_var")
+#: Batches up to this many elements compute on the event loop: their kernels take
+#: tens of microseconds, less than handing them to a kernel thread and back.
+INLINE_ELEMENTS = 1 << 14
 
 
 @dataclass(frozen=True)
@@ -111,10 +115,19 @@ class Registry:
     Once a write holds its locks it runs to the end.
     """
 
-    def __init__(self, store: StateStore, *, default_device: str, workers: int, max_layers: int | None = None) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        default_device: str,
+        workers: int,
+        max_layers: int | None = None,
+        forward_cache_bytes: int = 1 << 30,
+    ) -> None:
         self._store = store
         self.default_device = default_device
         self.max_layers = max_layers
+        self.forwards = ForwardCache(forward_cache_bytes)
         self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="normserve-store")
         self._entries: dict[str, _Entry] = {}
@@ -164,9 +177,16 @@ class Registry:
                 "or start the server with a longer --default-deadline"
             ) from None
 
-    async def _compute(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
-        """Run ``fn`` on a kernel thread. Past ``deadline`` the answer is abandoned (only work that
-        changes nothing takes one: reads, and building a layer before it is published)."""
+    async def _compute(
+        self, fn: Callable[..., T], *args: Any, deadline: float | None = None, elements: int | None = None
+    ) -> T:
+        """Run ``fn`` on a kernel thread (inline when it works on at most INLINE_ELEMENTS ``elements``).
+
+        Past ``deadline`` the answer is abandoned (only work that changes
+        nothing takes one: reads, and building a layer before it is published).
+        """
+        if elements is not None and elements <= INLINE_ELEMENTS:
+            return fn(*args)
         future = asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
         return await self._within(future, deadline, "the kernel threads (the server is busy or the work large)")
 
@@ -273,46 +293,72 @@ class Registry:
             await self._write(self._store.delete_layer, name)
             entry.deleted = True
             del self._entries[name]
+            self.forwards.drop_layer(name)
             return entry.snapshot
 
         return await self._commit([self._names, entry.lock], delete_locked)
 
     # ------------------------------------------------------------------ compute
-    async def train(self, name: str, x: np.ndarray, *, wait: float | None = None) -> tuple[np.ndarray, Snapshot]:
-        """Training forward; updates and stores the running statistics atomically."""
+    async def train(
+        self, name: str, x: np.ndarray, *, wait: float | None = None, keep_dtype: int | None = None
+    ) -> tuple[np.ndarray, Snapshot, str]:
+        """Training forward; updates and stores the running statistics atomically.
 
-        async def work(entry: _Entry) -> tuple[np.ndarray, Snapshot]:
+        With ``keep_dtype`` (x's wire dtype) the forward is kept for a later
+        Gradient; the third result is its id ("" when not kept). ``x`` must
+        then stay unchanged: the server holds it, not a copy.
+        """
+        if keep_dtype is not None:
+            self.forwards.check_fits(x.nbytes)
+
+        async def work(entry: _Entry) -> tuple[np.ndarray, Snapshot, str]:
             current = entry.snapshot
             layer = current.layer.copy()
-            y, report = await self._compute(_train, layer, x)
+            y, report = await self._compute(_train, layer, x, elements=x.size)
             stats = current.stats.after(report)
             if not layer.track_running_stats:  # no state changed: same version, nothing to store
                 entry.snapshot = replace(current, stats=stats)
-                return y, entry.snapshot
-            snapshot = Snapshot(name, layer, current.version + 1, stats)
-            await self._write(
-                self._store.update_state,
-                name,
-                snapshot.version,
-                layer.num_batches_tracked,
-                host_state(layer, _RUNNING_KEYS),
-            )
-            entry.snapshot = snapshot
-            return y, snapshot
+            else:
+                snapshot = Snapshot(name, layer, current.version + 1, stats)
+                await self._write(
+                    self._store.update_state,
+                    name,
+                    snapshot.version,
+                    layer.num_batches_tracked,
+                    host_state(layer, _RUNNING_KEYS),
+                )
+                entry.snapshot = snapshot
+            kept = "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, current))
+            return y, entry.snapshot, kept
 
         return await self._with_lock(name, work, wait)
+
+    def kept_forward(self, name: str, forward_id: str) -> Forward:
+        """The forward a Train of ``name`` kept under ``forward_id`` (FAILED_PRECONDITION when gone)."""
+        self._entry(name)
+        return self.forwards.get(forward_id, name)
 
     async def infer(self, name: str, x: np.ndarray, *, wait: float | None = None) -> tuple[np.ndarray, Snapshot]:
         """Inference forward on the current snapshot; never waits for writers."""
         snapshot = self.get(name)
-        return await self._compute(_forward, snapshot.layer, x, False, deadline=self._deadline(wait)), snapshot
+        y = await self._compute(_forward, snapshot.layer, x, False, deadline=self._deadline(wait), elements=x.size)
+        return y, snapshot
 
     async def gradient(
-        self, name: str, x: np.ndarray, dy: np.ndarray, training: bool, *, wait: float | None = None
+        self,
+        name: str,
+        x: np.ndarray,
+        dy: np.ndarray,
+        training: bool,
+        *,
+        wait: float | None = None,
+        snapshot: Snapshot | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray | None], Snapshot]:
-        """Backward pass on the current snapshot; never changes state."""
-        snapshot = self.get(name)
-        dx, grads = await self._compute(_backward, snapshot.layer, x, dy, training, deadline=self._deadline(wait))
+        """Backward pass on ``snapshot`` (default: the current one); never changes state."""
+        snapshot = snapshot or self.get(name)
+        dx, grads = await self._compute(
+            _backward, snapshot.layer, x, dy, training, deadline=self._deadline(wait), elements=x.size
+        )
         return dx, grads, snapshot
 
     async def set_state(

@@ -1,14 +1,19 @@
 """The Normalization servicer: wire messages in, registry calls, wire messages out.
 
 Each method validates and decodes its request, calls the registry, and
-encodes the answer. Errors become status codes in one place (:func:`_rpc`).
+encodes the answer. Errors become status codes in one place
+(:func:`_translate_errors`). Tensors arrive and leave through
+:mod:`normserve.v1.wire` (views, not copies), whole in one message, in a
+stream's chunks (the ``*Stream`` methods share the unary implementations),
+or in shared memory.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,15 +23,21 @@ import numpy as np
 from normserve.server.errors import InvalidRequest, status_for
 from normserve.server.layer_config import check_name, describe_config
 from normserve.server.registry import Registry, Snapshot, TrainingStats, host_state
-from normserve.v1 import codec
+from normserve.server.shared_memory import SharedMemoryRegions
+from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
-__all__ = ["Limits", "NormalizationServicer", "describe_layer"]
+__all__ = ["SERVICE_NAME", "STREAM_CHUNK_BYTES", "Limits", "NormalizationServicer", "describe_layer"]
 
 log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
+#: Size of the TensorChunks of streamed answers.
+STREAM_CHUNK_BYTES = 1 << 20
+_HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
+_Place = tuple[pb.SharedMemoryRef, memoryview]  # where an output goes in shared memory, and its bytes
 
 
 @dataclass(frozen=True)
@@ -39,25 +50,51 @@ class Limits:
     default_deadline: float = 60.0
 
 
+def _translate_errors(name: str) -> Callable[[grpc.aio.ServicerContext, BaseException], Awaitable[None]]:
+    async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        code = status_for(exc)
+        if code is None:
+            log.error("%s failed", name, exc_info=exc)
+            await context.abort(
+                grpc.StatusCode.INTERNAL,
+                f"{name} failed inside the server ({type(exc).__name__}); the server log has the details",
+            )
+        await context.abort(code, str(exc))
+
+    return abort
+
+
 def _rpc(
-    method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
-) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
-    """Turn domain errors into status codes with their messages; anything else is INTERNAL."""
+    method: Callable[[Any, Request, Any], Awaitable[Response]],
+) -> Callable[[Any, Request, Any], Awaitable[Response]]:
+    """A unary method whose domain errors become status codes with their messages (anything else: INTERNAL)."""
+    abort = _translate_errors(method.__name__.strip("_"))
 
     @functools.wraps(method)
     async def handler(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
         try:
             return await method(self, request, context)
         except Exception as exc:
-            code = status_for(exc)
-            if code is None:
-                log.exception("%s failed", method.__name__)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"{method.__name__} failed inside the server ({type(exc).__name__}); "
-                    "the server log has the details",
-                )
-            await context.abort(code, str(exc))
+            await abort(context, exc)
+            raise
+
+    return handler
+
+
+def _streaming(
+    method: Callable[[Any, wire.Payload, Any], Awaitable[wire.Payload]],
+) -> Callable[..., AsyncIterator[Any]]:
+    """The streaming form of a unary method: gather the request's parts, run it, send the answer in parts."""
+    abort = _translate_errors(method.__name__.strip("_") + "Stream")
+
+    async def handler(self: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            response = await method(self, await self._gather(requests), context)
+        except Exception as exc:
+            await abort(context, exc)
+            raise
+        for part in wire.split(response, STREAM_CHUNK_BYTES):
+            yield part
 
     return handler
 
@@ -85,9 +122,22 @@ def describe_layer(snapshot: Snapshot) -> pb.Layer:
 
 
 class NormalizationServicer(pb_grpc.NormalizationServicer):
-    def __init__(self, registry: Registry, limits: Limits) -> None:
+    def __init__(self, registry: Registry, limits: Limits, shared_memory: SharedMemoryRegions | None = None) -> None:
         self._registry = registry
         self._limits = limits
+        self._shared_memory = shared_memory or SharedMemoryRegions(enabled=False)
+
+    def generic_handler(self) -> grpc.GenericRpcHandler:
+        """This servicer's methods with the zero-copy codecs of :mod:`normserve.v1.wire`."""
+        handlers = {}
+        for method in wire.methods(pb.DESCRIPTOR.services_by_name["Normalization"]):
+            make = grpc.stream_stream_rpc_method_handler if method.streaming else grpc.unary_unary_rpc_method_handler
+            handlers[method.name] = make(
+                getattr(self, method.name),
+                request_deserializer=wire.parser(method.request_type),
+                response_serializer=wire.serializer(method.response_type),
+            )
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)
 
     # ------------------------------------------------------------------ decoding helpers
     def _wait(self, context: grpc.aio.ServicerContext) -> float:
@@ -95,28 +145,82 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         remaining = context.time_remaining()
         return self._limits.default_deadline if remaining is None else remaining
 
-    def _tensor(self, tensor: pb.Tensor, what: str) -> np.ndarray:
-        array = codec.decode(
+    def _check(self, tensor: pb.Tensor, what: str) -> int:
+        """The byte length ``tensor`` describes, within the limits."""
+        return codec.check(
             tensor, what, max_elements=self._limits.max_tensor_elements, max_bytes=self._limits.max_tensor_bytes
-        )
-        # bfloat16 is a wire format only: the kernels compute it in float32.
-        return array.astype(np.float32) if tensor.dtype == pb.BFLOAT16 else array
+        )[2]
 
-    def _input(self, request: Any, field: str, meaning: str) -> np.ndarray:
+    def _tensor(self, tensor: pb.Tensor, what: str, data: Any = None) -> np.ndarray:
+        """A request tensor as an array to compute on: a view of the request or of shared memory.
+
+        float16 and bfloat16 are wire formats only: the kernels compute them in float32.
+        """
+        where = "data"
+        if tensor.WhichOneof("contents") == "shared_memory":
+            self._check(tensor, what)  # limits first: a reference may name any size
+            data, where = self._shared_memory.view(tensor.shared_memory, f"{what}.shared_memory"), "shared_memory"
+        array = codec.decode(
+            tensor,
+            what,
+            data=data,
+            where=where,
+            max_elements=self._limits.max_tensor_elements,
+            max_bytes=self._limits.max_tensor_bytes,
+        )
+        return array.astype(np.float32) if tensor.dtype in _HALF_DTYPES else array
+
+    def _input(self, request: wire.Payload, field: str, meaning: str) -> np.ndarray:
         if not request.HasField(field):
             raise InvalidRequest(f"{field} is required: {meaning}")
-        return self._tensor(getattr(request, field), field)
+        return self._tensor(getattr(request, field), field, request.data.get(field))
 
-    def _batch(self, request: Any) -> tuple[np.ndarray, int]:
+    def _output_dtype(self, request: wire.Payload, default: int) -> int:
+        requested = request.output_dtype
+        if requested == pb.DTYPE_UNSPECIFIED:
+            return default
+        if requested not in codec.WIRE_DTYPES:
+            raise InvalidRequest(f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype")
+        return requested
+
+    def _batch(self, request: wire.Payload) -> tuple[np.ndarray, int]:
         """The layer name checked, x decoded, and the wire dtype of the answer (x's unless asked otherwise)."""
         check_name(request.layer, "layer")
         x = self._input(request, "x", "the input batch")
-        requested = request.output_dtype
-        if requested == pb.DTYPE_UNSPECIFIED:
-            return x, request.x.dtype
-        if requested not in codec.WIRE_DTYPES:
-            raise InvalidRequest(f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype")
-        return x, requested
+        return x, self._output_dtype(request, request.x.dtype)
+
+    def _output_place(self, request: wire.Payload, shape: tuple[int, ...], dtype: int) -> _Place | None:
+        """Where the request wants its output written (a shared-memory range), checked before any work."""
+        if not request.HasField("output_shared_memory"):
+            return None
+        ref = request.output_shared_memory
+        view = self._shared_memory.view(ref, "output_shared_memory", writable=True)
+        needed = math.prod(shape) * codec.WIRE_DTYPES[dtype].itemsize
+        if ref.byte_size < needed:
+            raise InvalidRequest(
+                f"output_shared_memory.byte_size {ref.byte_size} cannot hold the output: "
+                f"{list(shape)} {pb.DType.Name(dtype)} needs {needed} bytes"
+            )
+        return pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=needed), view[:needed]
+
+    @staticmethod
+    def _respond(message: Any, field: str, array: np.ndarray, dtype: int, place: _Place | None) -> wire.Payload:
+        """``message`` with ``array`` as its tensor ``field``: in the response, or written to ``place``."""
+        header, data = codec.outgoing(array, dtype)
+        getattr(message, field).CopyFrom(header)
+        if place is None:
+            return wire.Payload(message, {field: data})
+        ref, view = place
+        np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
+        getattr(message, field).shared_memory.CopyFrom(ref)
+        return wire.Payload(message)
+
+    async def _gather(self, requests: AsyncIterator[Any]) -> wire.Payload:
+        """A streamed request as one Payload; its head is checked before any chunk is taken."""
+        assembly = wire.Assembly(self._check)
+        async for part in requests:
+            assembly.take(part)
+        return assembly.result()
 
     # ------------------------------------------------------------------ layers
     @_rpc
@@ -141,31 +245,54 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         )
 
     # ------------------------------------------------------------------ compute
-    @_rpc
-    async def Train(self, request: pb.TrainRequest, context: Any) -> pb.TrainResponse:
+    async def _train(self, request: wire.Payload, context: Any) -> wire.Payload:
         x, out = self._batch(request)
-        y, snapshot = await self._registry.train(request.layer, x, wait=self._wait(context))
-        return pb.TrainResponse(
-            y=codec.encode(y, out), version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked
+        place = self._output_place(request, x.shape, out)
+        keep = None
+        if request.keep_forward:
+            keep = request.x.dtype
+            if request.x.HasField("shared_memory"):
+                x = x.copy()  # the client may overwrite its region before the Gradient
+        y, snapshot, forward_id = await self._registry.train(
+            request.layer, x, wait=self._wait(context), keep_dtype=keep
         )
+        response = pb.TrainResponse(
+            version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked, forward_id=forward_id
+        )
+        return self._respond(response, "y", y, out, place)
 
-    @_rpc
-    async def Infer(self, request: pb.InferRequest, context: Any) -> pb.InferResponse:
+    async def _infer(self, request: wire.Payload, context: Any) -> wire.Payload:
         x, out = self._batch(request)
+        place = self._output_place(request, x.shape, out)
         y, snapshot = await self._registry.infer(request.layer, x, wait=self._wait(context))
-        return pb.InferResponse(y=codec.encode(y, out), version=snapshot.version)
+        return self._respond(pb.InferResponse(version=snapshot.version), "y", y, out, place)
 
-    @_rpc
-    async def Gradient(self, request: pb.GradientRequest, context: Any) -> pb.GradientResponse:
-        x, out = self._batch(request)
+    async def _gradient(self, request: wire.Payload, context: Any) -> wire.Payload:
+        check_name(request.layer, "layer")
+        kept = None
+        if request.WhichOneof("forward") == "forward_id":
+            kept = self._registry.kept_forward(request.layer, request.forward_id)
+            x, out = kept.x, self._output_dtype(request, kept.wire_dtype)
+        else:
+            x, out = self._batch(request)
         dy = self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
+        place = self._output_place(request, x.shape, out)
         training = request.training if request.HasField("training") else True
-        dx, grads, snapshot = await self._registry.gradient(request.layer, x, dy, training, wait=self._wait(context))
-        response = pb.GradientResponse(dx=codec.encode(dx, out), version=snapshot.version)
+        dx, grads, snapshot = await self._registry.gradient(
+            request.layer, x, dy, training, wait=self._wait(context), snapshot=kept and kept.snapshot
+        )
+        response = pb.GradientResponse(version=snapshot.version)
         for key, field in (("weight", response.dweight), ("bias", response.dbias)):
             if grads[key] is not None:
                 field.CopyFrom(codec.encode(grads[key]))
-        return response
+        return self._respond(response, "dx", dx, out, place)
+
+    Train = _rpc(_train)
+    Infer = _rpc(_infer)
+    Gradient = _rpc(_gradient)
+    TrainStream = _streaming(_train)
+    InferStream = _streaming(_infer)
+    GradientStream = _streaming(_gradient)
 
     # ------------------------------------------------------------------ state
     @_rpc
@@ -196,3 +323,22 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             wait=self._wait(context),
         )
         return describe_layer(snapshot)
+
+    # ------------------------------------------------------------------ shared memory
+    @_rpc
+    async def RegisterSharedMemory(
+        self, request: pb.RegisterSharedMemoryRequest, context: Any
+    ) -> pb.SharedMemoryRegion:
+        region = self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        return region.describe()
+
+    @_rpc
+    async def UnregisterSharedMemory(
+        self, request: pb.UnregisterSharedMemoryRequest, context: Any
+    ) -> pb.UnregisterSharedMemoryResponse:
+        regions = self._shared_memory.unregister(request.name)
+        return pb.UnregisterSharedMemoryResponse(regions=[r.describe() for r in regions])
+
+    @_rpc
+    async def ListSharedMemory(self, request: pb.ListSharedMemoryRequest, context: Any) -> pb.ListSharedMemoryResponse:
+        return pb.ListSharedMemoryResponse(regions=[r.describe() for r in self._shared_memory.list()])

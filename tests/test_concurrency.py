@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from normserve.client import NormClient
-from normserve.server.registry import Registry
+from normserve.server.registry import INLINE_ELEMENTS, Registry
 from normserve.server.store import StateStore
 from normserve.v1 import normalization_pb2 as pb
 
@@ -82,9 +82,9 @@ def test_readers_never_wait_for_a_writer_and_layers_are_independent(registry) ->
             _, snapshot = await asyncio.wait_for(registry.infer("a", x), 10)  # readers do not wait
             assert snapshot.version == 1
             await asyncio.wait_for(registry.gradient("a", x, x, True), 10)
-            _, trained_b = await asyncio.wait_for(registry.train("b", x), 10)  # other layers do not wait
+            _, trained_b, _ = await asyncio.wait_for(registry.train("b", x), 10)  # other layers do not wait
             assert trained_b.version == 2
-        _, trained_a = await asyncio.wait_for(train_a, 10)
+        _, trained_a, _ = await asyncio.wait_for(train_a, 10)
         assert trained_a.version == 2
         await registry.close()
 
@@ -157,7 +157,7 @@ def test_a_queued_write_gives_up_at_its_deadline_and_changes_nothing(registry) -
             await asyncio.sleep(0.01)
             abandoned.cancel()  # the client went away before the write started: it never happens
         assert registry.get("a").version == 1
-        _, snapshot = await registry.train("a", x, wait=1)  # the lock is free again
+        _, snapshot, _ = await registry.train("a", x, wait=1)  # the lock is free again
         assert snapshot.version == 2
         assert snapshot.layer.num_batches_tracked == 1
         await registry.close()
@@ -190,7 +190,8 @@ def test_a_read_gives_up_when_no_kernel_thread_frees_in_time(tmp_path) -> None:
     async def scenario() -> None:
         registry = Registry(StateStore(tmp_path / "state"), default_device="cpu", workers=1)
         await registry.create("a", pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
-        x = np.random.default_rng(4).normal(size=(5, 3)).astype(np.float32)
+        # Larger than INLINE_ELEMENTS: small batches compute on the event loop and never wait.
+        x = np.random.default_rng(4).normal(size=(INLINE_ELEMENTS, 3)).astype(np.float32)
         release = threading.Event()
         busy = asyncio.get_running_loop().run_in_executor(registry._kernels, release.wait, 10)  # the only thread
         with pytest.raises(WaitTimeout, match="kernel threads"):
@@ -202,6 +203,22 @@ def test_a_read_gives_up_when_no_kernel_thread_frees_in_time(tmp_path) -> None:
         y, snapshot = await registry.infer("a", x, wait=5)
         assert y.shape == x.shape
         assert snapshot.version == 1
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_small_batches_compute_inline_while_the_kernel_threads_are_busy(tmp_path) -> None:
+    async def scenario() -> None:
+        registry = Registry(StateStore(tmp_path / "state"), default_device="cpu", workers=1)
+        await registry.create("a", pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3))
+        x = np.random.default_rng(5).normal(size=(INLINE_ELEMENTS // 3, 3)).astype(np.float32)
+        release = threading.Event()
+        busy = asyncio.get_running_loop().run_in_executor(registry._kernels, release.wait, 10)
+        y, _ = await registry.infer("a", x, wait=0.05)  # no kernel thread needed
+        np.testing.assert_allclose(y, (x - 0) / np.sqrt(1 + 1e-5), rtol=1e-6)
+        release.set()
+        await busy
         await registry.close()
 
     asyncio.run(scenario())

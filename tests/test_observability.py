@@ -16,6 +16,7 @@ import normkernels as nk
 from normserve.client import NormClient, NotFound
 from normserve.client.protocol import forward_request
 from normserve.v1 import normalization_pb2 as pb
+from normserve.v1 import wire
 
 SERVICE = "normserve.v1.Normalization"
 
@@ -74,7 +75,7 @@ def test_requests_latency_and_bytes_by_method_and_code(observed) -> None:
     assert 0 < delta("normserve_request_duration_seconds_sum", **train) < 60
     assert delta("normserve_request_duration_seconds_bucket", **train, le="+Inf") == 4
     # Bytes are the serialized messages: exactly what the client sent and got.
-    sent = sum(forward_request("Train", "requests", x, None)[0].ByteSize() for x in batches)
+    sent = sum(len(wire.serialize(forward_request("Train", "requests", x, None).message)) for x in batches)
     assert delta("normserve_received_bytes_total", **train) == sent
     y_bytes = 32 * 16 * 4
     assert delta("normserve_sent_bytes_total", **train) >= 4 * y_bytes

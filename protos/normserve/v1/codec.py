@@ -2,7 +2,9 @@
 
 Decoding checks everything a peer could get wrong (dtype, shape, byte length,
 size limits) before touching the bytes, and returns a read-only view of the
-message's buffer: no copy.
+buffer the elements arrived in: no copy. Tensors whose elements travel
+outside the message (see :mod:`normserve.v1.wire`) are decoded from that
+buffer, and sent as a header plus an array.
 """
 
 from __future__ import annotations
@@ -15,7 +17,17 @@ import numpy as np
 
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["MAX_RANK", "WIRE_DTYPES", "TensorError", "TensorTooLarge", "decode", "dtype_enum", "encode"]
+__all__ = [
+    "MAX_RANK",
+    "WIRE_DTYPES",
+    "TensorError",
+    "TensorTooLarge",
+    "check",
+    "decode",
+    "dtype_enum",
+    "encode",
+    "outgoing",
+]
 
 #: Element types of the wire, as little-endian NumPy dtypes.
 WIRE_DTYPES: dict[int, np.dtype] = {
@@ -50,28 +62,35 @@ def dtype_enum(dtype: Any) -> int:
     return _ENUM_BY_DTYPE[key]
 
 
-def encode(array: Any, dtype: int | None = None) -> pb.Tensor:
-    """A Tensor holding ``array`` (cast to the wire ``dtype`` enum when given)."""
+def outgoing(array: Any, dtype: int | None = None) -> tuple[pb.Tensor, np.ndarray]:
+    """(A Tensor header with dtype and shape, the elements as a C-contiguous array in that dtype).
+
+    ``dtype`` is the wire enum to cast to (None or DTYPE_UNSPECIFIED: the
+    array's own); no copy when the array already is contiguous in it.
+    """
     array = np.asarray(array)
     enum = dtype_enum(array.dtype) if dtype is None or dtype == pb.DTYPE_UNSPECIFIED else dtype
     if enum not in WIRE_DTYPES:
         raise TensorError(f"unknown wire dtype {enum}; use one of {_NAMES}")
     data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[enum])
-    return pb.Tensor(dtype=enum, shape=data.shape, data=data.tobytes())
+    return pb.Tensor(dtype=enum, shape=data.shape), data
 
 
-def decode(
+def encode(array: Any, dtype: int | None = None) -> pb.Tensor:
+    """A Tensor holding ``array`` in its message (for small tensors; large ones go through ``outgoing``)."""
+    tensor, data = outgoing(array, dtype)
+    tensor.data = data.tobytes()
+    return tensor
+
+
+def check(
     tensor: pb.Tensor,
     what: str = "tensor",
     *,
     max_elements: int | None = None,
     max_bytes: int | None = None,
-) -> np.ndarray:
-    """The array a Tensor describes, as a read-only view of its bytes.
-
-    Raises :class:`TensorError` for a malformed tensor and
-    :class:`TensorTooLarge` when it exceeds ``max_elements`` or ``max_bytes``.
-    """
+) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, byte length) a Tensor header describes, checked against the limits."""
     dtype = WIRE_DTYPES.get(tensor.dtype)
     if dtype is None:
         if tensor.dtype == pb.DTYPE_UNSPECIFIED:
@@ -90,12 +109,37 @@ def decode(
             f"{what} has {elements} elements, over the server's limit of {max_elements}; send smaller batches"
         )
     expected = elements * dtype.itemsize
-    data = tensor.data  # read the field once: each read of a bytes field may copy it
     if max_bytes is not None and expected > max_bytes:
         raise TensorTooLarge(f"{what} has {expected} bytes, over the server's limit of {max_bytes}; send smaller ones")
-    if len(data) != expected:
+    return dtype, shape, expected
+
+
+def decode(
+    tensor: pb.Tensor,
+    what: str = "tensor",
+    *,
+    data: Any = None,
+    where: str = "data",
+    max_elements: int | None = None,
+    max_bytes: int | None = None,
+) -> np.ndarray:
+    """The array a Tensor describes, as a read-only view of its elements.
+
+    The elements are ``data`` (any buffer, e.g. a memoryview of the received
+    bytes or of shared memory, named ``where`` in errors) or else the
+    message's own ``data`` field. Raises :class:`TensorError` for a malformed
+    tensor and :class:`TensorTooLarge` when it exceeds ``max_elements`` or
+    ``max_bytes``.
+    """
+    dtype, shape, expected = check(tensor, what, max_elements=max_elements, max_bytes=max_bytes)
+    if data is None:
+        data = tensor.data  # read the field once: each read of a bytes field copies it
+    nbytes = memoryview(data).nbytes
+    if nbytes != expected:
         raise TensorError(
-            f"{what}.data has {len(data)} bytes but shape {list(shape)} of {pb.DType.Name(tensor.dtype)} "
-            f"needs {expected} ({elements} elements x {dtype.itemsize} bytes, C order, little-endian)"
+            f"{what}.{where} has {nbytes} bytes but shape {list(shape)} of {pb.DType.Name(tensor.dtype)} "
+            f"needs {expected} ({math.prod(shape)} elements x {dtype.itemsize} bytes, C order, little-endian)"
         )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
+    array = np.frombuffer(data, dtype=dtype).reshape(shape)
+    array.flags.writeable = False  # a view of a request, or of memory a client shares: never written
+    return array

@@ -80,6 +80,36 @@ class NormalizationStub:
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.SetStateRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
                 _registered_method=True)
+        self.TrainStream = channel.stream_stream(
+                '/normserve.v1.Normalization/TrainStream',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.TrainStreamRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.TrainStreamResponse.FromString,
+                _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/normserve.v1.Normalization/InferStream',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.InferStreamRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.InferStreamResponse.FromString,
+                _registered_method=True)
+        self.GradientStream = channel.stream_stream(
+                '/normserve.v1.Normalization/GradientStream',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.FromString,
+                _registered_method=True)
+        self.RegisterSharedMemory = channel.unary_unary(
+                '/normserve.v1.Normalization/RegisterSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.RegisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.SharedMemoryRegion.FromString,
+                _registered_method=True)
+        self.UnregisterSharedMemory = channel.unary_unary(
+                '/normserve.v1.Normalization/UnregisterSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryResponse.FromString,
+                _registered_method=True)
+        self.ListSharedMemory = channel.unary_unary(
+                '/normserve.v1.Normalization/ListSharedMemory',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class NormalizationServicer:
@@ -151,6 +181,46 @@ class NormalizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainStream(self, request_iterator, context):
+        """Train, Infer and Gradient with their tensors in chunks (see TensorChunk).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def InferStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GradientStream(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterSharedMemory(self, request, context):
+        """Map a POSIX shared-memory object; registering a name again with the same
+        key, offset and size is a no-op, with different ones ALREADY_EXISTS.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterSharedMemory(self, request, context):
+        """Unmap a region (or all); calls already using it finish first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NormalizationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +268,36 @@ def add_NormalizationServicer_to_server(servicer, server):
                     servicer.SetState,
                     request_deserializer=normserve_dot_v1_dot_normalization__pb2.SetStateRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normalization__pb2.Layer.SerializeToString,
+            ),
+            'TrainStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.TrainStream,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.TrainStreamRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.TrainStreamResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.InferStreamRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.InferStreamResponse.SerializeToString,
+            ),
+            'GradientStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GradientStream,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.SerializeToString,
+            ),
+            'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.RegisterSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.SharedMemoryRegion.SerializeToString,
+            ),
+            'UnregisterSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryResponse.SerializeToString,
+            ),
+            'ListSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSharedMemory,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +544,168 @@ class Normalization:
             '/normserve.v1.Normalization/SetState',
             normserve_dot_v1_dot_normalization__pb2.SetStateRequest.SerializeToString,
             normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normserve.v1.Normalization/TrainStream',
+            normserve_dot_v1_dot_normalization__pb2.TrainStreamRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.TrainStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normserve.v1.Normalization/InferStream',
+            normserve_dot_v1_dot_normalization__pb2.InferStreamRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.InferStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradientStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normserve.v1.Normalization/GradientStream',
+            normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/RegisterSharedMemory',
+            normserve_dot_v1_dot_normalization__pb2.RegisterSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.SharedMemoryRegion.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/UnregisterSharedMemory',
+            normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.UnregisterSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/ListSharedMemory',
+            normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.ListSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

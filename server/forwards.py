@@ -1,0 +1,77 @@
+"""Kept forwards: a Train's input, held so a later Gradient can name it instead of resending x.
+
+Bounded by a byte budget; the least recently used forward goes first. A
+Gradient naming one that is gone gets FAILED_PRECONDITION and resends x.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from normserve.server.errors import ForwardGone, ForwardTooLarge, InvalidRequest
+
+__all__ = ["Forward", "ForwardCache"]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """What a Gradient needs of a Train: its layer, input, wire dtype and the state it ran on."""
+
+    layer: str
+    x: np.ndarray
+    wire_dtype: int
+    snapshot: Any  # the registry's Snapshot from before the Train's update
+
+    @property
+    def nbytes(self) -> int:
+        return self.x.nbytes
+
+
+class ForwardCache:
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget_bytes = budget_bytes
+        self.held_bytes = 0
+        self._forwards: OrderedDict[str, Forward] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._forwards)
+
+    def check_fits(self, nbytes: int) -> None:
+        """Refuse, before any work, a forward the whole budget cannot hold."""
+        if nbytes > self.budget_bytes:
+            raise ForwardTooLarge(
+                f"keep_forward: x has {nbytes} bytes but the server keeps at most {self.budget_bytes} bytes of "
+                "forwards (--forward-cache-bytes); send x with the Gradient instead"
+            )
+
+    def keep(self, forward: Forward) -> str:
+        """Hold ``forward`` (evicting the least recently used beyond the budget); its id."""
+        self.check_fits(forward.nbytes)
+        while self._forwards and self.held_bytes + forward.nbytes > self.budget_bytes:
+            _, evicted = self._forwards.popitem(last=False)
+            self.held_bytes -= evicted.nbytes
+        forward_id = secrets.token_hex(16)  # random: ids from before a restart never name a new forward
+        self._forwards[forward_id] = forward
+        self.held_bytes += forward.nbytes
+        return forward_id
+
+    def get(self, forward_id: str, layer: str) -> Forward:
+        forward = self._forwards.get(forward_id)
+        if forward is None:
+            raise ForwardGone(
+                f"forward_id {forward_id[:64]!r} is not held by the server (evicted to stay within "
+                "--forward-cache-bytes, its layer deleted, or the server restarted); send x instead"
+            )
+        if forward.layer != layer:
+            raise InvalidRequest(f"forward_id {forward_id!r} is a forward of layer {forward.layer!r}, not {layer!r}")
+        self._forwards.move_to_end(forward_id)
+        return forward
+
+    def drop_layer(self, layer: str) -> None:
+        for forward_id in [i for i, f in self._forwards.items() if f.layer == layer]:
+            self.held_bytes -= self._forwards.pop(forward_id).nbytes
