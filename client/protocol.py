@@ -42,6 +42,9 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "localhost:50051"
+#: Train/Infer/Gradient requests with at least this many tensor bytes use the streaming RPCs:
+#: on loopback they beat one large message from about 4 MB up (benchmarks/RESULTS.md).
+DEFAULT_STREAM_THRESHOLD = 4 << 20
 
 #: Methods that are safe to resend after UNAVAILABLE: they change nothing, or
 #: (CreateLayer) are idempotent by design. Train, SetState and DeleteLayer
@@ -136,7 +139,7 @@ class ClientBase:
         server_name: str | None = None,
         max_message_bytes: int = (1 << 31) - 1,
         channel_options: Sequence[tuple[str, Any]] = (),
-        stream_threshold: int = 4 << 20,
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
         chunk_bytes: int = 1 << 20,
     ) -> None:
         self.target = target

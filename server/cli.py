@@ -180,6 +180,15 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     )
     _serve_options(_Options(serve, environ).add, ServerOptions())
 
+    bench = commands.add_parser(
+        "bench",
+        help="time the service against a bare gRPC echo (needs normserve[bench])",
+        description="Time Train/Infer/Gradient over bytes, streams and shared memory against a bare gRPC "
+        "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table, "
+        "write JSON and a PNG plot. Without --target it starts a server of its own.",
+    )
+    _bench_options(_Options(bench, environ).add)
+
     for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         options = _Options(command, environ)
@@ -190,6 +199,25 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             options.add("--prefix", default="", help="only names starting with this")
             options.add("--json", action="store_true", help="one JSON object per layer")
     return parser
+
+
+def _bench_options(add: Callable[..., None]) -> None:
+    add("--target", help="a running server HOST:PORT on this host (default: start one)")
+    add("--quick", action="store_true", help="4 KB and 64 KB only, few repeats (a smoke test)")
+    add("--json", type=Path, default=Path("normserve-bench.json"), help="where to write the JSON")
+    add("--plot", type=Path, default=Path("normserve-bench.png"), help="where to write the PNG")
+    add("--concurrency-seconds", type=_seconds, default=3.0, help="length of each throughput run")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from normserve.client import bench
+
+        bench.run(args)
+    except ImportError as exc:
+        print(f"normserve bench needs {exc.name}: pip install 'normserve[bench]'", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
@@ -302,7 +330,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             parser.error(str(exc))
         return _serve(options, args)
-    return {"health": _health, "layers": _layers}[args.command](args)
+    return {"health": _health, "layers": _layers, "bench": _bench}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -28,15 +28,44 @@ def test_kernel_benchmark_quick_mode(tmp_path: Path) -> None:
     assert report["geomean_ratio"] > 0
 
 
+def _check_service_report(report: dict) -> None:
+    assert {row["op"] for row in report["rows"]} == {"Train", "Infer", "Gradient"}
+    for row in report["rows"]:
+        assert set(row["ms"]) == {"bytes", "stream", "shm", "echo", "echo-stream", "auto"}
+        assert all(ms > 0 for ms in row["ms"].values())
+        assert row["ratio_vs_floor"]["auto"] > 0
+    summary = report["summary"]
+    assert set(summary["small_call_p50_vs_echo"]) == {"Train", "Infer", "Gradient"}
+    assert summary["concurrent_throughput_vs_echo"]["4 KB"] > 0
+    assert summary["shm_speedup_vs_bytes"]["64 KB"] > 0
+
+
 def test_service_benchmark_quick_mode(tmp_path: Path) -> None:
-    out = tmp_path / "service.json"
+    out, png = tmp_path / "service.json", tmp_path / "service.png"
     script = SCRIPT.with_name("service.py")
     result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out)], capture_output=True, text=True, timeout=300
+        [sys.executable, str(script), "--quick", "--json", str(out), "--plot", str(png), "--concurrency-seconds", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
-    assert "median ratio vs floor" in result.stdout
+    assert "| Infer | 64 KB |" in result.stdout
     report = json.loads(out.read_text())
-    assert {row["op"] for row in report["rows"]} == {"Train", "Infer", "Gradient"}
-    assert all(row["normserve_ms"] > 0 and row["echo_ms"] > 0 for row in report["rows"])
+    _check_service_report(report)
     assert report["store_write_ms"]["full"] > 0
+    assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) -> None:
+    from serverproc import NORMSERVE
+
+    proc = start_server("--shared-memory")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    command = [NORMSERVE, "bench", "--target", proc.target, "--quick", "--json", str(out), "--plot", str(png)]
+    result = subprocess.run([*command, "--concurrency-seconds", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"normserve {proc.target} vs echo" in result.stdout
+    assert "round/s" in result.stderr or "round" in result.stderr  # the progress bar
+    _check_service_report(json.loads(out.read_text()))
+    assert png.stat().st_size > 10_000
