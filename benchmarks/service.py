@@ -49,7 +49,7 @@ def measure_store_writes(repeats: int, channels: int = bench.CHANNELS) -> dict[s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(parser)
+    bench.add_arguments(parser.add_argument)
     parser.set_defaults(json=OUT / "service.json", plot=OUT / "service.png")
     args = parser.parse_args()
     report = bench.run(args)

@@ -192,9 +192,8 @@ def measure_sizes(target: str, echo: Echo, sizes: list[tuple[int, int]], progres
             x, dy = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
             for op, (tensors_in, tensors_out) in OPS.items():
                 fns = {name: _calls(layers[name], op, x, dy, None) for name in clients}
-                if region is not None:
-                    region._next = 0
-                    xs, dys, out = (region.array(shape) for _ in range(3))
+                if region is not None:  # the same three places in the region for every size
+                    xs, dys, out = (region.array(shape, offset=i * x.nbytes) for i in range(3))
                     xs[...], dys[...] = x, dy
                     fns["shm"] = _calls(layers["bytes"], op, xs, dys, out)
                 sent, returned = x.nbytes * tensors_in + 8, x.nbytes * tensors_out
@@ -319,12 +318,20 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 # ---------------------------------------------------------------------- command line
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--target", help="a running server HOST:PORT (default: start one here)")
-    parser.add_argument("--quick", action="store_true", help="4 KB and 64 KB only, few repeats (a smoke test)")
-    parser.add_argument("--json", type=Path, default=Path("normserve-bench.json"), help="where to write the JSON")
-    parser.add_argument("--plot", type=Path, default=Path("normserve-bench.png"), help="where to write the PNG")
-    parser.add_argument("--concurrency-seconds", type=float, default=3.0, help="length of each throughput run")
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_arguments(add: Callable[..., Any]) -> None:
+    """The bench's flags, through ``add`` (a parser's ``add_argument``, or the CLI's env-aware one)."""
+    add("--target", help="a running server HOST:PORT on this host (default: start one here)")
+    add("--quick", action="store_true", help="4 KB and 64 KB only, few repeats (a smoke test)")
+    add("--json", type=Path, default=Path("normserve-bench.json"), help="where to write the JSON")
+    add("--plot", type=Path, default=Path("normserve-bench.png"), help="where to write the PNG")
+    add("--concurrency-seconds", type=_seconds, default=3.0, help="length of each throughput run")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -393,7 +400,7 @@ class _Progress:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_arguments(parser.add_argument)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_echo:

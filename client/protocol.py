@@ -356,15 +356,9 @@ def input_tensor(x: Any, wire_dtype: Any, regions: Sequence[SharedMemoryRegion])
     """
     array = as_numpy(x)
     enum = _wire_enum(wire_dtype)
-    if enum in (pb.DTYPE_UNSPECIFIED, _own_enum(array)):
-        for region in regions:
-            ref = region.reference(array)
-            if ref is not None:
-                return (
-                    pb.Tensor(dtype=codec.dtype_enum(array.dtype), shape=array.shape, shared_memory=ref),
-                    None,
-                    array.dtype,
-                )
+    ref = _reference(array, regions) if enum in (pb.DTYPE_UNSPECIFIED, _own_enum(array)) else None
+    if ref is not None:
+        return pb.Tensor(dtype=codec.dtype_enum(array.dtype), shape=array.shape, shared_memory=ref), None, array.dtype
     header, data = codec.outgoing(array, enum)
     return header, data, array.dtype
 
@@ -376,11 +370,15 @@ def _own_enum(array: np.ndarray) -> int | None:
         return None
 
 
+def _reference(array: np.ndarray, regions: Sequence[SharedMemoryRegion]) -> pb.SharedMemoryRef | None:
+    """Where ``array`` lies in one of ``regions``, or None."""
+    return next((ref for region in regions if (ref := region.reference(array)) is not None), None)
+
+
 def _output_place(out: Any, regions: Sequence[SharedMemoryRegion]) -> pb.SharedMemoryRef:
-    for region in regions:
-        ref = region.reference(out) if isinstance(out, np.ndarray) else None
-        if ref is not None:
-            return ref
+    ref = _reference(out, regions) if isinstance(out, np.ndarray) else None
+    if ref is not None:
+        return ref
     raise ValueError(
         "out must be an array in a shared-memory region of this client (client.create_shared_memory(...).array(...))"
     )

@@ -187,7 +187,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table, "
         "write JSON and a PNG plot. Without --target it starts a server of its own.",
     )
-    _bench_options(_Options(bench, environ).add)
+    from normserve.client.bench import add_arguments as bench_options
+
+    bench_options(_Options(bench, environ).add)
 
     for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -199,14 +201,6 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             options.add("--prefix", default="", help="only names starting with this")
             options.add("--json", action="store_true", help="one JSON object per layer")
     return parser
-
-
-def _bench_options(add: Callable[..., None]) -> None:
-    add("--target", help="a running server HOST:PORT on this host (default: start one)")
-    add("--quick", action="store_true", help="4 KB and 64 KB only, few repeats (a smoke test)")
-    add("--json", type=Path, default=Path("normserve-bench.json"), help="where to write the JSON")
-    add("--plot", type=Path, default=Path("normserve-bench.png"), help="where to write the PNG")
-    add("--concurrency-seconds", type=_seconds, default=3.0, help="length of each throughput run")
 
 
 def _bench(args: argparse.Namespace) -> int:

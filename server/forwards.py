@@ -38,9 +38,6 @@ class ForwardCache:
         self.held_bytes = 0
         self._forwards: OrderedDict[str, Forward] = OrderedDict()
 
-    def __len__(self) -> int:
-        return len(self._forwards)
-
     def check_fits(self, nbytes: int) -> None:
         """Refuse, before any work, a forward the whole budget cannot hold."""
         if nbytes > self.budget_bytes:

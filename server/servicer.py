@@ -206,13 +206,15 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     @staticmethod
     def _respond(message: Any, field: str, array: np.ndarray, dtype: int, place: _Place | None) -> wire.Payload:
         """``message`` with ``array`` as its tensor ``field``: in the response, or written to ``place``."""
-        header, data = codec.outgoing(array, dtype)
-        getattr(message, field).CopyFrom(header)
+        tensor = getattr(message, field)
         if place is None:
+            header, data = codec.outgoing(array, dtype)
+            tensor.CopyFrom(header)
             return wire.Payload(message, {field: data})
         ref, view = place
-        np.copyto(np.frombuffer(view, dtype=data.dtype).reshape(data.shape), data)
-        getattr(message, field).shared_memory.CopyFrom(ref)
+        # one pass: cast straight into the client's region, no wire-dtype copy first
+        np.copyto(np.frombuffer(view, dtype=codec.WIRE_DTYPES[dtype]).reshape(array.shape), array, casting="unsafe")
+        tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=ref))
         return wire.Payload(message)
 
     async def _gather(self, requests: AsyncIterator[Any]) -> wire.Payload:
@@ -279,7 +281,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         place = self._output_place(request, x.shape, out)
         training = request.training if request.HasField("training") else True
         dx, grads, snapshot = await self._registry.gradient(
-            request.layer, x, dy, training, wait=self._wait(context), snapshot=kept and kept.snapshot
+            request.layer, x, dy, training, wait=self._wait(context), snapshot=None if kept is None else kept.snapshot
         )
         response = pb.GradientResponse(version=snapshot.version)
         for key, field in (("weight", response.dweight), ("bias", response.dbias)):

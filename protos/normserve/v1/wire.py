@@ -200,7 +200,7 @@ def serialize(message: Payload | Message) -> bytes:
     return message.encoded() if isinstance(message, Payload) else message.SerializeToString()
 
 
-def parse(message_type: type[Message], buf: bytes) -> Payload:
+def parse(message_type: type[Message], buf: bytes | memoryview) -> Payload:
     """Parse ``buf`` as ``message_type``; tensor elements become memoryviews of ``buf``."""
     tensors = tensor_fields(message_type.DESCRIPTOR)
     rest: list[Any] = []  # everything but the tensor elements, for protobuf to parse
@@ -344,7 +344,7 @@ def parse_part(head_type: type[Message], buf: bytes) -> Payload | Chunk:
         if wire_type != _LEN or number not in (_HEAD_FIELD, _CHUNK_FIELD):
             continue  # unknown fields are skipped, as protobuf does
         if number == _HEAD_FIELD:
-            part = parse(head_type, bytes(memoryview(buf)[value_start:end]))
+            part = parse(head_type, memoryview(buf)[value_start:end])
         else:
             elements = memoryview(b"")
             for inner, inner_type, _, inner_value, inner_end in _fields(buf, value_start, end):
