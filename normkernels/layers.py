@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkernels import core, monitor
+from normkernels import core, fused, monitor
 from normkernels.backend import (
     PARAM_DTYPES,
     Array,
@@ -96,6 +96,8 @@ class _NormBase:
         self.device = parse_device(device)
         self.dtype = _param_dtype(dtype)
         self.xp = namespace(self.device)
+        # The math: generic array code (NumPy; CuPy with NORMKERNELS_FUSED=0) or the fused CUDA kernels.
+        self._math = fused if self.device.kind == "cuda" and fused.enabled() else core
         self._has = {"weight": bool(weight), "bias": bool(weight and bias)}
         self.weight: Array | None = None
         self.bias: Array | None = None
@@ -255,12 +257,15 @@ class _NormBase:
             weight, bias = self._params(plan, dtype)
             eps = self._eps_for(dtype)
             if not use_batch_stats:
-                y = core.forward_eval(xv, plan, self._running_moments(plan), weight, bias, eps, dtype)
+                y = self._math.forward_eval(xv, plan, self._running_moments(plan), weight, bias, eps, dtype)
                 return y.reshape(x.shape).astype(x.dtype, copy=False), None
-            y, stats = core.forward_train(xv, plan, weight, bias, eps, dtype)
+            y, stats = self._math.forward_train(xv, plan, weight, bias, eps, dtype)
             prior = core.Moments(self.running_mean, self.running_var)  # the update binds new arrays
             batch = self._after_training_batch(stats, plan) if training else None
-            summary = monitor.batch_report(plan, stats, y, eps, batch, prior) if report else None
+            # The fused kernels write y in x's dtype; the report sums it in the compute dtype.
+            summary = (
+                monitor.batch_report(plan, stats, y.astype(dtype, copy=False), eps, batch, prior) if report else None
+            )
             return y.reshape(x.shape).astype(x.dtype, copy=False), summary
 
     __call__ = forward
@@ -276,7 +281,7 @@ class _NormBase:
         with on_device(self.device):
             weight, _ = self._params(plan, dtype)
             stats = None if use_batch_stats else self._running_moments(plan)
-            dx, dweight, dbias = core.backward(
+            dx, dweight, dbias = self._math.backward(
                 x.reshape(plan.view), dy.reshape(plan.view), plan, weight, self._eps_for(dtype), dtype, stats
             )
             grads = {

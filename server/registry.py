@@ -21,8 +21,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from normkernels.backend import on_device, to_numpy
+from normkernels.backend import to_numpy
 from normkernels.monitor import BatchReport
+from normserve.server import device_io
 from normserve.server.errors import (
     LayerExists,
     LayerNotFound,
@@ -75,25 +76,21 @@ class _Entry:
         self.deleted = False
 
 
-def _to_layer_device(layer: Any, array: np.ndarray) -> Any:
-    if layer.device.kind == "cpu":
-        return array
-    with on_device(layer.device):
-        return layer.xp.asarray(array)
-
-
 def _forward(layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
-    return to_numpy(layer.forward(_to_layer_device(layer, x), training=training))
+    with device_io.session(layer.device) as io:
+        return io.to_host(layer.forward(io.to_device(x), training=training))
 
 
 def _train(layer: Any, x: np.ndarray) -> tuple[np.ndarray, BatchReport]:
-    y, report = layer.train_with_report(_to_layer_device(layer, x))
-    return to_numpy(y), report
+    with device_io.session(layer.device) as io:
+        y, report = layer.train_with_report(io.to_device(x))
+        return io.to_host(y), report
 
 
 def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    dx, grads = layer.backward(_to_layer_device(layer, x), _to_layer_device(layer, dy), training=training)
-    return to_numpy(dx), {k: None if g is None else to_numpy(g) for k, g in grads.items()}
+    with device_io.session(layer.device) as io:
+        dx, grads = layer.backward(io.to_device(x), io.to_device(dy), training=training)
+        return io.to_host(dx), {k: None if g is None else io.to_host(g) for k, g in grads.items()}
 
 
 def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -198,3 +199,32 @@ def start_server(tmp_path):
     for proc in started:
         if proc.process.poll() is None:
             proc.kill()
+
+
+def stored(values: np.ndarray, storage: str) -> np.ndarray:
+    """``values`` in a storage dtype: float16/32/64, or bfloat16 as its uint16 bit pattern (as on a device)."""
+    if storage == "bfloat16":
+        return values.astype(np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+    return values.astype(np.dtype(storage.split("-")[0]))
+
+
+def stored_values(a: np.ndarray) -> np.ndarray:
+    """What a stored array holds, in float64."""
+    return a.view(ml_dtypes.bfloat16).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
+
+
+def core_float64(layer: nk.layers._NormBase, plan: nk.Plan, x: np.ndarray, dy: np.ndarray, training: bool):
+    """core's float64 math on the values the kernels see."""
+    xv, dyv = stored_values(x).reshape(plan.view), stored_values(dy).reshape(plan.view)
+    f64 = np.dtype(np.float64)
+    weight, bias = layer._params(plan, f64)
+    eps = layer._eps_for(f64)
+    if training:
+        y, stats = nk.forward_train(xv, plan, weight, bias, eps, f64)
+        grads = nk.backward(xv, dyv, plan, weight, eps, f64)
+    else:
+        running = layer._running_moments(plan)
+        stats = nk.Moments(running.mean.astype(f64), running.var.astype(f64))
+        y = nk.forward_eval(xv, plan, stats, weight, bias, eps, f64)
+        grads = nk.backward(xv, dyv, plan, weight, eps, f64, stats)
+    return y, stats, grads

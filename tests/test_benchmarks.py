@@ -69,3 +69,27 @@ def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) 
     assert "round/s" in result.stderr or "round" in result.stderr  # the progress bar
     _check_service_report(json.loads(out.read_text()))
     assert png.stat().st_size > 10_000
+
+
+def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: Path) -> None:
+    import normkernels as nk
+
+    script = SCRIPT.parent / "gpu.py"
+    out = tmp_path / "gpu.json"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--json", str(out), "--plot", str(tmp_path / "gpu.png")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if nk.cuda_device_count() == 0:
+        assert result.returncode == 2, result.stderr
+        assert "nothing measured" in result.stderr
+        assert not out.exists()
+        return
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert {row["op"] for row in report["rows"]} == {"train forward", "eval forward", "backward"}
+    assert len({row["kind"] for row in report["rows"]}) == 5
+    assert all(row["ours_ms"] > 0 and row["torch_ms"] > 0 for row in report["rows"])
+    assert report["summary"]["copy_bandwidth_gbps"] > 0

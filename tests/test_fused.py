@@ -1,0 +1,214 @@
+"""The fused CUDA path without a GPU: the sources compile, and the host side is right.
+
+* ``nvcc`` compiles every ``normkernels/cuda/*.cu`` for sm_80 and sm_90 and the
+  result holds every kernel the launcher asks for.
+* The geometry's index maps give every element its statistic and parameter,
+  as NumPy broadcasting does, for every kind and many shapes.
+* ``normkernels.fused`` run on a NumPy emulation of the kernels
+  (tests/kernel_emulator.py) equals a float64 reference: splits, column
+  layouts, merges, and the per-statistic math of forward and backward.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from conftest import core_float64, randomize, stored, stored_values
+from kernel_emulator import NumpyLauncher
+
+import normkernels as nk
+from normkernels import core, cuda, fused
+
+NVCC = shutil.which("nvcc")
+
+# kind, config, input shape: chosen so that every layout and branch runs somewhere.
+CASES = [
+    ("batch_norm", {"num_features": 6}, (40, 6, 50)),  # row layout, several splits
+    ("batch_norm", {"num_features": 48}, (300, 48)),  # (N, C): column layout
+    ("batch_norm", {"num_features": 5}, (64, 5, 3)),  # short lines: columns with K sub-columns
+    ("batch_norm", {"num_features": 1, "affine": False}, (7, 1, 4, 5)),  # size-1 axes
+    ("instance_norm", {"num_features": 4, "affine": True, "track_running_stats": True}, (3, 4, 300)),
+    ("instance_norm", {"num_features": 2}, (1, 2, 9000)),  # few long lines: split statistics
+    ("group_norm", {"num_groups": 3, "num_channels": 12}, (5, 12, 7, 3)),
+    ("group_norm", {"num_groups": 1, "num_channels": 4}, (2, 4, 40)),
+    ("layer_norm", {"normalized_shape": [24]}, (9, 24)),
+    ("layer_norm", {"normalized_shape": [5, 60]}, (3, 2, 5, 60)),
+    ("layer_norm", {"normalized_shape": [64], "bias": False}, (1, 64)),
+    ("rms_norm", {"normalized_shape": [300]}, (40, 300)),
+    ("rms_norm", {"normalized_shape": [8], "elementwise_affine": False}, (33, 8)),
+]
+SM_COUNTS = (1, 3, 132)
+
+
+def _plan(kind: str, config: dict, shape: tuple[int, ...]) -> core.Plan:
+    return nk.make_layer(kind, **config)._plan(shape)
+
+
+# --------------------------------------------------------------------------- compilation
+def kernel_names() -> set[str]:
+    """Every kernel fused.CudaLauncher may launch."""
+    combos = [("f16", "f32"), ("bf16", "f32"), ("f32", "f32"), ("f16", "f64"), ("bf16", "f64")]
+    combos += [("f32", "f64"), ("f64", "f64")]
+    names = {f"nk_merge_{m}_{a}" for m in set(fused._MERGE.values()) for a in ("f32", "f64")}
+    for ts, acc in combos:
+        names |= {f"nk_{k}_{ts}_{acc}" for k in ("normalize", "grad_input", "forward_lines")}
+        names |= {f"nk_reduce_{lay}_{op}_{ts}_{acc}" for lay in ("rows", "cols") for op in fused.FIELDS}
+    return names
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH (CI has it)")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_cuda_sources_compile_for_ampere_and_hopper(arch, tmp_path) -> None:
+    assert cuda.sources(), "no .cu files found beside normkernels/cuda/__init__.py"
+    for source in cuda.sources():
+        # The cubin runs ptxas too (register allocation); warnings are errors.
+        cmd = [NVCC, f"-arch={arch}", "-cubin", *cuda.OPTIONS, "-Werror", "all-warnings"]
+        done = subprocess.run([*cmd, "-o", str(tmp_path / "k.cubin"), str(source)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        ptx = subprocess.run(
+            [NVCC, f"-arch={arch}", "-ptx", *cuda.OPTIONS, "-o", "-", str(source)], capture_output=True, text=True
+        )
+        assert ptx.returncode == 0, ptx.stderr
+    entries = set(re.findall(r"\.entry\s+(\w+)", ptx.stdout))
+    assert kernel_names() <= entries, sorted(kernel_names() - entries)
+
+
+def test_the_module_source_is_every_cu_file() -> None:
+    text = cuda.source()
+    for path in cuda.sources():
+        assert path.read_text() in text
+    assert "#include" not in text  # NVRTC gets no system headers: conversions are PTX instructions
+
+
+# --------------------------------------------------------------------------- index maps
+@pytest.mark.parametrize("sm_count", SM_COUNTS)
+@pytest.mark.parametrize(("kind", "config", "shape"), CASES)
+def test_index_maps_match_broadcasting(kind, config, shape, sm_count) -> None:
+    plan = _plan(kind, config, shape)
+    geo = fused.geometry(plan, sm_count)
+    assert geo is not None, f"{kind} {shape} does not fit the kernels"
+
+    def owner(shape_: tuple[int, ...]) -> np.ndarray:
+        """Each element's flat index into ``shape_`` (a keepdims shape), by broadcasting."""
+        return np.broadcast_to(np.arange(math.prod(shape_)).reshape(shape_), plan.view).reshape(-1)
+
+    stat, param = owner(plan.stat_shape), owner(plan.param_shape)
+    ew = geo.elementwise
+    assert ew.lines * ew.K == math.prod(plan.view)
+    line, k = np.divmod(np.arange(math.prod(plan.view)), ew.K)
+    np.testing.assert_array_equal(geo.train_map.stat(line), stat)
+    np.testing.assert_array_equal(geo.train_map.param(line, k), param)
+    if geo.eval_map is not None:  # running statistics are per parameter (kinds without them may have no map)
+        np.testing.assert_array_equal(geo.eval_map.stat(line), param)
+    else:
+        assert kind not in ("batch_norm", "instance_norm")  # the kinds with running statistics
+    for reduction, groups in ((geo.stats, plan.stat_shape), (geo.cells, plan.joint_shape), (geo.params, param)):
+        groups = owner(groups) if isinstance(groups, tuple) else groups
+        r_line, r_k = np.divmod(np.arange(math.prod(plan.view)), reduction.K)
+        np.testing.assert_array_equal(r_line % reduction.B, groups)  # group b of line a * B + b
+        np.testing.assert_array_equal(reduction.map.stat(r_line), stat)
+        np.testing.assert_array_equal(reduction.map.param(r_line, r_k), param)
+        assert 1 <= reduction.splits <= max(1, reduction.A * reduction.K)
+        assert reduction.grid[1] <= 65535
+
+
+def test_geometry_picks_the_layout_a_shape_needs() -> None:
+    bn1d = fused.geometry(_plan("batch_norm", {"num_features": 48}, (300, 48)), 132)
+    assert bn1d.stats.columns
+    assert bn1d.elementwise.flat
+    bn2d = fused.geometry(_plan("batch_norm", {"num_features": 8}, (64, 8, 32, 32)), 132)
+    assert not bn2d.stats.columns
+    assert bn2d.stats.splits > 1
+    assert not bn2d.per_line_forward
+    ln = fused.geometry(_plan("layer_norm", {"normalized_shape": [1024]}, (4096, 1024)), 132)
+    assert ln.per_line_forward
+    assert not ln.elementwise.flat
+    assert ln.params.columns
+    few_long = fused.geometry(_plan("instance_norm", {"num_features": 2}, (1, 2, 1 << 20)), 132)
+    assert not few_long.per_line_forward
+    assert few_long.stats.splits > 1
+
+
+# --------------------------------------------------------------------------- math on emulated kernels
+STORAGE = {
+    "float32": (np.float32, np.float32, 2e-5),
+    "float64": (np.float64, np.float64, 1e-11),
+    "float16": (np.float16, np.float32, 1e-2),
+    "bfloat16": (np.uint16, np.float32, 1e-2),
+    "float32-in-float64": (np.float32, np.float64, 1e-6),
+}
+
+
+@pytest.mark.parametrize("sm_count", SM_COUNTS)
+@pytest.mark.parametrize("storage", list(STORAGE))
+@pytest.mark.parametrize(("kind", "config", "shape"), CASES)
+def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, storage, sm_count, rng) -> None:
+    _, acc, tol = STORAGE[storage]
+    acc = np.dtype(acc)
+    layer = nk.make_layer(kind, **config, dtype=acc)
+    randomize(layer, rng)
+    plan = layer._plan(shape)
+    x = stored(rng.normal(1.5, 2.0, shape), storage)
+    dy = stored(rng.normal(size=shape), storage)
+    weight, bias = layer._params(plan, acc)
+    eps = layer._eps_for(acc)
+    xv, dyv = x.reshape(plan.view), dy.reshape(plan.view)
+    for training in (True, False) if layer.track_running_stats else (True,):
+        launcher = NumpyLauncher(sm_count)
+        y_ref, stats_ref, (dx_ref, dw_ref, db_ref) = core_float64(layer, plan, x, dy, training)
+        if training:
+            y, stats = fused.forward_train(xv, plan, weight, bias, eps, acc, launcher=launcher)
+            for got, want in zip(stats, stats_ref, strict=True):
+                assert (got is None) == (want is None)
+                if got is not None:
+                    assert got.shape == plan.stat_shape
+                    assert got.dtype == acc
+                    np.testing.assert_allclose(got, want, rtol=tol, atol=tol)
+            grads = fused.backward(xv, dyv, plan, weight, eps, acc, launcher=launcher)
+        else:
+            running = layer._running_moments(plan)
+            y = fused.forward_eval(xv, plan, running, weight, bias, eps, acc, launcher=launcher)
+            grads = fused.backward(xv, dyv, plan, weight, eps, acc, running, launcher=launcher)
+        assert y.dtype == x.dtype
+        assert grads[0].dtype == x.dtype
+        np.testing.assert_allclose(stored_values(y), y_ref, rtol=tol, atol=tol)
+        dx, dw, db = grads
+        scale = np.abs(dx_ref).max()
+        np.testing.assert_allclose(stored_values(dx), dx_ref, rtol=tol, atol=tol * scale)
+        count = math.prod(shape) / math.prod(plan.param_shape)
+        for got, want in ((dw, dw_ref), (db, db_ref)):
+            assert got.shape == plan.param_shape
+            np.testing.assert_allclose(got, want, rtol=tol, atol=tol * count)
+        # Both passes ran on the kernels, not on core's fallback.
+        assert "grad_input" in launcher.launches
+        assert "normalize" in launcher.launches or "forward_lines" in launcher.launches
+
+
+def test_backward_is_one_reduction_and_one_elementwise_pass_for_folding_kinds(rng) -> None:
+    plan = _plan("batch_norm", {"num_features": 6}, (40, 6, 50))
+    x, dy = rng.normal(size=plan.view).astype(np.float32), rng.normal(size=plan.view).astype(np.float32)
+    launcher = NumpyLauncher(132)
+    fused.backward(x, dy, plan, None, 1e-5, np.dtype(np.float32), launcher=launcher)
+    assert launcher.launches == ["reduce_rows_comoments", "grad_input"]
+    launcher.launches.clear()
+    fused.forward_train(x, plan, None, None, 1e-5, np.dtype(np.float32), launcher=launcher)
+    assert launcher.launches == ["reduce_rows_moments", "normalize"]
+    ln = _plan("layer_norm", {"normalized_shape": [256]}, (512, 256))
+    launcher.launches.clear()
+    xl = rng.normal(size=ln.view).astype(np.float32)
+    fused.forward_train(xl, ln, None, None, 1e-5, np.dtype(np.float32), launcher=launcher)
+    assert launcher.launches == ["forward_lines"]
+
+
+def test_statistics_survive_a_large_mean(rng) -> None:
+    """Welford/Chan: a float32 batch with mean 3000 and std 0.1 keeps its variance."""
+    plan = _plan("batch_norm", {"num_features": 3}, (64, 3, 100))
+    x = rng.normal(3000.0, 0.1, plan.view).astype(np.float32)
+    _, stats = fused.forward_train(x, plan, None, None, 1e-5, np.dtype(np.float32), launcher=NumpyLauncher(7))
+    want = x.astype(np.float64).var(axis=(0, 2))
+    np.testing.assert_allclose(stats.var.reshape(-1), want, rtol=1e-3)
