@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from normkernels import core
-from normkernels.backend import Array, _xp, sum_to
+from normkernels.backend import Array, _suffix_start, _xp, sum_to
 
 #: Set NORMKERNELS_FUSED=0 to run CUDA layers on the generic CuPy code instead.
 ENV_SWITCH = "NORMKERNELS_FUSED"
@@ -171,13 +171,6 @@ def index_map(
             return None
         pmod, pmul, pdiv = math.prod(view[plo:j]), math.prod(view[j:phi]), math.prod(view[phi:])
     return IndexMap(math.prod(view[shi:j]), math.prod(view[slo:shi]), pmod, pmul, pdiv)
-
-
-def _suffix_start(view: tuple[int, ...], shape: tuple[int, ...]) -> int:
-    j = len(view)
-    while j > 0 and shape[j - 1] == 1:
-        j -= 1
-    return j
 
 
 def _reduction(
