@@ -243,7 +243,6 @@ class Launcher(Protocol):
 OUTPUTS = {"moments": 2, "comoments": 4, "comoments_weighted": 4, "grad_sums": 2}
 #: Fields of each reduction's partial state.
 FIELDS = {"moments": 3, "comoments": 5, "comoments_weighted": 5, "grad_sums": 2}
-_MERGE = {"moments": "moments", "comoments": "comoments", "comoments_weighted": "comoments", "grad_sums": "grad_sums"}
 
 
 def _storage_code(dtype: np.dtype) -> str:
@@ -276,6 +275,10 @@ class CudaLauncher:
             fn = self._functions[name] = self._module.get_function(name)
         return fn
 
+    def _kernel(self, name: str, x: Array, acc: np.dtype) -> Any:
+        """The kernel ``nk_<name>_<storage>_<accumulator>`` for ``x`` and the compute dtype ``acc``."""
+        return self._function(f"nk_{name}_{_storage_code(x.dtype)}_{_acc_code(acc)}")
+
     @staticmethod
     def _ptr(a: Array | None) -> Any:
         return np.uint64(0) if a is None else a  # None would not be a null pointer (cupy#9046)
@@ -285,7 +288,7 @@ class CudaLauncher:
         acc = operands["dtype"]
         partial = cp.empty((FIELDS[op], plan.partials), dtype=acc)
         layout = "cols" if plan.columns else "rows"
-        self._function(f"nk_reduce_{layout}_{op}_{_storage_code(x.dtype)}_{_acc_code(acc)}")(
+        self._kernel(f"reduce_{layout}_{op}", x, acc)(
             plan.grid,
             plan.block,
             (
@@ -305,32 +308,32 @@ class CudaLauncher:
         )
         out = cp.empty((OUTPUTS[op], plan.B), dtype=acc)
         kp = plan.K if plan.columns else 1
-        self._function(f"nk_merge_{_MERGE[op]}_{_acc_code(acc)}")(
+        # The weighted co-moments merge like the plain ones.
+        self._function(f"nk_merge_{op.removesuffix('_weighted')}_{_acc_code(acc)}")(
             (max(1, min(math.ceil(plan.B / THREADS), 32 * self.sm_count)),),
             (THREADS,),
             (partial, np.int64(plan.splits), np.int64(plan.B), np.int64(kp), out),
         )
         return out
 
-    def _elementwise(self, name: str, ew: Elementwise, arrays: tuple, imap: IndexMap, tail: tuple) -> None:
-        self._function(name)(ew.grid, (ew.block,), (*arrays, np.int64(ew.lines), np.int64(ew.K), *imap.args, *tail))
+    def _elementwise(self, kernel: Any, ew: Elementwise, arrays: tuple, imap: IndexMap, tail: tuple) -> None:
+        kernel(ew.grid, (ew.block,), (*arrays, np.int64(ew.lines), np.int64(ew.K), *imap.args, *tail))
 
     def normalize(self, x: Array, y: Array, ew: Elementwise, imap: IndexMap, **o: Any) -> None:
         p = self._ptr
-        name = f"nk_normalize_{_storage_code(x.dtype)}_{_acc_code(o['dtype'])}"
         arrays = (x, y, p(o.get("mean")), o["var"], np.float64(o["eps"]), p(o.get("weight")), p(o.get("bias")))
-        self._elementwise(name, ew, arrays, imap, (np.int32(ew.flat),))
+        self._elementwise(self._kernel("normalize", x, o["dtype"]), ew, arrays, imap, (np.int32(ew.flat),))
 
     def grad_input(self, x: Array, dy: Array, dx: Array, ew: Elementwise, imap: IndexMap, **o: Any) -> None:
         p = self._ptr
-        name = f"nk_grad_input_{_storage_code(x.dtype)}_{_acc_code(o['dtype'])}"
         arrays = (x, dy, dx, p(o.get("mean")), o["var"], np.float64(o["eps"]), p(o.get("weight")))
-        self._elementwise(name, ew, (*arrays, p(o.get("c1")), p(o.get("c2"))), imap, (np.int32(ew.flat),))
+        arrays += (p(o.get("c1")), p(o.get("c2")))
+        self._elementwise(self._kernel("grad_input", x, o["dtype"]), ew, arrays, imap, (np.int32(ew.flat),))
 
     def forward_lines(self, x: Array, y: Array, ew: Elementwise, imap: IndexMap, **o: Any) -> None:
         p = self._ptr
         threads = 128 if ew.K <= 1024 else (256 if ew.K <= 8192 else 512)
-        self._function(f"nk_forward_lines_{_storage_code(x.dtype)}_{_acc_code(o['dtype'])}")(
+        self._kernel("forward_lines", x, o["dtype"])(
             (max(1, min(ew.lines, 32 * self.sm_count)),),
             (threads,),
             (

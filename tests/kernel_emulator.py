@@ -94,6 +94,9 @@ class NumpyLauncher:
 
     def normalize(self, x: np.ndarray, y: np.ndarray, ew: Elementwise, imap: IndexMap, **o: Any) -> None:
         self.launches.append("normalize")
+        self._normalize(x, y, ew, imap, o)
+
+    def _normalize(self, x: np.ndarray, y: np.ndarray, ew: Elementwise, imap: IndexMap, o: dict) -> None:
         acc, mean, rstd, w, p, _ = self._operands(x, ew, imap, o)
         v = (load(x.reshape(-1), acc) - mean) * rstd * w
         if o.get("bias") is not None:
@@ -120,8 +123,7 @@ class NumpyLauncher:
         o["mean_out"][imap.stat(lines)] = mean
         o["var_out"][imap.stat(lines)] = var if o["center"] else var + mean * mean
         stats = dict(o, mean=o["mean_out"] if o["center"] else None, var=o["var_out"])
-        self.normalize(x, y, ew, imap, **stats)
-        self.launches.remove("normalize")
+        self._normalize(x, y, ew, imap, stats)
 
 
 def _welford_partials(key: np.ndarray, x: np.ndarray, g: np.ndarray | None, size: int) -> list[np.ndarray]:

@@ -54,7 +54,8 @@ def kernel_names() -> set[str]:
     """Every kernel fused.CudaLauncher may launch."""
     combos = [("f16", "f32"), ("bf16", "f32"), ("f32", "f32"), ("f16", "f64"), ("bf16", "f64")]
     combos += [("f32", "f64"), ("f64", "f64")]
-    names = {f"nk_merge_{m}_{a}" for m in set(fused._MERGE.values()) for a in ("f32", "f64")}
+    merges = {op.removesuffix("_weighted") for op in fused.FIELDS}
+    names = {f"nk_merge_{m}_{a}" for m in merges for a in ("f32", "f64")}
     for ts, acc in combos:
         names |= {f"nk_{k}_{ts}_{acc}" for k in ("normalize", "grad_input", "forward_lines")}
         names |= {f"nk_reduce_{lay}_{op}_{ts}_{acc}" for lay in ("rows", "cols") for op in fused.FIELDS}
