@@ -13,6 +13,7 @@ are always NumPy arrays in the input's dtype. Failures raise
 
 from normserve.client.aio import AsyncNormClient, AsyncRemoteLayer
 from normserve.client.errors import (
+    Aborted,
     AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
@@ -23,10 +24,11 @@ from normserve.client.errors import (
     Unauthenticated,
     Unavailable,
 )
-from normserve.client.protocol import RetryPolicy
+from normserve.client.protocol import RetryPolicy, SyncGroup
 from normserve.client.sync import NormClient, RemoteLayer
 
 __all__ = [
+    "Aborted",
     "AlreadyExists",
     "AsyncNormClient",
     "AsyncRemoteLayer",
@@ -39,6 +41,7 @@ __all__ = [
     "RemoteLayer",
     "ResourceExhausted",
     "RetryPolicy",
+    "SyncGroup",
     "Unauthenticated",
     "Unavailable",
 ]

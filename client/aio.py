@@ -137,17 +137,29 @@ class AsyncRemoteLayer(protocol.LayerHandle):
         keep_forward: bool = False,
         out: np.ndarray | None = None,
         wire_dtype: Any = None,
+        sync: protocol.SyncGroup | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        return_running_stats: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """See :meth:`normserve.client.RemoteLayer.train`."""
-        request = self._forward_request("Train", x, wire_dtype, out, keep_forward)
+        request = self._forward_request(
+            "Train",
+            x,
+            wire_dtype,
+            out,
+            keep_forward,
+            sync=sync,
+            parameters=parameters,
+            return_running_stats=return_running_stats,
+        )
         return await self._forward("Train", request, timeout)
 
     async def infer(
         self, x: Any, *, out: np.ndarray | None = None, wire_dtype: Any = None, timeout: float | None = None
     ) -> np.ndarray:
         """Inference-mode forward with the running statistics; changes nothing."""
-        return await self._forward("Infer", self._forward_request("Infer", x, wire_dtype, out, False), timeout)
+        return await self._forward("Infer", self._forward_request("Infer", x, wire_dtype, out), timeout)
 
     async def gradient(
         self,
@@ -158,10 +170,11 @@ class AsyncRemoteLayer(protocol.LayerHandle):
         forward_id: str | None = None,
         out: np.ndarray | None = None,
         wire_dtype: Any = None,
+        sync: protocol.SyncGroup | None = None,
         timeout: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """See :meth:`normserve.client.RemoteLayer.gradient`."""
-        request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out)
+        request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out, sync)
         return protocol.gradient_result(await self._client.call("Gradient", request.message, timeout), request)
 
     async def state_dict(self, *, timeout: float | None = None) -> dict[str, np.ndarray]:

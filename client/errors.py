@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 __all__ = [
+    "Aborted",
     "AlreadyExists",
     "DeadlineExceeded",
     "FailedPrecondition",
@@ -63,6 +64,12 @@ class DeadlineExceeded(NormServeError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Aborted(NormServeError):
+    """Another rank of a synchronized step failed; the step changed nothing."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -74,6 +81,7 @@ _BY_CODE = {
         Unauthenticated,
         Unavailable,
         DeadlineExceeded,
+        Aborted,
     )
 }
 

@@ -10,7 +10,7 @@ import contextlib
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "LayerHandle",
     "RetryPolicy",
     "SharedMemoryRegion",
+    "SyncGroup",
     "answer_assembly",
     "as_numpy",
     "channel_credentials",
@@ -98,6 +99,33 @@ class RetryPolicy:
         if method not in IDEMPOTENT_METHODS:
             return []
         return [min(self.max_backoff, self.initial_backoff * self.multiplier**i) for i in range(self.attempts - 1)]
+
+
+@dataclass(frozen=True)
+class SyncGroup:
+    """A rank's place in a group of data-parallel workers that share batch statistics through the server.
+
+    ``SyncGroup("job-7", world_size=4, rank=r)`` on every worker, then
+    ``layer.train(x, sync=group.at(step))`` and ``layer.gradient(..., sync=group.at(step))``
+    with the same step number on all ranks: the server combines the ranks'
+    batches as torch.nn.SyncBatchNorm does (batch norm layers only).
+    """
+
+    id: str
+    world_size: int
+    rank: int
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} must be in [0, world_size) = [0, {self.world_size})")
+
+    def at(self, step: int) -> SyncGroup:
+        """This group at training step ``step``."""
+        return replace(self, step=step)
+
+    def message(self) -> pb.SyncGroup:
+        return pb.SyncGroup(id=self.id, world_size=self.world_size, rank=self.rank, step=self.step)
 
 
 Pem = bytes | str | os.PathLike | None  # PEM contents, or the path of a PEM file
@@ -291,6 +319,8 @@ class LayerHandle:
         self.info = info
         #: The forward_id of the last Train called with ``keep_forward=True`` (None before one).
         self.forward_id: str | None = None
+        #: running_mean and running_var after the last Train called with ``return_running_stats=True``.
+        self.running_stats: dict[str, np.ndarray] = {}
 
     name = property(lambda self: self.info.name)
     kind = property(lambda self: pb.Kind.Name(self.info.config.kind).lower())
@@ -299,12 +329,24 @@ class LayerHandle:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, version={self.version})"
 
-    def _forward_request(self, method: str, x: Any, wire_dtype: Any, out: Any, keep_forward: bool) -> Request:
+    def _forward_request(
+        self, method: str, x: Any, wire_dtype: Any, out: Any, keep_forward: bool = False, **train: Any
+    ) -> Request:
+        """A Train or Infer request; ``train``: :func:`train_options` (Train only)."""
         wire_dtype = self._client.wire_dtype if wire_dtype is None else wire_dtype
-        return forward_request(method, self.name, x, wire_dtype, self._client.regions, out, keep_forward)
+        request = forward_request(method, self.name, x, wire_dtype, self._client.regions, out, keep_forward)
+        train_options(request.message.message, **train)
+        return request
 
     def _gradient_request(
-        self, x: Any, dy: Any, training: bool, wire_dtype: Any, forward_id: str | None, out: Any
+        self,
+        x: Any,
+        dy: Any,
+        training: bool,
+        wire_dtype: Any,
+        forward_id: str | None,
+        out: Any,
+        sync: SyncGroup | None = None,
     ) -> Request:
         wire_dtype = self._client.wire_dtype if wire_dtype is None else wire_dtype
         if x is None:
@@ -314,15 +356,20 @@ class LayerHandle:
                     "gradient(None, dy) needs a kept forward: call train(x, keep_forward=True) first, "
                     "or pass x or forward_id"
                 )
-        return gradient_request(self.name, x, dy, training, wire_dtype, self._client.regions, forward_id, out)
+        request = gradient_request(self.name, x, dy, training, wire_dtype, self._client.regions, forward_id, out)
+        if sync is not None:
+            request.message.sync.CopyFrom(sync.message())
+        return request
 
     def _forward_result(self, response: wire.Payload, request: Request) -> np.ndarray:
-        """y from a Train/Infer response; ``info`` learns the version (and batch count) it reports."""
+        """y from a Train/Infer response; ``info`` (and ``running_stats``) learn what it reports."""
         self.info.version = response.version
         if isinstance(response.message, pb.TrainResponse):
             self.info.num_batches_tracked = response.num_batches_tracked
             if response.forward_id:
                 self.forward_id = response.forward_id
+            if response.running_stats:
+                self.running_stats = {k: codec.decode(t).copy() for k, t in response.running_stats.items()}
         return output_array(response, "y", request)
 
 
@@ -467,6 +514,21 @@ def forward_request(
     if keep_forward:
         message.keep_forward = True
     return _request(message, {"x": (header, data)}, dtype, out, regions)
+
+
+def train_options(
+    message: Any,
+    sync: SyncGroup | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    return_running_stats: bool = False,
+) -> None:
+    """Set a TrainRequest's options: a synchronized step, new weight/bias, running statistics in the answer."""
+    if sync is not None:
+        message.sync.CopyFrom(sync.message())
+    for key, value in (parameters or {}).items():
+        message.parameters[key].CopyFrom(codec.encode(as_numpy(value)))
+    if return_running_stats:
+        message.return_running_stats = True
 
 
 def gradient_request(

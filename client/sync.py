@@ -159,6 +159,9 @@ class RemoteLayer(protocol.LayerHandle):
         keep_forward: bool = False,
         out: np.ndarray | None = None,
         wire_dtype: Any = None,
+        sync: protocol.SyncGroup | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        return_running_stats: bool = False,
         timeout: float | None = None,
     ) -> np.ndarray:
         """Training-mode forward: normalize with batch statistics and update the running statistics.
@@ -166,15 +169,30 @@ class RemoteLayer(protocol.LayerHandle):
         ``keep_forward=True`` has the server keep x, so ``gradient(None, dy)``
         need not send it again (see :attr:`forward_id`). ``out``, an array in
         one of the client's shared-memory regions, receives y (and is returned).
+
+        ``parameters`` (``{"weight": ..., "bias": ...}``, either or both) become
+        the layer's parameters before this batch, stored with its update: how a
+        locally stepped optimizer reaches the server without a call of its own.
+        ``sync`` (a :class:`SyncGroup` at a step) makes the batch one rank's part
+        of a synchronized step. ``return_running_stats`` fills :attr:`running_stats`.
         """
-        request = self._forward_request("Train", x, wire_dtype, out, keep_forward)
+        request = self._forward_request(
+            "Train",
+            x,
+            wire_dtype,
+            out,
+            keep_forward,
+            sync=sync,
+            parameters=parameters,
+            return_running_stats=return_running_stats,
+        )
         return self._forward("Train", request, timeout)
 
     def infer(
         self, x: Any, *, out: np.ndarray | None = None, wire_dtype: Any = None, timeout: float | None = None
     ) -> np.ndarray:
         """Inference-mode forward with the running statistics; changes nothing."""
-        return self._forward("Infer", self._forward_request("Infer", x, wire_dtype, out, False), timeout)
+        return self._forward("Infer", self._forward_request("Infer", x, wire_dtype, out), timeout)
 
     def gradient(
         self,
@@ -185,6 +203,7 @@ class RemoteLayer(protocol.LayerHandle):
         forward_id: str | None = None,
         out: np.ndarray | None = None,
         wire_dtype: Any = None,
+        sync: protocol.SyncGroup | None = None,
         timeout: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
         """``(dx, dweight, dbias)`` of ``sum(forward(x) * dy)``; None for a missing weight or bias.
@@ -192,9 +211,10 @@ class RemoteLayer(protocol.LayerHandle):
         ``x=None`` differentiates a kept forward instead: ``forward_id``, or
         the last ``train(..., keep_forward=True)`` of this handle (its x and
         the weight and bias it ran with). FailedPrecondition means the server
-        dropped it: call again with x.
+        dropped it: call again with x. ``sync``: the same step as the Train's
+        (training mode only); dweight and dbias are then this rank's own share.
         """
-        request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out)
+        request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out, sync)
         return protocol.gradient_result(self._client.call("Gradient", request.message, timeout), request)
 
     def state_dict(self, *, timeout: float | None = None) -> dict[str, np.ndarray]:

@@ -81,13 +81,13 @@ class Moments(NamedTuple):
     var: Array  # biased variance; mean square for RMS norm
 
 
-class _Centered(NamedTuple):
+class Centered(NamedTuple):
     d: Array  # x - shift, a new array the caller may overwrite (x itself, read only, for RMS norm)
     offset: Array | float  # mean(d): the shift's rounding error
     moments: Moments
 
 
-def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) -> _Centered:
+def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) -> Centered:
     """Center ``xv`` and compute its moments (corrected two-pass).
 
     When centering, ``d`` is a new array (``out`` if given) the caller may
@@ -97,12 +97,12 @@ def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) ->
     n = plan.count
     if not plan.center:
         d = xv.astype(dtype, copy=False)
-        return _Centered(d, 0.0, Moments(None, dot_to(d, d, plan.stat_shape) / n))
+        return Centered(d, 0.0, Moments(None, dot_to(d, d, plan.stat_shape) / n))
     shift = sum_to(xv.astype(dtype, copy=False), plan.stat_shape) / n
     d = xp.subtract(xv, shift, dtype=dtype, out=out)
     offset = sum_to(d, plan.stat_shape) / n
     var = xp.maximum(dot_to(d, d, plan.stat_shape) / n - offset * offset, 0)
-    return _Centered(d, offset, Moments(shift + offset, var))
+    return Centered(d, offset, Moments(shift + offset, var))
 
 
 def _rstd(var: Array, eps: float) -> Array:
@@ -242,37 +242,83 @@ def _backward(
     stats: Moments | None,
     out: Array | None = None,
 ) -> tuple[Array, Array, Array]:
-    xp = _xp(xv)
-    dyv = dyv.astype(dtype, copy=False)
-    training = stats is None
-    if training:
-        d, offset, stats = _center(xv, plan, dtype)
-    else:
-        offset = 0.0
-        d = xp.subtract(xv, stats.mean, dtype=dtype) if plan.center else xv.astype(dtype, copy=False)
-    rstd = _rstd(stats.var.astype(dtype, copy=False), eps)
+    centered, sums = grad_sums(xv, dyv, plan, dtype, stats)
+    return grad_input(centered, dyv, plan, weight, eps, dtype, sums, training=stats is None, out=out)
 
+
+class GradSums(NamedTuple):
+    """What the backward pass reduces x and dy to, per cell of ``plan.joint_shape``."""
+
+    count: int  # elements behind each statistic
+    moments: Moments  # of x: the batch's own, or the given constant ones
+    sum_dy: Array
+    sum_dy_xmu: Array  # sum(dy * (x - mean)); sum(dy * x) without centering
+
+
+def grad_sums(
+    xv: Array, dyv: Array, plan: Plan, dtype: np.dtype, stats: Moments | None = None
+) -> tuple[Centered, GradSums]:
+    """The backward pass's reductions: x centered (kept for :func:`grad_input`) and the sums.
+
+    ``stats=None`` centers on the batch's own moments; given ``stats`` are constants.
+    """
+    xp = _xp(xv)
+    if stats is None:
+        centered = _center(xv, plan, dtype)
+    else:
+        d = xp.subtract(xv, stats.mean, dtype=dtype) if plan.center else xv.astype(dtype, copy=False)
+        centered = Centered(d, 0.0, stats)
+    dyv = dyv.astype(dtype, copy=False)
     joint = plan.joint_shape
     sum_dy = sum_to(dyv, joint)
-    sum_dy_d = dot_to(dyv, d, joint)
+    sum_dy_xmu = dot_to(dyv, centered.d, joint)
     if plan.center:
-        sum_dy_d = sum_dy_d - offset * sum_dy
-    sum_dy_xhat = rstd * sum_dy_d
+        sum_dy_xmu = sum_dy_xmu - centered.offset * sum_dy
+    return centered, GradSums(plan.count, centered.moments, sum_dy, sum_dy_xmu)
+
+
+def grad_input(
+    centered: Centered,
+    dyv: Array,
+    plan: Plan,
+    weight: Array | None,
+    eps: float,
+    dtype: np.dtype,
+    sums: GradSums,
+    training: bool,
+    out: Array | None = None,
+) -> tuple[Array, Array, Array]:
+    """``(dx, dweight, dbias)`` from :func:`grad_sums`' results; overwrites ``centered.d``.
+
+    ``training`` differentiates through the statistics ``sums.moments`` of
+    ``sums.count`` elements each; ``centered.d - centered.offset`` is x minus
+    their mean. (Synchronized batch norm passes sums combined over workers.)
+    """
+    xp = _xp(dyv)
+    dyv = dyv.astype(dtype, copy=False)
+    rstd = _rstd(sums.moments.var.astype(dtype, copy=False), eps)
+    sum_dy_xhat = rstd * sums.sum_dy_xmu
     dweight = sum_to(sum_dy_xhat, plan.param_shape)
-    dbias = sum_to(sum_dy, plan.param_shape)
+    dbias = sum_to(sums.sum_dy, plan.param_shape)
 
     dx = _scaled_into(dyv, rstd, weight, plan, out=xp.empty(plan.view, dtype=dtype) if out is None else out)
     if training:
         # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight,
         # xhat = (d - offset) * rstd: the last two terms are d * beta + gamma.
-        n = plan.count
+        d, offset = centered.d, centered.offset
+        n = sums.count
         mean_g_xhat = _weighted_sum(sum_dy_xhat, weight, plan.stat_shape) / n
         beta = -rstd * rstd * mean_g_xhat
         xp.add(dx, xp.multiply(d, beta, out=d if plan.center else None), out=dx)
         if plan.center:
-            mean_g = _weighted_sum(sum_dy, weight, plan.stat_shape) / n
+            mean_g = _weighted_sum(sums.sum_dy, weight, plan.stat_shape) / n
             xp.add(dx, rstd * (rstd * mean_g_xhat * offset - mean_g), out=dx)
     return dx, dweight, dbias
+
+
+def moments(xv: Array, plan: Plan, dtype: np.dtype) -> Moments:
+    """The batch statistics of ``xv`` alone (no output)."""
+    return _center(xv, plan, dtype).moments
 
 
 def _weighted_sum(a: Array, weight: Array | None, shape: tuple[int, ...]) -> Array:

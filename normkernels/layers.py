@@ -13,11 +13,12 @@ import copy
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from normkernels import core, fused, monitor
+from normkernels import core, distributed, fused, monitor
 from normkernels.backend import (
     PARAM_DTYPES,
     Array,
@@ -209,8 +210,12 @@ class _NormBase:
         return arr
 
     # -------------------------------------------------------------- compute
-    def _prepare(self, x: Any, training: bool, dy: Any = None) -> tuple[Any, ...]:
-        """Validate inputs; returns (x, dy, plan, compute dtype, use batch statistics)."""
+    def _prepare(self, x: Any, training: bool, dy: Any = None, whole_batch: bool = True) -> tuple[Any, ...]:
+        """Validate inputs; returns (x, dy, plan, compute dtype, use batch statistics).
+
+        ``whole_batch=False``: x is one worker's part of a synchronized batch,
+        which may hold a single value per channel.
+        """
         x = as_input_array(x, self.device, "x")
         if x.size == 0:
             raise ShapeError(f"x has shape {tuple(x.shape)} with no elements; send at least one sample")
@@ -226,7 +231,7 @@ class _NormBase:
                 raise ShapeError(f"dy has shape {tuple(dy.shape)} but x has shape {tuple(x.shape)}; they must match")
             dtypes.append(dy.dtype)
         use_batch_stats = training or not self.track_running_stats
-        if use_batch_stats:
+        if use_batch_stats and whole_batch:
             self._check_batch(tuple(x.shape))
         return x, dy, plan, compute_dtype(*dtypes), use_batch_stats
 
@@ -261,7 +266,7 @@ class _NormBase:
                 return y.reshape(x.shape).astype(x.dtype, copy=False), None
             y, stats = self._math.forward_train(xv, plan, weight, bias, eps, dtype)
             prior = core.Moments(self.running_mean, self.running_var)  # the update binds new arrays
-            batch = self._after_training_batch(stats, plan) if training else None
+            batch = self._after_training_batch(stats, plan.count) if training else None
             # The fused kernels write y in x's dtype; the report sums it in the compute dtype.
             summary = (
                 monitor.batch_report(plan, stats, y.astype(dtype, copy=False), eps, batch, prior) if report else None
@@ -284,17 +289,92 @@ class _NormBase:
             dx, dweight, dbias = self._math.backward(
                 x.reshape(plan.view), dy.reshape(plan.view), plan, weight, self._eps_for(dtype), dtype, stats
             )
-            grads = {
-                "weight": dweight.reshape(self.param_shape).astype(self.dtype) if self._has["weight"] else None,
-                "bias": dbias.reshape(self.param_shape).astype(self.dtype) if self._has["bias"] else None,
-            }
-            return dx.reshape(x.shape).astype(x.dtype, copy=False), grads
+            return dx.reshape(x.shape).astype(x.dtype, copy=False), self._grads(dweight, dbias)
 
-    def _after_training_batch(self, stats: core.Moments, plan: core.Plan) -> core.Moments | None:
-        """Refuse a non-finite batch, then update the running statistics (all or nothing).
+    # -------------------------------------------------------------- synchronized batch statistics
+    # One batch split across workers (torch.nn.SyncBatchNorm): each worker
+    # reduces its part, :mod:`normkernels.distributed` combines the parts, and
+    # each worker finishes its part with the totals. The running statistics
+    # are updated once per step, from the totals (:meth:`track_synced`).
 
-        Returns the per-channel batch statistics folded in (None without running statistics).
+    #: Can this kind share batch statistics across workers? (Batch norm only.)
+    syncable: ClassVar[bool] = False
+
+    def _synced_prepare(self, x: Any, dy: Any = None) -> tuple[Any, ...]:
+        if not self.syncable:
+            raise ConfigError(
+                f"{type(self).__name__} cannot synchronize statistics across workers: only batch norm "
+                "(torch.nn.SyncBatchNorm) shares batch statistics; the other kinds normalize each sample alone"
+            )
+        return self._prepare(x, True, dy, whole_batch=False)
+
+    def synced_part(self, x: Any) -> core.GradSums:
+        """This worker's part of a synchronized training forward: its count and moments (host, float64)."""
+        x, _, plan, dtype, _ = self._synced_prepare(x)
+        with on_device(self.device):
+            moments = core.moments(x.reshape(plan.view), plan, dtype)
+            self._check_finite(moments)
+        return distributed.on_host(core.GradSums(plan.count, moments, None, None))
+
+    def track_synced(self, total: core.GradSums) -> None:
+        """Check a synchronized step's combined statistics and fold them into the running statistics."""
+        if total.count < 2:
+            raise ShapeError(
+                f"{type(self).__name__} needs more than 1 value per channel to compute batch statistics; "
+                "all workers of the step together sent 1: send larger batches"
+            )
+        with on_device(self.device):
+            moments = core.Moments(*(self.xp.asarray(a) for a in total.moments))
+            self._after_training_batch(moments, total.count)
+
+    def forward_synced(self, x: Any, total: core.GradSums) -> Array:
+        """Training-mode output for this worker's x, normalized with the combined statistics."""
+        x, _, plan, dtype, _ = self._synced_prepare(x)
+        with on_device(self.device):
+            stats = core.Moments(*(self.xp.asarray(a, dtype=dtype).reshape(plan.stat_shape) for a in total.moments))
+            weight, bias = self._params(plan, dtype)
+            y = self._math.forward_eval(x.reshape(plan.view), plan, stats, weight, bias, self._eps_for(dtype), dtype)
+            return y.reshape(x.shape).astype(x.dtype, copy=False)
+
+    def synced_grad_part(self, x: Any, dy: Any) -> tuple[core.GradSums, SyncedBackward]:
+        """This worker's part of a synchronized training backward: its sums (host), and what finishes it."""
+        x, dy, plan, dtype, _ = self._synced_prepare(x, dy)
+        with on_device(self.device):
+            dyv = dy.reshape(plan.view)
+            centered, sums = core.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
+            self._check_finite(sums.moments)
+        return distributed.on_host(sums), SyncedBackward(x.shape, x.dtype, plan, dtype, dyv, centered)
+
+    def backward_synced(
+        self, pending: SyncedBackward, part: core.GradSums, total: core.GradSums
+    ) -> tuple[Array, dict[str, Array | None]]:
+        """This worker's dx (through the combined statistics) and its own share of dweight and dbias.
+
+        As in torch.nn.SyncBatchNorm, dweight and dbias cover this worker's
+        batch only; their sum over the workers is the whole batch's.
         """
+        plan, dtype, xp = pending.plan, pending.dtype, self.xp
+        eps = self._eps_for(dtype)
+        with on_device(self.device):
+            centered = distributed.relative_to(pending.centered, part, total, xp, dtype)
+            totals = core.GradSums(
+                total.count, centered.moments, *(xp.asarray(a, dtype=dtype) for a in (total.sum_dy, total.sum_dy_xmu))
+            )
+            weight, _ = self._params(plan, dtype)
+            dx, _, _ = core.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
+            own_dy, own_dy_xmu = distributed.own_sums(part, total)
+            dweight = own_dy_xmu / np.sqrt(total.moments.var + eps)
+            grads = self._grads(xp.asarray(dweight), xp.asarray(own_dy))
+            return dx.reshape(pending.shape).astype(pending.input_dtype, copy=False), grads
+
+    def _grads(self, dweight: Array, dbias: Array) -> dict[str, Array | None]:
+        """Parameter gradients in the parameters' shape and dtype (None for a missing parameter)."""
+        return {
+            "weight": dweight.reshape(self.param_shape).astype(self.dtype) if self._has["weight"] else None,
+            "bias": dbias.reshape(self.param_shape).astype(self.dtype) if self._has["bias"] else None,
+        }
+
+    def _check_finite(self, stats: core.Moments) -> None:
         xp = self.xp
         finite = xp.isfinite(stats.var).all() and (stats.mean is None or xp.isfinite(stats.mean).all())
         if not bool(finite):
@@ -302,13 +382,20 @@ class _NormBase:
                 "the training batch contains NaN or Inf (or values so large their variance overflows): "
                 "it was rejected and the layer's running statistics are unchanged"
             )
+
+    def _after_training_batch(self, stats: core.Moments, n: int) -> core.Moments | None:
+        """Refuse a non-finite batch, then update the running statistics (all or nothing).
+
+        ``n`` values stand behind each statistic. Returns the per-channel batch
+        statistics folded in (None without running statistics).
+        """
+        self._check_finite(stats)
         if not self.track_running_stats:
             return None
         # Per-instance statistics (instance norm) are averaged over the batch.
         channels = self.running_mean.shape[0]
         mean = stats.mean.reshape(-1, channels).sum(axis=0)
         var = stats.var.reshape(-1, channels).sum(axis=0)
-        n = plan.count
         rows = stats.var.size // channels
         var_scale = 1.0 / rows if self.biased_running_var else n / ((n - 1) * rows)
         mean, var = mean * (1.0 / rows), var * var_scale
@@ -328,6 +415,18 @@ class _NormBase:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.config.items())
         return f"{type(self).__name__}({args})"
+
+
+@dataclass(frozen=True)
+class SyncedBackward:
+    """A worker's backward between its sums and the combined ones."""
+
+    shape: tuple[int, ...]
+    input_dtype: np.dtype
+    plan: core.Plan
+    dtype: np.dtype
+    dyv: Array
+    centered: core.Centered
 
 
 class _ChannelNorm(_NormBase):
@@ -403,6 +502,7 @@ class BatchNorm(_TrackedNorm):
     """Batch normalization over (N, C, *spatial): PyTorch's BatchNorm1d/2d/3d."""
 
     kind = "batch_norm"
+    syncable = True
 
     def __init__(
         self,

@@ -46,6 +46,7 @@ class ServerOptions:
     metrics_host: str | None = None  # None: the same as host
     shared_memory: bool = False  # serve tensors in clients' POSIX shared memory (same host, trusted clients)
     forward_cache_bytes: int = 1 << 30  # budget of forwards kept for Gradient by forward_id
+    sync_timeout: float = 60.0  # seconds the first rank of a synchronized step waits for the last
 
 
 def _address(host: str, port: int) -> str:
@@ -69,6 +70,7 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         workers=options.workers,
         max_layers=options.max_layers,
         forward_cache_bytes=options.forward_cache_bytes,
+        sync_timeout=options.sync_timeout,
     )
     try:
         restored = registry.load()

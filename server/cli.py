@@ -130,6 +130,13 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         help="bytes of Train inputs kept for Gradient by forward_id (least recently used out; 0: none)",
     )
     add(
+        "--sync-timeout",
+        type=_seconds,
+        default=defaults.sync_timeout,
+        help="seconds the first rank of a synchronized step (SyncBatchNorm) waits for the others before the "
+        "step fails for all with DEADLINE_EXCEEDED",
+    )
+    add(
         "--shared-memory",
         action="store_true",
         help="serve tensors in clients' POSIX shared memory (RegisterSharedMemory); any caller can then read "
@@ -241,6 +248,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         metrics_host=args.metrics_host,
         shared_memory=args.shared_memory,
         forward_cache_bytes=args.forward_cache_bytes,
+        sync_timeout=args.sync_timeout,
     )
 
 

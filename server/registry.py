@@ -21,10 +21,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from normkernels import distributed
 from normkernels.backend import to_numpy
+from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
 from normserve.server import device_io
 from normserve.server.errors import (
+    InvalidRequest,
     LayerExists,
     LayerNotFound,
     ShuttingDown,
@@ -35,12 +38,13 @@ from normserve.server.errors import (
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
+from normserve.server.sync_groups import SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["Registry", "Snapshot", "TrainingStats"]
+__all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "host_state"]
 
 T = TypeVar("T")
-_RUNNING_KEYS = ("running_mean", "running_var")
+RUNNING_KEYS = ("running_mean", "running_var")
 #: Batches up to this many elements compute on the event loop: their kernels take
 #: tens of microseconds, less than handing them to a kernel thread and back.
 INLINE_ELEMENTS = 1 << 14
@@ -53,8 +57,9 @@ class TrainingStats:
     train_calls: int = 0
     last: BatchReport | None = None
 
-    def after(self, report: BatchReport) -> TrainingStats:
-        return TrainingStats(self.train_calls + 1, report)
+    def after(self, report: BatchReport | None, calls: int = 1) -> TrainingStats:
+        """After ``calls`` more Trains; ``report`` None (a synchronized step) keeps the last report."""
+        return TrainingStats(self.train_calls + calls, self.last if report is None else report)
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,32 @@ def _train(layer: Any, x: np.ndarray) -> tuple[np.ndarray, BatchReport]:
 
 def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
     with device_io.session(layer.device) as io:
-        dx, grads = layer.backward(io.to_device(x), io.to_device(dy), training=training)
-        return io.to_host(dx), {k: None if g is None else io.to_host(g) for k, g in grads.items()}
+        return _host_gradients(io, *layer.backward(io.to_device(x), io.to_device(dy), training=training))
+
+
+def _host_gradients(io: Any, dx: Any, grads: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    return io.to_host(dx), {k: None if g is None else io.to_host(g) for k, g in grads.items()}
+
+
+# A synchronized step's halves (see normkernels.layers: synced_part ... backward_synced).
+def _synced_part(layer: Any, x: np.ndarray) -> GradSums:
+    with device_io.session(layer.device) as io:
+        return layer.synced_part(io.to_device(x))
+
+
+def _forward_synced(layer: Any, x: np.ndarray, total: GradSums) -> np.ndarray:
+    with device_io.session(layer.device) as io:
+        return io.to_host(layer.forward_synced(io.to_device(x), total))
+
+
+def _synced_grad_part(layer: Any, x: np.ndarray, dy: np.ndarray) -> tuple[GradSums, Any]:
+    with device_io.session(layer.device) as io:
+        return layer.synced_grad_part(io.to_device(x), io.to_device(dy))
+
+
+def _backward_synced(layer: Any, pending: Any, part: GradSums, total: GradSums) -> tuple[np.ndarray, dict[str, Any]]:
+    with device_io.session(layer.device) as io:
+        return _host_gradients(io, *layer.backward_synced(pending, part, total))
 
 
 def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -120,11 +149,13 @@ class Registry:
         workers: int,
         max_layers: int | None = None,
         forward_cache_bytes: int = 1 << 30,
+        sync_timeout: float = 60.0,
     ) -> None:
         self._store = store
         self.default_device = default_device
         self.max_layers = max_layers
         self.forwards = ForwardCache(forward_cache_bytes)
+        self.sync = SyncSteps(sync_timeout)
         self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="normserve-store")
         self._entries: dict[str, _Entry] = {}
@@ -297,38 +328,119 @@ class Registry:
 
     # ------------------------------------------------------------------ compute
     async def train(
-        self, name: str, x: np.ndarray, *, wait: float | None = None, keep_dtype: int | None = None
+        self,
+        name: str,
+        x: np.ndarray,
+        *,
+        wait: float | None = None,
+        keep_dtype: int | None = None,
+        parameters: Mapping[str, np.ndarray] | None = None,
+        sync: SyncSpec | None = None,
     ) -> tuple[np.ndarray, Snapshot, str]:
         """Training forward; updates and stores the running statistics atomically.
 
-        With ``keep_dtype`` (x's wire dtype) the forward is kept for a later
-        Gradient; the third result is its id ("" when not kept). ``x`` must
-        then stay unchanged: the server holds it, not a copy.
+        ``parameters`` (new weight and/or bias) apply before the batch and are
+        stored with its update. With ``keep_dtype`` (x's wire dtype) the
+        forward is kept for a later Gradient; the third result is its id (""
+        when not kept). ``x`` must then stay unchanged: the server holds it,
+        not a copy. ``sync`` makes the batch one rank's part of a synchronized
+        step (:mod:`normserve.server.sync_groups`).
         """
         if keep_dtype is not None:
             self.forwards.check_fits(x.nbytes)
+        if sync is not None:
+            return await self._train_synced(name, x, wait, keep_dtype, parameters or {}, sync)
 
         async def work(entry: _Entry) -> tuple[np.ndarray, Snapshot, str]:
             current = entry.snapshot
-            layer = current.layer.copy()
+            start = _with_parameters(current, parameters)
+            layer = start.layer.copy()
             y, report = await self._compute(_train, layer, x, elements=x.size)
-            stats = current.stats.after(report)
-            if not layer.track_running_stats:  # no state changed: same version, nothing to store
-                entry.snapshot = replace(current, stats=stats)
-            else:
-                snapshot = Snapshot(name, layer, current.version + 1, stats)
-                await self._write(
-                    self._store.update_state,
-                    name,
-                    snapshot.version,
-                    layer.num_batches_tracked,
-                    host_state(layer, _RUNNING_KEYS),
-                )
-                entry.snapshot = snapshot
-            kept = "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, current))
-            return y, entry.snapshot, kept
+            await self._publish(entry, start, layer, current.stats.after(report), parameters)
+            return y, entry.snapshot, self._keep(name, x, keep_dtype, start)
 
         return await self._with_lock(name, work, wait)
+
+    async def _train_synced(
+        self,
+        name: str,
+        x: np.ndarray,
+        wait: float | None,
+        keep_dtype: int | None,
+        parameters: Mapping[str, np.ndarray],
+        sync: SyncSpec,
+    ) -> tuple[np.ndarray, Snapshot, str]:
+        """One rank's Train of a synchronized step: its moments in, the combined statistics out."""
+        key = (name, sync.group, sync.step, "training forward")
+        deadline = self._deadline(wait)
+
+        async def finish(parts: list[tuple[GradSums, Mapping[str, np.ndarray]]]) -> tuple[GradSums, Snapshot, Snapshot]:
+            total = distributed.combine([sums for sums, _ in parts])
+            agreed = _agreed_parameters([given for _, given in parts])
+
+            async def work(entry: _Entry) -> tuple[GradSums, Snapshot, Snapshot]:
+                current = entry.snapshot
+                start = _with_parameters(current, agreed)
+                layer = start.layer.copy()
+                await self._compute(layer.track_synced, total)
+                await self._publish(entry, start, layer, current.stats.after(None, len(parts)), agreed)
+                return total, start, entry.snapshot
+
+            return await self._with_lock(name, work, wait)
+
+        def reduce(layer: Any) -> tuple[GradSums, Mapping[str, np.ndarray]]:
+            _with_parameters(Snapshot(name, layer, 0), parameters)  # refuse bad parameters before joining
+            return _synced_part(layer, x), parameters
+
+        _, (total, start, after) = await self._synced(key, sync, deadline, finish, reduce)
+        y = await self._compute(_forward_synced, start.layer, x, total, elements=x.size)
+        return y, after, self._keep(name, x, keep_dtype, start)
+
+    async def _synced(
+        self,
+        key: tuple,
+        sync: SyncSpec,
+        deadline: float | None,
+        finish: Callable[[list[Any]], Awaitable[T]],
+        reduce: Callable[[Any], Any],
+        snapshot: Snapshot | None = None,
+    ) -> tuple[Any, T]:
+        """This rank's part, ``reduce(layer)``, joined to step ``key``; and the step's result.
+
+        A rank that fails to reduce fails the step for all.
+        """
+        self.sync.check(key, sync)
+        layer = (snapshot or self.get(key[0])).layer
+        try:
+            part = await self._compute(reduce, layer, deadline=deadline)
+        except Exception as exc:
+            self.sync.fail(key, f"rank {sync.rank} was refused ({exc})")
+            raise
+        result = await self.sync.join(
+            key, sync, part, finish, lambda waiting: self._within(waiting, deadline, f"the other ranks of {key[1]!r}")
+        )
+        return part, result
+
+    async def _publish(
+        self,
+        entry: _Entry,
+        start: Snapshot,
+        layer: Any,
+        stats: TrainingStats,
+        parameters: Mapping[str, np.ndarray] | None,
+    ) -> None:
+        """Store and publish a trained ``layer`` (a new version when its state changed)."""
+        changed = tuple(parameters or ()) + (RUNNING_KEYS if layer.track_running_stats else ())
+        if not changed:  # no state changed: same version, nothing to store
+            entry.snapshot = replace(entry.snapshot, stats=stats)
+            return
+        snapshot = Snapshot(start.name, layer, start.version + 1, stats)
+        state = host_state(layer, changed)
+        await self._write(self._store.update_state, start.name, snapshot.version, layer.num_batches_tracked, state)
+        entry.snapshot = snapshot
+
+    def _keep(self, name: str, x: np.ndarray, keep_dtype: int | None, start: Snapshot) -> str:
+        return "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, start))
 
     def kept_forward(self, name: str, forward_id: str) -> Forward:
         """The forward a Train of ``name`` kept under ``forward_id`` (FAILED_PRECONDITION when gone)."""
@@ -350,12 +462,33 @@ class Registry:
         *,
         wait: float | None = None,
         snapshot: Snapshot | None = None,
+        sync: SyncSpec | None = None,
     ) -> tuple[np.ndarray, dict[str, np.ndarray | None], Snapshot]:
-        """Backward pass on ``snapshot`` (default: the current one); never changes state."""
+        """Backward pass on ``snapshot`` (default: the current one); never changes state.
+
+        ``sync`` combines the batch-statistics terms with the other ranks of a
+        synchronized step; dweight and dbias stay this rank's own.
+        """
         snapshot = snapshot or self.get(name)
-        dx, grads = await self._compute(
-            _backward, snapshot.layer, x, dy, training, deadline=self._deadline(wait), elements=x.size
-        )
+        deadline = self._deadline(wait)
+        if sync is None:
+            dx, grads = await self._compute(
+                _backward, snapshot.layer, x, dy, training, deadline=deadline, elements=x.size
+            )
+            return dx, grads, snapshot
+        if not training:
+            raise InvalidRequest(
+                "sync applies to training-mode gradients only: eval mode uses the running statistics, "
+                "which need no other rank; leave sync unset or set training"
+            )
+
+        async def finish(parts: list[tuple[GradSums, Any]]) -> GradSums:
+            return distributed.combine([sums for sums, _ in parts])
+
+        key = (name, sync.group, sync.step, "gradient")
+        reduce = functools.partial(_synced_grad_part, x=x, dy=dy)
+        (part, pending), total = await self._synced(key, sync, deadline, finish, reduce, snapshot)
+        dx, grads = await self._compute(_backward_synced, snapshot.layer, pending, part, total, elements=x.size)
         return dx, grads, snapshot
 
     async def set_state(
@@ -387,3 +520,31 @@ class Registry:
             return snapshot
 
         return await self._with_lock(name, work, wait)
+
+
+def _with_parameters(current: Snapshot, parameters: Mapping[str, np.ndarray] | None) -> Snapshot:
+    """``current`` with new weight and/or bias (validated; a copy-on-write layer), or itself."""
+    if not parameters:
+        return current
+    if not set(parameters) <= {"weight", "bias"} & set(current.layer.state_keys):
+        raise InvalidRequest(
+            f"parameters may hold the layer's weight and bias only (it has {list(current.layer.state_keys)}), "
+            f"got {sorted(parameters)}"
+        )
+    layer = current.layer.copy()
+    layer.load_state_dict(parameters, strict=False)
+    return replace(current, layer=layer)
+
+
+def _agreed_parameters(given: list[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The parameters the ranks of a step sent: each key from any rank that sent it, equal on all that did."""
+    agreed: dict[str, np.ndarray] = {}
+    for rank, parameters in enumerate(given):
+        for key, value in parameters.items():
+            if key in agreed and not np.array_equal(agreed[key], value):
+                raise InvalidRequest(
+                    f"the ranks of the step sent different parameters[{key!r}] (rank {rank} differs from an "
+                    "earlier rank); data-parallel ranks must hold equal parameters"
+                )
+            agreed.setdefault(key, value)
+    return agreed

@@ -22,8 +22,9 @@ import numpy as np
 
 from normserve.server.errors import InvalidRequest, status_for
 from normserve.server.layer_config import check_name, describe_config
-from normserve.server.registry import Registry, Snapshot, TrainingStats, host_state
+from normserve.server.registry import RUNNING_KEYS, Registry, Snapshot, TrainingStats, host_state
 from normserve.server.shared_memory import SharedMemoryRegions
+from normserve.server.sync_groups import SyncSpec
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
@@ -217,6 +218,12 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=ref))
         return wire.Payload(message)
 
+    @staticmethod
+    def _sync(request: Any) -> SyncSpec | None:
+        if not request.HasField("sync"):
+            return None
+        return SyncSpec(request.sync.id, request.sync.world_size, request.sync.rank, request.sync.step)
+
     async def _gather(self, requests: AsyncIterator[Any]) -> wire.Payload:
         """A streamed request as one Payload; its head is checked before any chunk is taken."""
         assembly = wire.Assembly(self._check)
@@ -255,12 +262,21 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             keep = request.x.dtype
             if request.x.HasField("shared_memory"):
                 x = x.copy()  # the client may overwrite its region before the Gradient
+        parameters = {key: self._tensor(t, f"parameters[{key!r}]") for key, t in request.parameters.items()}
         y, snapshot, forward_id = await self._registry.train(
-            request.layer, x, wait=self._wait(context), keep_dtype=keep
+            request.layer,
+            x,
+            wait=self._wait(context),
+            keep_dtype=keep,
+            parameters=parameters,
+            sync=self._sync(request),
         )
         response = pb.TrainResponse(
             version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked, forward_id=forward_id
         )
+        if request.return_running_stats and snapshot.layer.track_running_stats:
+            for key, value in host_state(snapshot.layer, RUNNING_KEYS).items():
+                response.running_stats[key].CopyFrom(codec.encode(value))
         return self._respond(response, "y", y, out, place)
 
     async def _infer(self, request: wire.Payload, context: Any) -> wire.Payload:
@@ -281,7 +297,13 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         place = self._output_place(request, x.shape, out)
         training = request.training if request.HasField("training") else True
         dx, grads, snapshot = await self._registry.gradient(
-            request.layer, x, dy, training, wait=self._wait(context), snapshot=None if kept is None else kept.snapshot
+            request.layer,
+            x,
+            dy,
+            training,
+            wait=self._wait(context),
+            snapshot=None if kept is None else kept.snapshot,
+            sync=self._sync(request),
         )
         response = pb.GradientResponse(version=snapshot.version)
         for key, field in (("weight", response.dweight), ("bias", response.dbias)):

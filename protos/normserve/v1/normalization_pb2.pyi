@@ -157,31 +157,65 @@ class DeleteLayerResponse(_message.Message):
     layer: Layer
     def __init__(self, layer: _Optional[_Union[Layer, _Mapping]] = ...) -> None: ...
 
+class SyncGroup(_message.Message):
+    __slots__ = ("id", "world_size", "rank", "step")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    world_size: int
+    rank: int
+    step: int
+    def __init__(self, id: _Optional[str] = ..., world_size: _Optional[int] = ..., rank: _Optional[int] = ..., step: _Optional[int] = ...) -> None: ...
+
 class TrainRequest(_message.Message):
-    __slots__ = ("layer", "x", "output_dtype", "keep_forward", "output_shared_memory")
+    __slots__ = ("layer", "x", "output_dtype", "keep_forward", "output_shared_memory", "parameters", "sync", "return_running_stats")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     LAYER_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KEEP_FORWARD_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    RETURN_RUNNING_STATS_FIELD_NUMBER: _ClassVar[int]
     layer: str
     x: Tensor
     output_dtype: DType
     keep_forward: bool
     output_shared_memory: SharedMemoryRef
-    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., keep_forward: _Optional[bool] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    parameters: _containers.MessageMap[str, Tensor]
+    sync: SyncGroup
+    return_running_stats: bool
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., keep_forward: _Optional[bool] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ..., return_running_stats: _Optional[bool] = ...) -> None: ...
 
 class TrainResponse(_message.Message):
-    __slots__ = ("y", "version", "num_batches_tracked", "forward_id")
+    __slots__ = ("y", "version", "num_batches_tracked", "forward_id", "running_stats")
+    class RunningStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
     Y_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_STATS_FIELD_NUMBER: _ClassVar[int]
     y: Tensor
     version: int
     num_batches_tracked: int
     forward_id: str
-    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., forward_id: _Optional[str] = ...) -> None: ...
+    running_stats: _containers.MessageMap[str, Tensor]
+    def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., forward_id: _Optional[str] = ..., running_stats: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
     __slots__ = ("layer", "x", "output_dtype", "output_shared_memory")
@@ -204,7 +238,7 @@ class InferResponse(_message.Message):
     def __init__(self, y: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GradientRequest(_message.Message):
-    __slots__ = ("layer", "x", "forward_id", "dy", "training", "output_dtype", "output_shared_memory")
+    __slots__ = ("layer", "x", "forward_id", "dy", "training", "output_dtype", "output_shared_memory", "sync")
     LAYER_FIELD_NUMBER: _ClassVar[int]
     X_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ID_FIELD_NUMBER: _ClassVar[int]
@@ -212,6 +246,7 @@ class GradientRequest(_message.Message):
     TRAINING_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
     layer: str
     x: Tensor
     forward_id: str
@@ -219,7 +254,8 @@ class GradientRequest(_message.Message):
     training: bool
     output_dtype: DType
     output_shared_memory: SharedMemoryRef
-    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., training: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ...) -> None: ...
+    sync: SyncGroup
+    def __init__(self, layer: _Optional[str] = ..., x: _Optional[_Union[Tensor, _Mapping]] = ..., forward_id: _Optional[str] = ..., dy: _Optional[_Union[Tensor, _Mapping]] = ..., training: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., output_shared_memory: _Optional[_Union[SharedMemoryRef, _Mapping]] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
 
 class GradientResponse(_message.Message):
     __slots__ = ("dx", "dweight", "dbias", "version")
