@@ -77,6 +77,78 @@ CORPUS = [
         "dy has shape",
     ),
     ("dy-missing", "Gradient", pb.GradientRequest(layer="bad.bn", x=t(X)), INVALID, "dy is required"),
+    # --- parameters carried by Train
+    (
+        "parameters-unknown-key",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), parameters=state(running_mean=np.zeros(4))),
+        INVALID,
+        "weight and bias only",
+    ),
+    (
+        "parameters-missing-bias",
+        "Train",
+        pb.TrainRequest(layer="bad.rms", x=t(np.ones((2, 4))), parameters=state(bias=np.zeros(4))),
+        INVALID,
+        "weight and bias only",
+    ),
+    (
+        "parameters-shape",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), parameters=state(weight=np.ones(5))),
+        INVALID,
+        r"shape \(5,\)",
+    ),
+    (
+        "parameters-nan",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), parameters=state(bias=[0.0, np.nan, 0.0, 0.0])),
+        INVALID,
+        "NaN",
+    ),
+    (
+        "parameters-dtype",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), parameters={"weight": raw(dtype=0, shape=(4,), nbytes=16)}),
+        INVALID,
+        "dtype is not set",
+    ),
+    # --- synchronized steps
+    (
+        "sync-rank",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), sync=pb.SyncGroup(id="g", world_size=2, rank=5)),
+        INVALID,
+        "sync.rank 5",
+    ),
+    (
+        "sync-world",
+        "Gradient",
+        pb.GradientRequest(layer="bad.bn", x=t(X), dy=t(X), sync=pb.SyncGroup(id="g")),
+        INVALID,
+        "world_size must be at least 1",
+    ),
+    (
+        "sync-id",
+        "Train",
+        pb.TrainRequest(layer="bad.bn", x=t(X), sync=pb.SyncGroup(id="", world_size=1)),
+        INVALID,
+        "sync.id",
+    ),
+    (
+        "sync-kind",
+        "Train",
+        pb.TrainRequest(layer="bad.ln", x=t(np.ones((2, 3, 4))), sync=pb.SyncGroup(id="g", world_size=1)),
+        INVALID,
+        "only batch norm",
+    ),
+    (
+        "sync-eval-gradient",
+        "Gradient",
+        pb.GradientRequest(layer="bad.bn", x=t(X), dy=t(X), training=False, sync=pb.SyncGroup(id="g", world_size=1)),
+        INVALID,
+        "training-mode gradients only",
+    ),
     # --- names
     ("name-chars", "CreateLayer", pb.CreateLayerRequest(name="bad name!", config=bn_config()), INVALID, "valid"),
     ("name-long", "CreateLayer", pb.CreateLayerRequest(name="a" * 257, config=bn_config()), INVALID, "length 257"),
@@ -241,6 +313,7 @@ def stub(server):
             ("bad.bn", bn_config()),
             ("bad.ln", pb.LayerConfig(kind=pb.LAYER_NORM, normalized_shape=[3, 4])),
             ("bad.gn", pb.LayerConfig(kind=pb.GROUP_NORM, num_groups=2, num_features=2)),
+            ("bad.rms", pb.LayerConfig(kind=pb.RMS_NORM, normalized_shape=[4])),
         ):
             stub.CreateLayer(pb.CreateLayerRequest(name=name, config=config))
         for _ in range(2):  # bad.bn at version 3: non-trivial running statistics

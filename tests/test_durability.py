@@ -141,3 +141,30 @@ def test_store_round_trips_bit_exactly_and_uses_wal(tmp_path, rng) -> None:
     mode = sqlite3.connect(reopened.path).execute("PRAGMA journal_mode").fetchone()[0]
     assert mode == "wal"
     reopened.close()
+
+
+def test_parameters_sent_with_a_train_are_used_stored_and_survive_kill_9(start_server, rng) -> None:
+    proc = start_server()
+    x = rng.normal(1.0, 2.0, size=(6, 4)).astype(np.float32)
+    weight, bias = rng.normal(1.0, 0.5, 4).astype(np.float32), rng.normal(0.0, 0.5, 4).astype(np.float32)
+    with NormClient(proc.target) as nc:
+        ln = nc.create_layer("ln", "layer_norm", normalized_shape=4)
+        y = ln.train(x, keep_forward=True, parameters={"weight": weight, "bias": bias})
+        xhat = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(y, xhat * weight + bias, rtol=1e-5, atol=1e-5)
+        assert ln.version == 2  # a layer without running statistics changed: its parameters
+        dy = rng.normal(size=x.shape).astype(np.float32)
+        dx, dweight, _ = ln.gradient(None, dy)  # the kept forward ran with the new parameters
+        g = dy * weight
+        rstd = 1 / np.sqrt(x.var(1, keepdims=True) + 1e-5)
+        expected = rstd * (g - g.mean(1, keepdims=True) - xhat * (g * xhat).mean(1, keepdims=True))
+        np.testing.assert_allclose(dx, expected, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dweight, (dy * xhat).sum(0), rtol=1e-5, atol=1e-5)
+        ln.train(x)  # no parameters: nothing changed, same version
+        assert ln.version == 2
+    assert proc.kill() == -signal.SIGKILL
+    with NormClient(start_server().target) as nc:
+        state = nc.layer("ln").state_dict()
+        np.testing.assert_array_equal(state["weight"], weight)
+        np.testing.assert_array_equal(state["bias"], bias)
+        assert nc.layer("ln").version == 2
