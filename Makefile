@@ -42,6 +42,7 @@ test: lint
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/service.py
+	$(PY) benchmarks/training.py
 
 # Regenerate the committed Python code (messages, stubs, .pyi) from the .proto.
 protos: $(TEST_STAMP)

@@ -143,16 +143,7 @@ class AsyncRemoteLayer(protocol.LayerHandle):
         timeout: float | None = None,
     ) -> np.ndarray:
         """See :meth:`normserve.client.RemoteLayer.train`."""
-        request = self._forward_request(
-            "Train",
-            x,
-            wire_dtype,
-            out,
-            keep_forward,
-            sync=sync,
-            parameters=parameters,
-            return_running_stats=return_running_stats,
-        )
+        request = self._train_request(x, wire_dtype, out, keep_forward, sync, parameters, return_running_stats)
         return await self._forward("Train", request, timeout)
 
     async def infer(

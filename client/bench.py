@@ -45,7 +45,7 @@ import numpy as np
 from normserve.client import NormClient, NormServeError
 from normserve.client.protocol import DEFAULT_STREAM_THRESHOLD
 
-__all__ = ["main"]
+__all__ = ["Echo", "alternate", "main", "start_process"]
 
 CHANNELS = 64
 CHUNK = 1 << 20
@@ -86,7 +86,8 @@ async def _serve_echo() -> None:
     await server.wait_for_termination()
 
 
-def _start(command: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
+def start_process(command: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
+    """Start ``command`` and read its output until ``pattern`` matches; (the process, group 1 of the match)."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         match = re.search(pattern, line)
@@ -127,7 +128,7 @@ def _shape(nbytes: int) -> tuple[int, int, int]:
     return (elements // (CHANNELS * length), CHANNELS, length)
 
 
-def _alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[], None]) -> dict[str, float]:
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[], None]) -> dict[str, float]:
     """Median ms of each function, timed in alternating rounds so drift hits all alike."""
     for fn in fns.values():
         fn()
@@ -199,7 +200,7 @@ def measure_sizes(target: str, echo: Echo, sizes: list[tuple[int, int]], progres
                 sent, returned = x.nbytes * tensors_in + 8, x.nbytes * tensors_out
                 fns["echo"] = lambda s=sent, r=returned: echo.unary(s, r)
                 fns["echo-stream"] = lambda s=sent, r=returned: echo.stream(s, r)
-                times = _alternate(fns, repeats, progress)
+                times = alternate(fns, repeats, progress)
                 kernel_ms = _median_ms(_kernel(op, x, dy), max(3, repeats // 4))
                 floor = times["echo"] + kernel_ms
                 times["auto"] = times["stream" if x.nbytes * tensors_in >= DEFAULT_STREAM_THRESHOLD else "bytes"]
@@ -341,14 +342,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     processes = []
     with tempfile.TemporaryDirectory() as state_dir:
         try:
-            echo_process, echo_target = _start(
+            echo_process, echo_target = start_process(
                 [sys.executable, "-m", "normserve.client.bench", "--serve-echo"], r"listening on (\S+:\d+)"
             )
             processes.append(echo_process)
             target = args.target
             if target is None:
                 command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--shared-memory"]
-                server, target = _start([*command, "--state-dir", state_dir], r"listening on (\S+:\d+) ")
+                server, target = start_process([*command, "--state-dir", state_dir], r"listening on (\S+:\d+) ")
                 processes.append(server)
             print(f"normserve {target} vs echo {echo_target}; x is (N, {CHANNELS}, L) float32; medians\n")
             print(HEADER)

@@ -329,13 +329,22 @@ class LayerHandle:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, version={self.version})"
 
-    def _forward_request(
-        self, method: str, x: Any, wire_dtype: Any, out: Any, keep_forward: bool = False, **train: Any
-    ) -> Request:
-        """A Train or Infer request; ``train``: :func:`train_options` (Train only)."""
+    def _forward_request(self, method: str, x: Any, wire_dtype: Any, out: Any, keep_forward: bool = False) -> Request:
         wire_dtype = self._client.wire_dtype if wire_dtype is None else wire_dtype
-        request = forward_request(method, self.name, x, wire_dtype, self._client.regions, out, keep_forward)
-        train_options(request.message.message, **train)
+        return forward_request(method, self.name, x, wire_dtype, self._client.regions, out, keep_forward)
+
+    def _train_request(
+        self,
+        x: Any,
+        wire_dtype: Any,
+        out: Any,
+        keep_forward: bool,
+        sync: SyncGroup | None,
+        parameters: Mapping[str, Any] | None,
+        return_running_stats: bool,
+    ) -> Request:
+        request = self._forward_request("Train", x, wire_dtype, out, keep_forward)
+        train_options(request.message.message, sync, parameters, return_running_stats)
         return request
 
     def _gradient_request(

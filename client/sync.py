@@ -176,16 +176,7 @@ class RemoteLayer(protocol.LayerHandle):
         ``sync`` (a :class:`SyncGroup` at a step) makes the batch one rank's part
         of a synchronized step. ``return_running_stats`` fills :attr:`running_stats`.
         """
-        request = self._forward_request(
-            "Train",
-            x,
-            wire_dtype,
-            out,
-            keep_forward,
-            sync=sync,
-            parameters=parameters,
-            return_running_stats=return_running_stats,
-        )
+        request = self._train_request(x, wire_dtype, out, keep_forward, sync, parameters, return_running_stats)
         return self._forward("Train", request, timeout)
 
     def infer(

@@ -93,3 +93,20 @@ def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: P
     assert len({row["kind"] for row in report["rows"]}) == 5
     assert all(row["ours_ms"] > 0 and row["torch_ms"] > 0 for row in report["rows"])
     assert report["summary"]["copy_bandwidth_gbps"] > 0
+
+
+def test_training_benchmark_quick_mode(tmp_path: Path) -> None:
+    out, png = tmp_path / "training.json", tmp_path / "training.png"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("training.py")), "--quick", "--json", str(out), "--plot", str(png)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(out.read_text())
+    assert [row["case"] for row in report["rows"]] == ["mlp-256x512", "conv-32x64x16x16"]
+    for row in report["rows"]:
+        assert set(row["ms"]) == {"torch", "echo", "remote", "sync x1", "sync x4"}
+        assert all(ms > 0 for ms in row["ms"].values())
+    assert png.read_bytes().startswith(b"\x89PNG")

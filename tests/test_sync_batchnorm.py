@@ -227,3 +227,24 @@ def test_synced_gradient_is_for_training_mode_only(client, layer_name, rng):
     x = rng.normal(size=(4, 3))
     with pytest.raises(InvalidArgument, match="training-mode gradients only"):
         layer.gradient(x, x, training=False, sync=SyncGroup("g", 1, 0))
+
+
+def test_async_clients_on_one_event_loop_are_ranks_too(server, client, layer_name, rng):
+    import asyncio
+
+    from normserve.client import AsyncNormClient
+
+    client.create_layer(layer_name, "batch_norm", num_features=2)
+    xs = [rng.normal(size=(n, 2)).astype(np.float32) for n in (3, 6)]
+
+    async def rank(r: int) -> np.ndarray:
+        async with AsyncNormClient(server.target) as nc:
+            layer = await nc.layer(layer_name)
+            return await layer.train(xs[r], sync=SyncGroup("aio", 2, r))
+
+    async def both() -> list[np.ndarray]:
+        return await asyncio.gather(rank(0), rank(1))
+
+    whole = np.concatenate(xs)
+    expected = (whole - whole.mean(0)) / np.sqrt(whole.var(0) + 1e-5)
+    np.testing.assert_allclose(np.concatenate(asyncio.run(both())), expected, rtol=1e-5, atol=1e-5)
