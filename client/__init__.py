@@ -9,6 +9,9 @@
 coroutines. Inputs may be NumPy arrays, CuPy arrays or torch tensors; results
 are always NumPy arrays in the input's dtype. Failures raise
 :class:`NormServeError` subclasses carrying the gRPC status code.
+:class:`SyncGroup` makes Train and Gradient calls of several workers one
+synchronized batch norm step. PyTorch modules backed by the service are in
+:mod:`normserve.client.torch` (imported separately: torch is optional).
 """
 
 from normserve.client.aio import AsyncNormClient, AsyncRemoteLayer

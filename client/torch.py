@@ -41,6 +41,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import ml_dtypes
 import numpy as np
 import torch
 from torch import nn
@@ -225,7 +226,7 @@ class RemoteNorm(nn.Module):
             self.send_parameters()  # once after they changed; Infer calls never carry them
             y = self._layer.infer(x)
             forward = _Forward(False, None, None)
-        return torch.from_numpy(y).to(x.device), forward
+        return _tensor(y, x), forward
 
     def _backward(self, x: torch.Tensor, dy: torch.Tensor, forward: _Forward) -> tuple[Any, Any, Any]:
         gradient: Callable[..., Any] = self._layer.gradient
@@ -235,8 +236,7 @@ class RemoteNorm(nn.Module):
         except FailedPrecondition:  # the server dropped the kept forward (its cache was full): send x
             dx, dweight, dbias = gradient(x, dy, forward.training, sync=forward.sync)
         return tuple(
-            None if g is None else torch.from_numpy(g).to(device=like.device, dtype=like.dtype)
-            for g, like in ((dx, x), (dweight, self.weight), (dbias, self.bias))
+            None if g is None else _tensor(g, like) for g, like in ((dx, x), (dweight, self.weight), (dbias, self.bias))
         )
 
     @classmethod
@@ -271,6 +271,15 @@ class _RemoteFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         (x,) = ctx.saved_tensors
         return (None, *ctx.module._backward(x, dy, ctx.remote_forward))
+
+
+def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A client result as a tensor on ``like``'s device, in its dtype (bfloat16 arrives as ml_dtypes')."""
+    if array.dtype == ml_dtypes.bfloat16:
+        tensor = torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(array)
+    return tensor.to(device=like.device, dtype=like.dtype)
 
 
 def _dtype_of(module: nn.Module) -> torch.dtype | None:

@@ -235,3 +235,18 @@ def test_unsupported_configs_say_so(client, layer_name):
     lone = remote.convert_to_remote(nn.BatchNorm1d(3), client, prefix=layer_name)
     assert isinstance(lone, remote.RemoteBatchNorm1d)
     assert lone.layer_name == layer_name
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 2e-3), (torch.bfloat16, 2e-2), (torch.float64, 1e-10)])
+def test_half_and_double_inputs_come_back_in_their_dtype(client, layer_name, rng, dtype, tol):
+    parameter_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    module = remote.RemoteLayerNorm(6, client=client, name=layer_name, dtype=parameter_dtype)
+    twin = nn.LayerNorm(6, dtype=parameter_dtype)
+    x = torch.tensor(rng.normal(size=(4, 6))).to(dtype).requires_grad_()
+    y = module(x)
+    assert y.dtype == dtype
+    expected = twin(x.detach().to(parameter_dtype))
+    _close(y.to(torch.float64), expected.to(torch.float64), tol)
+    y.sum().backward()
+    assert x.grad.dtype == dtype
+    assert module.weight.grad.dtype == parameter_dtype
