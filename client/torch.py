@@ -37,6 +37,7 @@ must run the same number of them, as with DistributedDataParallel.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -46,7 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normserve.client.errors import FailedPrecondition
+from normserve.client.errors import FailedPrecondition, ResourceExhausted
 from normserve.client.protocol import SyncGroup
 
 __all__ = [
@@ -216,7 +217,15 @@ class RemoteNorm(nn.Module):
             self.sync_step += 1  # a failed step is gone for every rank: all move on
             changed = self._changed_parameters()
             tracks = bool(getattr(self, "track_running_stats", False))
-            y = self._layer.train(x, keep_forward=keep, parameters=changed, sync=sync, return_running_stats=tracks)
+            train = functools.partial(self._layer.train, x, parameters=changed, sync=sync, return_running_stats=tracks)
+            try:
+                y = train(keep_forward=keep)
+            except ResourceExhausted:
+                if not keep:
+                    raise
+                # x is over the server's --forward-cache-bytes (refused before any work): the
+                # backward sends x instead
+                y, keep = train(keep_forward=False), False
             self._sent.update({key: value.clone() for key, value in changed.items()})
             if tracks:
                 self._copy_in(self._layer.running_stats)
@@ -233,7 +242,10 @@ class RemoteNorm(nn.Module):
         kept = forward.forward_id
         try:
             dx, dweight, dbias = gradient(None if kept else x, dy, forward.training, forward_id=kept, sync=forward.sync)
-        except FailedPrecondition:  # the server dropped the kept forward (its cache was full): send x
+        except FailedPrecondition:
+            if not kept:
+                raise
+            # the server dropped the kept forward (least recently used, to stay in its budget): send x
             dx, dweight, dbias = gradient(x, dy, forward.training, sync=forward.sync)
         return tuple(
             None if g is None else _tensor(g, like) for g, like in ((dx, x), (dweight, self.weight), (dbias, self.bias))

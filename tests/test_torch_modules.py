@@ -250,3 +250,21 @@ def test_half_and_double_inputs_come_back_in_their_dtype(client, layer_name, rng
     y.sum().backward()
     assert x.grad.dtype == dtype
     assert module.weight.grad.dtype == parameter_dtype
+
+
+def test_forwards_the_server_cannot_keep_are_sent_again_by_the_backward(start_server, rng):
+    """--forward-cache-bytes 1000: a 2 KB input is never kept, and of two 512 B ones the first is evicted."""
+    proc = start_server("--forward-cache-bytes", "1000")
+    local = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.BatchNorm1d(16))
+    with NormClient(proc.target) as nc:
+        model = remote.convert_to_remote(copy.deepcopy(local), nc, prefix="m.")
+        calls = _Calls(nc)
+        for batch in (8, 32):  # x of each layer: 512 B, then 2 KB
+            x = torch.tensor(rng.normal(size=(batch, 16)), dtype=torch.float32)
+            for net in (local, model):
+                net.zero_grad()
+                net(x).pow(3).sum().backward()
+            for p, q in zip(model.parameters(), local.parameters(), strict=True):
+                _close(p.grad, q.grad, 1e-4)
+        assert calls.counts["Train"] == 2 + 4  # the 2 KB Trains were refused (keep_forward) and sent again
+        assert calls.counts["Gradient"] == 4 + 1  # the evicted 512 B forward: sent again with x
