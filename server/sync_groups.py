@@ -142,7 +142,12 @@ class SyncSteps:
         return await asyncio.shield(task)
 
     def fail(self, key: tuple, reason: str, error: type[ServiceError] = SyncAborted) -> None:
-        """Fail step ``key`` (open or not yet opened) for every rank, with ``reason``."""
+        """Fail step ``key`` (open or not yet opened) for every rank, with ``reason``.
+
+        A step already finished or failed keeps its outcome.
+        """
+        if key in self._closed:
+            return
         failure = error(
             f"the {self._describe(key)} failed, nothing was changed: {reason}; "
             "start the next step (a new sync.step) on every rank"
