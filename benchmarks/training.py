@@ -24,8 +24,6 @@ import json
 import os
 import platform
 import statistics
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -36,7 +34,7 @@ import torch
 from torch import nn
 
 from normserve.client import NormClient, SyncGroup
-from normserve.client.bench import Echo, alternate, start_process
+from normserve.client.bench import Echo, alternate, echo_server, normserve_server
 from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d
 
 OUT = Path(__file__).parent / "out"
@@ -140,25 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plot", type=Path, default=OUT / "training.png")
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    processes = []
-    with tempfile.TemporaryDirectory() as state_dir:
-        try:
-            echo_process, echo_target = start_process(
-                [sys.executable, "-m", "normserve.client.bench", "--serve-echo"], r"listening on (\S+:\d+)"
-            )
-            processes.append(echo_process)
-            command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--state-dir", state_dir]
-            server, target = start_process(command, r"listening on (\S+:\d+) ")
-            processes.append(server)
-            print(f"median ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
-            print(HEADER)
-            echo = Echo(echo_target)
-            rows = measure(target, echo, 10 if args.quick else 200)
-            echo.channel.close()
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(60)
+    with echo_server() as echo_target, normserve_server() as target:
+        print(f"median ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
+        print(HEADER)
+        echo = Echo(echo_target)
+        rows = measure(target, echo, 10 if args.quick else 200)
+        echo.channel.close()
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "torch": torch.__version__,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -35,7 +36,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,7 @@ import numpy as np
 from normserve.client import NormClient, NormServeError
 from normserve.client.protocol import DEFAULT_STREAM_THRESHOLD
 
-__all__ = ["Echo", "alternate", "main", "start_process"]
+__all__ = ["Echo", "alternate", "echo_server", "main", "normserve_server", "running", "start_process"]
 
 CHANNELS = 64
 CHUNK = 1 << 20
@@ -87,13 +88,42 @@ async def _serve_echo() -> None:
 
 
 def start_process(command: list[str], pattern: str) -> tuple[subprocess.Popen, str]:
-    """Start ``command`` and read its output until ``pattern`` matches; (the process, group 1 of the match)."""
+    """Start ``command`` and read its output until ``pattern`` matches; (the process, group 1 of the match).
+
+    The rest of its output is read (and dropped) on a thread, so a chatty process never blocks on a full pipe.
+    """
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         match = re.search(pattern, line)
         if match:
+            threading.Thread(target=process.stdout.read, daemon=True).start()
             return process, match.group(1)
     raise RuntimeError(f"{command[0]} did not start")
+
+
+@contextlib.contextmanager
+def running(command: list[str], pattern: str) -> Iterator[str]:
+    """``command`` running for the block (terminated after it); yields what ``pattern``'s group 1 matched."""
+    process, address = start_process(command, pattern)
+    try:
+        yield address
+    finally:
+        process.terminate()
+        process.wait(60)
+
+
+def echo_server() -> contextlib.AbstractContextManager[str]:
+    """The bare echo server for the block; yields its address."""
+    return running([sys.executable, "-m", "normserve.client.bench", "--serve-echo"], r"listening on (\S+:\d+)")
+
+
+@contextlib.contextmanager
+def normserve_server(*args: str) -> Iterator[str]:
+    """``normserve serve --port 0`` on a scratch state folder for the block; yields its address."""
+    with tempfile.TemporaryDirectory() as state_dir:
+        command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--state-dir", state_dir, *args]
+        with running(command, r"listening on (\S+:\d+) ") as target:
+            yield target
 
 
 class Echo:
@@ -339,32 +369,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from tqdm import tqdm
 
     sizes = QUICK if args.quick else SIZES
-    processes = []
-    with tempfile.TemporaryDirectory() as state_dir:
-        try:
-            echo_process, echo_target = start_process(
-                [sys.executable, "-m", "normserve.client.bench", "--serve-echo"], r"listening on (\S+:\d+)"
-            )
-            processes.append(echo_process)
-            target = args.target
-            if target is None:
-                command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--shared-memory"]
-                server, target = start_process([*command, "--state-dir", state_dir], r"listening on (\S+:\d+) ")
-                processes.append(server)
-            print(f"normserve {target} vs echo {echo_target}; x is (N, {CHANNELS}, L) float32; medians\n")
-            print(HEADER)
-            echo = Echo(echo_target)
-            with tqdm(total=sum(r for _, r in sizes) * len(OPS), unit="round", file=sys.stderr) as bar:
-                rows = measure_sizes(target, echo, sizes, _Progress(bar))
-            echo.channel.close()
-            concurrency = [
-                measure_concurrency(target, echo_target, nbytes, args.concurrency_seconds / (4 if args.quick else 1))
-                for nbytes in ((4 << 10,) if args.quick else (4 << 10, 1 << 20))
-            ]
-        finally:
-            for process in processes:
-                process.terminate()
-                process.wait(60)
+    with contextlib.ExitStack() as running_now:
+        echo_target = running_now.enter_context(echo_server())
+        target = args.target or running_now.enter_context(normserve_server("--shared-memory"))
+        print(f"normserve {target} vs echo {echo_target}; x is (N, {CHANNELS}, L) float32; medians\n")
+        print(HEADER)
+        echo = Echo(echo_target)
+        with tqdm(total=sum(r for _, r in sizes) * len(OPS), unit="round", file=sys.stderr) as bar:
+            rows = measure_sizes(target, echo, sizes, _Progress(bar))
+        echo.channel.close()
+        concurrency = [
+            measure_concurrency(target, echo_target, nbytes, args.concurrency_seconds / (4 if args.quick else 1))
+            for nbytes in ((4 << 10,) if args.quick else (4 << 10, 1 << 20))
+        ]
     for c in concurrency:
         print(
             f"\n{CONCURRENT_CLIENTS} clients, Infer {_label(c['x_bytes'])}: {c['normserve_calls_per_s']:.0f} calls/s, "

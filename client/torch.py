@@ -86,10 +86,8 @@ class RemoteNorm(nn.Module):
 
     torch_class: ClassVar[type[nn.Module]]
     kind: ClassVar[str]
-    #: The twin's attributes that are server config arguments (same names).
-    _config_args: ClassVar[tuple[str, ...]]
-    #: The server's layers of this kind always pair a weight with a bias.
-    _affine_has_bias: ClassVar[bool] = False
+    #: The server's layers of this kind always pair a weight with a bias (not so for layer and RMS norm).
+    _affine_has_bias: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -131,7 +129,7 @@ class RemoteNorm(nn.Module):
 
     # ------------------------------------------------------------------ config
     def _server_config(self, remote_device: str | None) -> dict[str, Any]:
-        config = {arg: getattr(self, arg) for arg in self._config_args}
+        config = self._constructor_args(self)  # the server takes torch's argument names
         dtype = _dtype_of(self)
         if dtype not in (None, torch.float32, torch.float64):
             raise ValueError(
@@ -309,49 +307,37 @@ def _adopt(target: nn.Module, source: nn.Module) -> None:
     target.train(source.training)
 
 
-class _ChannelMixin:
-    _config_args = ("num_features", "eps", "momentum", "affine", "track_running_stats")
-    _affine_has_bias = True
-
-
-class RemoteBatchNorm1d(_ChannelMixin, RemoteNorm):
+class RemoteBatchNorm1d(RemoteNorm):
     torch_class, kind = nn.BatchNorm1d, "batch_norm"
 
 
-class RemoteBatchNorm2d(_ChannelMixin, RemoteNorm):
+class RemoteBatchNorm2d(RemoteNorm):
     torch_class, kind = nn.BatchNorm2d, "batch_norm"
 
 
-class RemoteBatchNorm3d(_ChannelMixin, RemoteNorm):
+class RemoteBatchNorm3d(RemoteNorm):
     torch_class, kind = nn.BatchNorm3d, "batch_norm"
 
 
-class RemoteInstanceNorm1d(_ChannelMixin, RemoteNorm):
+class RemoteInstanceNorm1d(RemoteNorm):
     torch_class, kind, _no_batch_dim = nn.InstanceNorm1d, "instance_norm", 2
 
 
-class RemoteInstanceNorm2d(_ChannelMixin, RemoteNorm):
+class RemoteInstanceNorm2d(RemoteNorm):
     torch_class, kind, _no_batch_dim = nn.InstanceNorm2d, "instance_norm", 3
 
 
-class RemoteInstanceNorm3d(_ChannelMixin, RemoteNorm):
+class RemoteInstanceNorm3d(RemoteNorm):
     torch_class, kind, _no_batch_dim = nn.InstanceNorm3d, "instance_norm", 4
 
 
 class RemoteGroupNorm(RemoteNorm):
     torch_class, kind = nn.GroupNorm, "group_norm"
-    _config_args = ("num_groups", "num_channels", "eps", "affine")
-    _affine_has_bias = True
 
 
 class RemoteLayerNorm(RemoteNorm):
     torch_class, kind = nn.LayerNorm, "layer_norm"
-    _config_args = ("normalized_shape", "eps", "elementwise_affine", "bias")
-
-    def _server_config(self, remote_device: str | None) -> dict[str, Any]:
-        config = super()._server_config(remote_device)
-        config["bias"] = self.bias is not None or not self.elementwise_affine
-        return config
+    _affine_has_bias = False
 
     @classmethod
     def _constructor_args(cls, module: nn.Module) -> dict[str, Any]:
@@ -360,7 +346,7 @@ class RemoteLayerNorm(RemoteNorm):
 
 class RemoteRMSNorm(RemoteNorm):
     torch_class, kind = nn.RMSNorm, "rms_norm"
-    _config_args = ("normalized_shape", "eps", "elementwise_affine")
+    _affine_has_bias = False
 
 
 #: torch module class -> its remote twin.

@@ -20,12 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import re
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +29,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from normserve.client import NormClient
+from normserve.client.bench import normserve_server
 from normserve.client.torch import convert_to_remote
 
 LEARNING_RATES = (0.01, 0.1)
@@ -100,27 +96,9 @@ def train(
     return history
 
 
-@contextlib.contextmanager
-def server(target: str | None) -> Iterator[str]:
+def server(target: str | None) -> contextlib.AbstractContextManager[str]:
     """``target``, or a ``normserve serve`` of our own on a free port with a scratch state folder."""
-    if target is not None:
-        yield target
-        return
-    with tempfile.TemporaryDirectory() as state:
-        log_path = Path(state) / "server.log"
-        with open(log_path, "w") as log:
-            command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--state-dir", state]
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 60
-            while (match := re.search(r"listening on (\S+:\d+) ", log_path.read_text())) is None:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"the server did not start:\n{log_path.read_text()}")
-                time.sleep(0.05)
-            yield match.group(1)
-        finally:
-            process.terminate()
-            process.wait(30)
+    return contextlib.nullcontext(target) if target is not None else normserve_server()
 
 
 def plot(results: dict[str, dict[str, list[float]]], path: Path, depth: int) -> None:
