@@ -18,6 +18,7 @@ from normserve.client.aio import AsyncNormClient, AsyncRemoteLayer
 from normserve.client.errors import (
     Aborted,
     AlreadyExists,
+    DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -35,6 +36,7 @@ __all__ = [
     "AlreadyExists",
     "AsyncNormClient",
     "AsyncRemoteLayer",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",

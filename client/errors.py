@@ -7,6 +7,7 @@ import grpc
 __all__ = [
     "Aborted",
     "AlreadyExists",
+    "DataLoss",
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
@@ -70,6 +71,12 @@ class Aborted(NormServeError):
     code = grpc.StatusCode.ABORTED
 
 
+class DataLoss(NormServeError):
+    """The layer's stored state could not be restored by the server; delete it and create it again."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -82,6 +89,7 @@ _BY_CODE = {
         Unavailable,
         DeadlineExceeded,
         Aborted,
+        DataLoss,
     )
 }
 

@@ -17,8 +17,18 @@ from normkernels.errors import (
     NormError,
     ShapeError,
     StateDictError,
+    StateTooLarge,
 )
-from normkernels.layers import KINDS, BatchNorm, GroupNorm, InstanceNorm, LayerNorm, RMSNorm, make_layer
+from normkernels.layers import (
+    KINDS,
+    BatchNorm,
+    GroupNorm,
+    InstanceNorm,
+    LayerNorm,
+    RMSNorm,
+    make_layer,
+    state_budget,
+)
 from normkernels.monitor import BatchReport
 
 __all__ = [
@@ -39,10 +49,12 @@ __all__ = [
     "RMSNorm",
     "ShapeError",
     "StateDictError",
+    "StateTooLarge",
     "backward",
     "cuda_device_count",
     "forward_eval",
     "forward_train",
     "make_layer",
     "parse_device",
+    "state_budget",
 ]

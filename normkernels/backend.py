@@ -10,9 +10,10 @@ ones vector, which BLAS runs at memory speed and with several threads.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import re
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -133,8 +134,17 @@ def compute_dtype(*dtypes: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-@functools.lru_cache(maxsize=128)
-def _ones(xp: ModuleType, n: int, dtype: np.dtype, device_id: int) -> Array:
+#: Ones vectors kept for reuse, in bytes. Their lengths follow the shapes clients send, so the
+#: cache is bounded by bytes (least recently used out), and a vector over an eighth of it is never
+#: kept: making it costs one write of n elements, small next to the product of n-long rows it feeds.
+ONES_CACHE_BYTES = 4 << 20
+ONES_CACHE_ENTRIES = 256
+_ones_cache: OrderedDict[tuple, Array] = OrderedDict()
+_ones_lock = threading.Lock()  # kernel threads share the cache
+_ones_bytes = 0
+
+
+def _new_ones(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
     ones = xp.ones(n, dtype=dtype)
     if xp is np:
         ones.flags.writeable = False
@@ -142,9 +152,25 @@ def _ones(xp: ModuleType, n: int, dtype: np.dtype, device_id: int) -> Array:
 
 
 def ones(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
-    """A cached read-only ones vector (one per size, dtype and device)."""
-    device_id = 0 if xp is np else cupy.cuda.runtime.getDevice()
-    return _ones(xp, n, np.dtype(dtype), device_id)
+    """A read-only ones vector, cached (per size, dtype and device) when it is small."""
+    dtype = np.dtype(dtype)
+    if n * dtype.itemsize > ONES_CACHE_BYTES // 8:
+        return _new_ones(xp, n, dtype)
+    key = (xp.__name__, n, dtype, 0 if xp is np else cupy.cuda.runtime.getDevice())
+    with _ones_lock:
+        cached = _ones_cache.get(key)
+        if cached is not None:
+            _ones_cache.move_to_end(key)
+            return cached
+    made = _new_ones(xp, n, dtype)
+    global _ones_bytes
+    with _ones_lock:
+        if key not in _ones_cache:
+            _ones_cache[key] = made
+            _ones_bytes += made.nbytes
+        while _ones_bytes > ONES_CACHE_BYTES or len(_ones_cache) > ONES_CACHE_ENTRIES:
+            _ones_bytes -= _ones_cache.popitem(last=False)[1].nbytes
+    return made
 
 
 #: Below this many elements, reductions use ``sum`` instead of BLAS.

@@ -34,3 +34,13 @@ class StateDictError(NormError):
 
 class DeviceError(NormError):
     """A device is unknown or unavailable, or an array lives on the wrong device."""
+
+
+class StateTooLarge(NormError):
+    """A layer's state would take more bytes than the :func:`~normkernels.layers.state_budget` allows."""
+
+    def __init__(self, needed: int, allowed: int, what: str) -> None:
+        self.needed, self.allowed = needed, allowed
+        super().__init__(
+            f"{what} needs {needed} bytes of state (parameters and running statistics), over the {allowed} allowed"
+        )

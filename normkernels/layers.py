@@ -9,10 +9,12 @@ rule) and how its running statistics are updated.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import copy
 import math
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,11 +32,37 @@ from normkernels.backend import (
     parse_device,
     to_numpy,
 )
-from normkernels.errors import ConfigError, NonFiniteError, ShapeError, StateDictError
+from normkernels.errors import ConfigError, NonFiniteError, ShapeError, StateDictError, StateTooLarge
 
-__all__ = ["KINDS", "BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm", "RMSNorm", "make_layer"]
+__all__ = [
+    "KINDS",
+    "MAX_BATCHES_TRACKED",
+    "MAX_NORMALIZED_DIMS",
+    "BatchNorm",
+    "GroupNorm",
+    "InstanceNorm",
+    "LayerNorm",
+    "RMSNorm",
+    "make_layer",
+    "state_budget",
+]
 
 _FLOAT_KEYS = ("weight", "bias", "running_mean", "running_var")
+#: More trailing dimensions than any input of ours has (the wire allows 32).
+MAX_NORMALIZED_DIMS = 32
+#: num_batches_tracked stays far below int64's end, so counting further can never overflow.
+MAX_BATCHES_TRACKED = 2**62
+_STATE_BUDGET: contextvars.ContextVar[int | None] = contextvars.ContextVar("state_budget", default=None)
+
+
+@contextlib.contextmanager
+def state_budget(max_bytes: int | None) -> Iterator[None]:
+    """Layers built inside refuse (StateTooLarge), before allocating, state over ``max_bytes`` (None: any)."""
+    token = _STATE_BUDGET.set(max_bytes)
+    try:
+        yield
+    finally:
+        _STATE_BUDGET.reset(token)
 
 
 def _positive_int(value: Any, name: str) -> int:
@@ -106,6 +134,9 @@ class _NormBase:
         self.running_var: Array | None = None
         self.num_batches_tracked = 0
         self._plans: dict[tuple[int, ...], core.Plan] = {}  # validated input shapes (a small cache)
+        budget = _STATE_BUDGET.get()
+        if budget is not None and self.state_nbytes > budget:
+            raise StateTooLarge(self.state_nbytes, budget, f"{type(self).__name__} of param shape {param_shape}")
         self.reset_parameters()
 
     # ----------------------------------------------------------------- kind hooks
@@ -146,6 +177,12 @@ class _NormBase:
         copy-on-write updates while readers keep using the old state.
         """
         return copy.copy(self)
+
+    @property
+    def state_nbytes(self) -> int:
+        """Bytes of the float state tensors (known before they exist)."""
+        tensors = sum(self._has.values()) + (2 if self.track_running_stats else 0)
+        return tensors * math.prod(self.param_shape) * self.dtype.itemsize
 
     @property
     def state_keys(self) -> tuple[str, ...]:
@@ -197,6 +234,8 @@ class _NormBase:
             count = int(arr.reshape(()))
             if count < 0:
                 raise StateDictError(f"state['num_batches_tracked'] must be >= 0, got {count}")
+            if count > MAX_BATCHES_TRACKED:
+                raise StateDictError(f"state['num_batches_tracked'] must be at most 2**62 (batches seen), got {count}")
             return count
         if tuple(arr.shape) != self.param_shape:
             raise StateDictError(f"state[{key!r}] has shape {tuple(arr.shape)}, the layer needs {self.param_shape}")
@@ -374,13 +413,13 @@ class _NormBase:
             "bias": dbias.reshape(self.param_shape).astype(self.dtype) if self._has["bias"] else None,
         }
 
-    def _check_finite(self, stats: core.Moments) -> None:
+    def _check_finite(self, stats: core.Moments, where: str = "its statistics") -> None:
         xp = self.xp
         finite = xp.isfinite(stats.var).all() and (stats.mean is None or xp.isfinite(stats.mean).all())
         if not bool(finite):
             raise NonFiniteError(
-                "the training batch contains NaN or Inf (or values so large their variance overflows): "
-                "it was rejected and the layer's running statistics are unchanged"
+                "the training batch contains NaN or Inf (or values so large that "
+                f"{where} overflow): it was rejected and the layer's running statistics are unchanged"
             )
 
     def _after_training_batch(self, stats: core.Moments, n: int) -> core.Moments | None:
@@ -401,10 +440,13 @@ class _NormBase:
         mean, var = mean * (1.0 / rows), var * var_scale
         batches = self.num_batches_tracked + 1 if self._counts_batches else self.num_batches_tracked
         factor = self._update_factor(batches)
-        running_mean = (1.0 - factor) * self.running_mean + factor * mean
-        running_var = (1.0 - factor) * self.running_var + factor * var
-        self.running_mean = running_mean.astype(self.dtype, copy=False)
-        self.running_var = running_var.astype(self.dtype, copy=False)
+        running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(self.dtype, copy=False)
+        running_var = ((1.0 - factor) * self.running_var + factor * var).astype(self.dtype, copy=False)
+        # Finite in the compute dtype may still overflow the state's dtype (float64 x into float32 stats).
+        self._check_finite(core.Moments(running_mean, running_var), f"the running statistics in {self.dtype}")
+        if batches > MAX_BATCHES_TRACKED:
+            raise StateDictError(f"num_batches_tracked is at its limit ({MAX_BATCHES_TRACKED}); reset it with SetState")
+        self.running_mean, self.running_var = running_mean, running_var
         self.num_batches_tracked = batches
         return core.Moments(mean, var)
 
@@ -629,6 +671,8 @@ def _normalized_shape(value: Any) -> tuple[int, ...]:
         raise ConfigError(f"normalized_shape must be an int or a sequence of ints, got {value!r}") from None
     if not dims:
         raise ConfigError("normalized_shape must have at least one dimension")
+    if len(dims) > MAX_NORMALIZED_DIMS:
+        raise ConfigError(f"normalized_shape may have at most {MAX_NORMALIZED_DIMS} dimensions, got {len(dims)}")
     return tuple(_positive_int(d, "every normalized_shape entry") for d in dims)
 
 

@@ -14,7 +14,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import parse_device
-from normserve.server.interceptors import ObserveCalls, RequireToken
+from normserve.server.interceptors import GuardCalls, RequireToken
+from normserve.server.memory import Trimmer, return_freed_memory
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
 from normserve.server.security import TlsFiles, TokenSet
@@ -34,9 +35,10 @@ class ServerOptions:
     device: str = "auto"
     state_dir: Path = Path("normserve-state")
     workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    max_message_bytes: int = (1 << 31) - 1  # gRPC's own ceiling
     limits: Limits = field(default_factory=Limits)
     max_layers: int = 10_000
+    max_layer_state_bytes: int = 64 << 20  # parameters and running statistics of one layer
+    max_state_bytes: int = 4 << 30  # of all layers together
     max_concurrent_rpcs: int | None = None  # None: no limit; more answer RESOURCE_EXHAUSTED
     grace_period: float = 30.0
     sqlite_synchronous: str = "FULL"
@@ -47,6 +49,9 @@ class ServerOptions:
     shared_memory: bool = False  # serve tensors in clients' POSIX shared memory (same host, trusted clients)
     forward_cache_bytes: int = 1 << 30  # budget of forwards kept for Gradient by forward_id
     sync_timeout: float = 60.0  # seconds the first rank of a synchronized step waits for the last
+    max_world_size: int = 1024  # ranks of one synchronized step
+    max_connection_age: float = 1800.0  # seconds before a client connection is asked to reconnect (GOAWAY) ...
+    max_connection_age_grace: float = 300.0  # ... and then closed, ending what is still open on it
 
 
 def _address(host: str, port: int) -> str:
@@ -60,6 +65,7 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     calls and gives in-flight ones ``grace_period`` seconds, started writes
     finish, and the store is checkpointed and closed.
     """
+    return_freed_memory()
     device = str(parse_device(options.device))
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
@@ -71,6 +77,9 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         max_layers=options.max_layers,
         forward_cache_bytes=options.forward_cache_bytes,
         sync_timeout=options.sync_timeout,
+        max_world_size=options.max_world_size,
+        max_layer_state_bytes=options.max_layer_state_bytes,
+        max_state_bytes=options.max_state_bytes,
     )
     try:
         restored = registry.load()
@@ -81,16 +90,23 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         log.warning("%d layers restored, --max-layers is %d: no new layer fits", restored, options.max_layers)
 
     metrics = Metrics(registry.list) if options.metrics_port else None
-    interceptors: list[grpc.aio.ServerInterceptor] = [ObserveCalls(metrics)]  # outermost: sees refusals too
+    trimmer = Trimmer()
+    # outermost: guards and sees every call, refusals included
+    interceptors: list[grpc.aio.ServerInterceptor] = [
+        GuardCalls(metrics, options.limits.default_deadline, trimmer.moved)
+    ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
         options=[
-            ("grpc.max_receive_message_length", options.max_message_bytes),
-            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.max_receive_message_length", options.limits.max_message_bytes),
+            ("grpc.max_send_message_length", options.limits.max_message_bytes),
             ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
+            # No call outlives its connection: one whose client stopped reading cannot hold its slot forever.
+            ("grpc.max_connection_age_ms", int(options.max_connection_age * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(options.max_connection_age_grace * 1000)),
         ],
     )
     shared_memory = SharedMemoryRegions(enabled=options.shared_memory)
@@ -144,7 +160,9 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
             "shared memory on: every client that may call this server can read and write the shared-memory "
             "objects this server's user can open; allow only trusted clients on this host"
         )
+    trimming = asyncio.ensure_future(trimmer.run())
     await stop.wait()
+    trimming.cancel()
 
     log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", options.grace_period)
     await health_servicer.enter_graceful_shutdown()

@@ -97,13 +97,30 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     )
     # Limits
     add("--max-layers", type=_positive_int, default=defaults.max_layers, help="most layers the server holds")
-    add("--max-message-bytes", type=_positive_int, default=defaults.max_message_bytes, help="largest gRPC message")
+    add(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=defaults.limits.max_message_bytes,
+        help="largest gRPC message either way; a unary answer that would not fit is refused before any work",
+    )
     add("--max-tensor-bytes", type=_positive_int, default=defaults.limits.max_tensor_bytes, help="largest tensor")
     add(
         "--max-tensor-elements",
         type=_positive_int,
         default=defaults.limits.max_tensor_elements,
         help="most elements in one tensor",
+    )
+    add(
+        "--max-layer-state-bytes",
+        type=_positive_int,
+        default=defaults.max_layer_state_bytes,
+        help="bytes of one layer's parameters and running statistics; a larger layer is refused at CreateLayer",
+    )
+    add(
+        "--max-state-bytes",
+        type=_positive_int,
+        default=defaults.max_state_bytes,
+        help="bytes of the state of all layers together; a CreateLayer past it is refused",
     )
     add(
         "--max-concurrent-rpcs",
@@ -115,7 +132,8 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         "--default-deadline",
         type=_seconds,
         default=defaults.limits.default_deadline,
-        help="seconds a call without a deadline may wait for a layer's earlier writes or a kernel thread",
+        help="seconds a call without a deadline may wait for a layer's earlier writes or a kernel thread, and "
+        "that any stream may wait on a peer that sends or takes nothing",
     )
     add(
         "--grace-period",
@@ -135,6 +153,25 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         default=defaults.sync_timeout,
         help="seconds the first rank of a synchronized step (SyncBatchNorm) waits for the others before the "
         "step fails for all with DEADLINE_EXCEEDED",
+    )
+    add(
+        "--max-connection-age",
+        type=_seconds,
+        default=defaults.max_connection_age,
+        help="seconds after which a client connection is asked to reconnect (clients do so by themselves); "
+        "with the grace below, no call lives longer on one connection",
+    )
+    add(
+        "--max-connection-age-grace",
+        type=_number(float, 0),
+        default=defaults.max_connection_age_grace,
+        help="seconds calls on an aged connection get to finish before it is closed",
+    )
+    add(
+        "--max-world-size",
+        type=_positive_int,
+        default=defaults.max_world_size,
+        help="most ranks in one synchronized step (SyncGroup.world_size)",
     )
     add(
         "--shared-memory",
@@ -232,12 +269,14 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         device=args.device,
         state_dir=args.state_dir,
         workers=args.workers,
-        max_message_bytes=args.max_message_bytes,
         limits=Limits(
             max_tensor_bytes=args.max_tensor_bytes,
             max_tensor_elements=args.max_tensor_elements,
             default_deadline=args.default_deadline,
+            max_message_bytes=args.max_message_bytes,
         ),
+        max_layer_state_bytes=args.max_layer_state_bytes,
+        max_state_bytes=args.max_state_bytes,
         max_layers=args.max_layers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_period=args.grace_period,
@@ -249,6 +288,9 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         shared_memory=args.shared_memory,
         forward_cache_bytes=args.forward_cache_bytes,
         sync_timeout=args.sync_timeout,
+        max_world_size=args.max_world_size,
+        max_connection_age=args.max_connection_age,
+        max_connection_age_grace=args.max_connection_age_grace,
     )
 
 
@@ -308,6 +350,8 @@ def _layers(args: argparse.Namespace) -> int:
     for layer in layers:
         if args.json:
             print(json.dumps(json_format.MessageToDict(layer.info, preserving_proto_field_name=True)))
+        elif layer.info.restore_error:
+            print(f"{layer.name}\tUNRESTORABLE\t{layer.info.restore_error}")
         else:
             config = layer.info.config
             shape = "x".join(map(str, layer.info.param_shape))

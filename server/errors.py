@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from normkernels import NormError
@@ -9,17 +11,21 @@ from normserve.v1.codec import TensorError, TensorTooLarge
 from normserve.v1.wire import WireError
 
 __all__ = [
+    "AnswerTooLarge",
     "ForwardGone",
     "ForwardTooLarge",
     "InvalidRequest",
     "LayerExists",
     "LayerNotFound",
+    "LayerTooLarge",
+    "LayerUnrestorable",
     "RegionExists",
     "RegionNotFound",
     "ServiceError",
     "SharedMemoryOff",
     "ShuttingDown",
     "StaleVersion",
+    "StateDirFull",
     "TooManyLayers",
     "WaitTimeout",
     "status_for",
@@ -47,12 +53,47 @@ class LayerExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class LayerUnrestorable(ServiceError):
+    """The layer's stored state could not be restored at startup; it serves nothing until replaced."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+    def __init__(self, name: str, why: str) -> None:
+        super().__init__(
+            f"layer {name!r} could not be restored from the state directory ({why}); its other calls answer this "
+            "too. Delete it (DeleteLayer) and create it again, or restore the state directory from a backup"
+        )
+
+
+class AnswerTooLarge(ServiceError):
+    """An answer that could not be sent in one message (checked before any work)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class LayerTooLarge(ServiceError):
+    """A layer's state (or an answer) over a byte budget."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class StaleVersion(ServiceError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
 class ShuttingDown(ServiceError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class StateDirFull(ServiceError):
+    """SQLite could not write: the state directory's filesystem has no room (or quota) left."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        super().__init__(
+            f"the state directory {directory} is full: free space there (or move --state-dir); nothing was changed"
+        )
 
 
 class TooManyLayers(ServiceError):

@@ -1,7 +1,9 @@
 """Kept forwards: a Train's input, held so a later Gradient can name it instead of resending x.
 
-Bounded by a byte budget; the least recently used forward goes first. A
-Gradient naming one that is gone gets FAILED_PRECONDITION and resends x.
+Bounded by a byte budget that counts what a forward really keeps alive (x's
+buffer and the state the Train ran on); the least recently used forward goes
+first. A Gradient naming one that is gone gets FAILED_PRECONDITION and
+resends x.
 """
 
 from __future__ import annotations
@@ -18,6 +20,23 @@ from normserve.server.errors import ForwardGone, ForwardTooLarge, InvalidRequest
 __all__ = ["Forward", "ForwardCache"]
 
 
+#: A kept x that views a buffer larger than itself by more than this is copied out of it.
+_SLACK_BYTES = 64 << 10
+#: What keeping any forward costs besides its arrays (its id, records, the array headers).
+OVERHEAD_BYTES = 2 << 10
+
+
+def held_bytes(array: np.ndarray) -> int:
+    """Bytes that holding ``array`` keeps alive: the whole buffer it views (a received message), not only
+    its elements."""
+    base = array
+    while isinstance(base, np.ndarray) and base.base is not None:
+        base = base.base
+    if isinstance(base, memoryview):
+        return memoryview(base.obj).nbytes if base.obj is not None else base.nbytes
+    return max(array.nbytes, getattr(base, "nbytes", 0))
+
+
 @dataclass(frozen=True)
 class Forward:
     """What a Gradient needs of a Train: its layer, input, wire dtype and the state it ran on."""
@@ -29,7 +48,8 @@ class Forward:
 
     @property
     def nbytes(self) -> int:
-        return self.x.nbytes
+        """Bytes this forward keeps alive: x's buffer and the state the Train ran on."""
+        return held_bytes(self.x) + self.snapshot.layer.state_nbytes + OVERHEAD_BYTES
 
 
 class ForwardCache:
@@ -38,17 +58,22 @@ class ForwardCache:
         self.held_bytes = 0
         self._forwards: OrderedDict[str, Forward] = OrderedDict()
 
-    def check_fits(self, nbytes: int) -> None:
-        """Refuse, before any work, a forward the whole budget cannot hold."""
+    def admit(self, x: np.ndarray, state_nbytes: int) -> np.ndarray:
+        """x as it will be kept (copied out of a much larger buffer it views, such as a message with
+        other fields, which keeping the view would pin), after refusing before any work a forward the
+        whole budget cannot hold."""
+        if x.nbytes + state_nbytes <= self.budget_bytes and held_bytes(x) > x.nbytes + _SLACK_BYTES:
+            x = x.copy()
+        nbytes = held_bytes(x) + state_nbytes + OVERHEAD_BYTES
         if nbytes > self.budget_bytes:
             raise ForwardTooLarge(
-                f"keep_forward: x has {nbytes} bytes but the server keeps at most {self.budget_bytes} bytes of "
-                "forwards (--forward-cache-bytes); send x with the Gradient instead"
+                f"keep_forward: keeping x and the layer's state takes {nbytes} bytes but the server keeps at most "
+                f"{self.budget_bytes} bytes of forwards (--forward-cache-bytes); send x with the Gradient instead"
             )
+        return x
 
     def keep(self, forward: Forward) -> str:
-        """Hold ``forward`` (evicting the least recently used beyond the budget); its id."""
-        self.check_fits(forward.nbytes)
+        """Hold an admitted ``forward`` (evicting the least recently used beyond the budget); its id."""
         while self._forwards and self.held_bytes + forward.nbytes > self.budget_bytes:
             _, evicted = self._forwards.popitem(last=False)
             self.held_bytes -= evicted.nbytes

@@ -1,26 +1,45 @@
-"""Server interceptors: every call observed (metrics, access log), every call but health authenticated.
+"""Server interceptors: every call guarded and observed, every call but health authenticated.
 
 Interceptors see every service on the server (Normalization, health,
 reflection), so what they do holds for all of them. They wrap the method
 handler gRPC found rather than the servicer, which keeps the servicer about
 the domain alone.
+
+:class:`GuardCalls` is how every call runs. Its rules come from crashes:
+
+* Nothing is read from a call's context after the call ended (gRPC frees the
+  call then, and reading it, e.g. ``peer()``, crashed the process). What the
+  log needs is taken when the call starts, and a streamed answer is written
+  by a coroutine that ends inside the call, not by a generator that gRPC may
+  finalize later.
+* A request whose bytes do not parse answers INVALID_ARGUMENT, for every
+  service: deserializers never raise into gRPC (which answers UNKNOWN and
+  logs a traceback).
+* A stream whose peer sends or takes nothing for ``idle_seconds`` while the
+  server waits on it is ended with DEADLINE_EXCEEDED, so it cannot hold a
+  concurrency slot and its memory forever. Pending reads and writes are never
+  cancelled (gRPC's core still owns their buffers): the call is aborted and
+  they complete as failed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
 
+from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
 
-__all__ = ["ObserveCalls", "RequireToken", "same_kind"]
+__all__ = ["GuardCalls", "Malformed", "RequireToken", "same_kind"]
 
 access_log = logging.getLogger("normserve.access")
 
@@ -39,13 +58,37 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
     return next(kind for kind in _KINDS if getattr(handler, kind) is not None)
 
 
-def same_kind(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def same_kind(
+    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], request_deserializer: Any = None
+) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind and serializers whose behavior is ``behavior``."""
     return _KINDS[_kind(handler)](
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
+
+
+class Malformed:
+    """What a request deserializes to when its bytes are not a valid message."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # any parse failure is the sender's: say so, never raise into gRPC
+            return Malformed(f"malformed request ({len(data)} bytes): {shorten(str(exc) or type(exc).__name__)}")
+
+    return deserialize
 
 
 class RequireToken(grpc.aio.ServerInterceptor):
@@ -71,14 +114,14 @@ class RequireToken(grpc.aio.ServerInterceptor):
 
 
 class _Call:
-    """What one call did, recorded when it ends."""
+    """What one call did, taken while the call runs (never read from its context after it ended)."""
 
-    __slots__ = ("context", "layer", "method", "received", "sent", "service", "start")
+    __slots__ = ("layer", "method", "peer", "received", "sent", "service", "start")
 
     def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, _, self.method = full_method.lstrip("/").rpartition("/")
-        self.context = context
         self.start = time.perf_counter()
+        self.peer = context.peer()
         self.received = self.sent = 0
         self.layer = ""
 
@@ -87,24 +130,89 @@ class _Call:
         if not self.layer:  # Train/Infer/Gradient name it `layer`, the others `name`
             self.layer = getattr(request, "layer", "") or getattr(request, "name", "")
 
-    def code(self, error: BaseException | None) -> grpc.StatusCode:
-        if isinstance(error, asyncio.CancelledError):
-            return grpc.StatusCode.CANCELLED
-        code = self.context.code()
-        if code is not None:
-            return code
-        return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK
 
+class _GuardedContext:
+    """A call's context whose reads and writes end the call when the peer stalls them (see module doc).
 
-class ObserveCalls(grpc.aio.ServerInterceptor):
-    """Counts, times and logs every call: metrics by method and code, a log line per call.
-
-    Successful calls log at debug level; failed ones at warning with the
-    layer, the code and the message the client got.
+    Everything else is the real context's.
     """
 
-    def __init__(self, metrics: Metrics | None) -> None:
+    def __init__(self, context: grpc.aio.ServicerContext, call: _Call, idle_seconds: float) -> None:
+        self._context, self._call, self._idle = context, call, idle_seconds
+        self._waiting: object | None = None  # the wait in progress, if any
+        self._abort: asyncio.Task | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    @contextlib.contextmanager
+    def _waiting_on_peer(self, stalled: str) -> Iterator[None]:
+        token = self._waiting = object()
+        timer = asyncio.get_running_loop().call_later(self._idle, self._expire, token, stalled)
+        try:
+            yield
+        finally:
+            timer.cancel()
+            self._waiting = None
+
+    def _expire(self, token: object, stalled: str) -> None:
+        if self._waiting is token and not self._context.done():
+            self._abort = asyncio.ensure_future(self._end(stalled))
+
+    async def _end(self, stalled: str) -> None:
+        # Runs while the call still waits on its peer (checked just before): its call is alive. The status may
+        # not get out (a peer that takes nothing may also not take that): the connection's age bounds it then.
+        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError):
+            await self._context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the client {stalled} for {self._idle:g} s in the middle of a stream, so the server ended the "
+                "call (it waits at most --default-deadline on a stalled peer); keep streams moving or retry",
+            )
+
+    async def read(self) -> Any:
+        with self._waiting_on_peer("sent nothing"):
+            request = await self._context.read()
+        return request if request is grpc.aio.EOF else await self.checked(request)
+
+    async def write(self, response: Any) -> None:
+        self._call.sent += response.ByteSize()
+        with self._waiting_on_peer("took nothing of the answer"):
+            await self._context.write(response)
+
+    async def incoming(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        """A streamed request's messages, checked and counted, each waited for at most the idle time."""
+        iterator = requests.__aiter__()
+        while True:
+            with self._waiting_on_peer("sent nothing"):
+                try:
+                    request = await iterator.__anext__()
+                except StopAsyncIteration:
+                    return
+            yield await self.checked(request)
+
+    async def checked(self, request: Any) -> Any:
+        """``request``, counted; a Malformed one aborts the call with INVALID_ARGUMENT."""
+        if isinstance(request, Malformed):
+            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        self._call.saw_request(request)
+        return request
+
+
+class GuardCalls(grpc.aio.ServerInterceptor):
+    """Runs every call safely (see the module doc), counts, times and logs it.
+
+    Metrics by method and code; successful calls log at debug level, failed
+    ones at warning with the layer, the code and the message the client got.
+    ``idle_seconds`` bounds how long a stream may wait on a silent peer;
+    ``moved(bytes)`` hears how many bytes each call received and sent.
+    """
+
+    def __init__(
+        self, metrics: Metrics | None, idle_seconds: float, moved: Callable[[int], None] | None = None
+    ) -> None:
         self._metrics = metrics
+        self._idle = idle_seconds
+        self._moved = moved
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
@@ -117,49 +225,49 @@ class ObserveCalls(grpc.aio.ServerInterceptor):
         streams_in, streams_out = kind.startswith("stream"), kind.endswith("stream")
         method = details.method
 
-        def requests(call: _Call, request: Any) -> Any:
-            if not streams_in:
-                call.saw_request(request)
-                return request
-            return _counted(request, call)
-
-        if streams_out:
-
-            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call, error = _Call(method, context), None
-                try:
-                    result = inner(requests(call, request), context)
-                    if inspect.isasyncgen(result):
-                        async for response in result:
-                            call.sent += response.ByteSize()
-                            yield response
-                    else:  # a handler that writes with context.write()
-                        await result
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._record(call, error)
-
-        else:
-
-            async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call, error = _Call(method, context), None
-                try:
-                    response = await inner(requests(call, request), context)
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            call, error, response = _Call(method, context), None, None
+            guarded = _GuardedContext(context, call, self._idle)
+            try:
+                if streams_in:
+                    request = guarded.incoming(request)
+                else:
+                    request = await guarded.checked(request)
+                result = inner(request, guarded)
+                if not streams_out:
+                    response = await result
                     call.sent += response.ByteSize()
                     return response
-                except BaseException as exc:
-                    error = exc
-                    raise
-                finally:
-                    self._record(call, error)
+                if inspect.isasyncgen(result):
+                    try:
+                        async for response in result:
+                            await guarded.write(response)
+                    finally:
+                        await result.aclose()
+                else:  # a handler that writes with context.write()
+                    await result
+                return None
+            except grpc.aio.InternalError as exc:
+                # gRPC's core refused to send (an answer, a status): the peer went away (cancelled, deadline,
+                # connection lost) before gRPC told the call. That is a cancellation, not a server error.
+                error = asyncio.CancelledError(f"the client is gone; nothing more could be sent ({exc})")
+                raise error from exc
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                self._record(call, context, error)
+                request = result = response = guarded = None  # nothing of the call outlives it ...
+                _release(error)
 
-        return same_kind(handler, behavior)
+        return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
 
-    def _record(self, call: _Call, error: BaseException | None) -> None:
+    def _record(self, call: _Call, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
+        """Count and log an ending call. Reads only the Python-side status gRPC keeps for the call."""
         seconds = time.perf_counter() - call.start
-        code = call.code(error)
+        code = _code(context, error)
+        if self._moved is not None:
+            self._moved(call.received + call.sent)
         if self._metrics is not None:
             self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent)
         failed = code != grpc.StatusCode.OK
@@ -172,16 +280,30 @@ class ObserveCalls(grpc.aio.ServerInterceptor):
             "ms": round(seconds * 1e3, 3),
             "bytes_in": call.received,
             "bytes_out": call.sent,
-            "peer": call.context.peer(),
+            "peer": call.peer,
         }
         if failed:
-            fields["details"] = call.context.details() or (repr(error) if error is not None else "")
+            fields["details"] = context.details() or (repr(error) if error is not None else "")
             access_log.warning("%s failed: %s", call.method, code.name, extra={"fields": fields})
         else:
             access_log.debug("%s ok", call.method, extra={"fields": fields})
 
 
-async def _counted(requests: AsyncIterator[Any], call: _Call) -> AsyncIterator[Any]:
-    async for request in requests:
-        call.saw_request(request)
-        yield request
+def _release(error: BaseException | None) -> None:
+    """... not even through the error that ended it: gRPC keeps that error with the call, and its traceback
+    holds the frames of the finished handlers, their requests and arrays among their locals, in reference
+    cycles that only the cyclic garbage collector would free (large arrays do not prompt it to run)."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # frames still running (the caller's) are left alone
+        error = error.__cause__ or error.__context__
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    if isinstance(error, asyncio.CancelledError):
+        return grpc.StatusCode.CANCELLED
+    code = context.code()
+    if code is not None:
+        return code
+    return grpc.StatusCode.UNKNOWN if error is not None else grpc.StatusCode.OK

@@ -92,10 +92,12 @@ def _constructor_args(config: pb.LayerConfig, default_device: str) -> tuple[str,
     return kind, args
 
 
-def build_layer(config: pb.LayerConfig, default_device: str) -> Any:
-    """A fresh normkernels layer for ``config``; INVALID_ARGUMENT when the config is bad."""
+def build_layer(config: pb.LayerConfig, default_device: str, max_state_bytes: int | None = None) -> Any:
+    """A fresh normkernels layer for ``config``; INVALID_ARGUMENT when the config is bad, StateTooLarge
+    (before any allocation) when its state would take more than ``max_state_bytes``."""
     kind, args = _constructor_args(config, default_device)
-    return normkernels.make_layer(kind, **args)
+    with normkernels.state_budget(max_state_bytes):
+        return normkernels.make_layer(kind, **args)
 
 
 def describe_config(layer: Any) -> pb.LayerConfig:

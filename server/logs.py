@@ -2,6 +2,11 @@
 
 Code logs structure with ``log.info("...", extra={"fields": {...}})``; text
 lines append the fields as ``key=value``, JSON lines carry them as keys.
+
+Messages and fields carry text that clients chose (layer names, error
+details), so one record is always one line: control characters (newlines,
+ANSI escapes) are escaped, every value is cut to a bounded length, and the
+lines of a traceback are indented below their record.
 """
 
 from __future__ import annotations
@@ -11,13 +16,27 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["FORMATS", "configure"]
+__all__ = ["FORMATS", "configure", "shorten"]
 
 FORMATS = ("text", "json")
+#: Characters of one logged value (a message: four times as many); past it, the rest is counted, not shown.
+VALUE_CHARACTERS = 512
+
+
+def shorten(text: str, limit: int = VALUE_CHARACTERS) -> str:
+    """``text`` cut to ``limit`` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}...[{len(text)} characters]"
+
+
+def _one_line(text: str, limit: int = VALUE_CHARACTERS) -> str:
+    text = shorten(text, limit)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
 
 
 def _text_value(value: Any) -> str:
-    text = str(value)
+    text = _one_line(str(value))
     return json.dumps(text) if (not text or any(c in text for c in ' "=')) else text
 
 
@@ -25,14 +44,18 @@ class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
+        record.message = _one_line(record.message, 4 * VALUE_CHARACTERS)
+        return super().formatMessage(record)
+
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        head, newline, rest = super().format(record).partition("\n")
         fields = getattr(record, "fields", None)
-        if not fields:
-            return line
-        head, newline, rest = line.partition("\n")  # keep a traceback below the fields
-        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
-        return f"{head} {pairs}{newline}{rest}"
+        if fields:
+            head += " " + " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        if rest:  # a traceback: indented, so no line of it reads as a record of its own
+            rest = "\n".join("    | " + _one_line(line, 4 * VALUE_CHARACTERS) for line in rest.splitlines())
+        return f"{head}{newline}{rest}"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -41,12 +64,25 @@ class _JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
-            **getattr(record, "fields", {}),
+            "message": shorten(record.getMessage(), 4 * VALUE_CHARACTERS),
+            **{k: shorten(v) if isinstance(v, str) else v for k, v in getattr(record, "fields", {}).items()},
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry, default=str)
+
+
+class _PeerGone(logging.Filter):
+    """gRPC's core fails a send when the peer has just gone (cancelled, deadline, connection lost) and gRPC
+    logs that as an error with a traceback (``ExecuteBatchError raised in core``). It is a client leaving,
+    not a server fault: keep it as one debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.getMessage().startswith("ExecuteBatchError raised in core"):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        record.exc_info = record.exc_text = None
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
 def configure(level: str, fmt: str = "text") -> None:
@@ -54,3 +90,4 @@ def configure(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerGone())

@@ -8,12 +8,19 @@ so a failed or rejected request leaves the published state and the database
 exactly as they were. Kernel work runs on a thread pool (NumPy releases the
 GIL, so different layers compute in parallel); SQLite runs on one thread of
 its own, off the event loop.
+
+Memory is bounded before it is spent: a new layer's state must fit
+``max_layer_state_bytes`` and, with every other layer's, ``max_state_bytes``
+(checked before its arrays exist). A stored layer that cannot be restored
+does not stop the server: it is listed as :class:`Unrestorable` and its calls
+answer DATA_LOSS until it is deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -21,15 +28,18 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from normkernels import distributed
+from normkernels import StateTooLarge, distributed
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
 from normserve.server import device_io
 from normserve.server.errors import (
+    ForwardTooLarge,
     InvalidRequest,
     LayerExists,
     LayerNotFound,
+    LayerTooLarge,
+    LayerUnrestorable,
     ShuttingDown,
     StaleVersion,
     TooManyLayers,
@@ -41,10 +51,13 @@ from normserve.server.store import StateStore
 from normserve.server.sync_groups import SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "host_state"]
+__all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "Unrestorable", "host_state"]
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 RUNNING_KEYS = ("running_mean", "running_var")
+#: The two halves of a synchronized step (the phase part of a step's key).
+TRAINING_PHASE, GRADIENT_PHASE = "training forward", "gradient"
 #: Batches up to this many elements compute on the event loop: their kernels take
 #: tens of microseconds, less than handing them to a kernel thread and back.
 INLINE_ELEMENTS = 1 << 14
@@ -72,10 +85,22 @@ class Snapshot:
     stats: TrainingStats = TrainingStats()
 
 
+@dataclass(frozen=True)
+class Unrestorable:
+    """A stored layer the server could not restore at startup: listed, never served (DATA_LOSS)."""
+
+    name: str
+    config: pb.LayerConfig | None  # None when the stored config itself is unreadable
+    version: int
+    num_batches_tracked: int
+    error: str
+    stats: TrainingStats = TrainingStats()
+
+
 class _Entry:
     """A name's current snapshot plus the lock that orders its writers."""
 
-    def __init__(self, snapshot: Snapshot) -> None:
+    def __init__(self, snapshot: Snapshot | Unrestorable) -> None:
         self.snapshot = snapshot
         self.lock = asyncio.Lock()
         self.deleted = False
@@ -150,12 +175,18 @@ class Registry:
         max_layers: int | None = None,
         forward_cache_bytes: int = 1 << 30,
         sync_timeout: float = 60.0,
+        max_world_size: int = 1024,
+        max_layer_state_bytes: int | None = None,
+        max_state_bytes: int | None = None,
     ) -> None:
         self._store = store
         self.default_device = default_device
         self.max_layers = max_layers
+        self.max_layer_state_bytes = max_layer_state_bytes
+        self.max_state_bytes = max_state_bytes
+        self.state_bytes = 0  # of every layer held
         self.forwards = ForwardCache(forward_cache_bytes)
-        self.sync = SyncSteps(sync_timeout)
+        self.sync = SyncSteps(sync_timeout, max_world_size)
         self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="normserve-store")
         self._entries: dict[str, _Entry] = {}
@@ -165,18 +196,46 @@ class Registry:
 
     # ------------------------------------------------------------------ startup / shutdown
     def load(self) -> int:
-        """Restore every stored layer (call once, before serving); returns how many."""
+        """Restore every stored layer (call once, before serving); returns how many.
+
+        A layer that cannot be restored is logged and kept as :class:`Unrestorable`: the others serve.
+        """
         for stored in self._store.load_all():
             try:
-                layer = build_layer(pb.LayerConfig.FromString(stored.config), self.default_device)
+                config = pb.LayerConfig.FromString(stored.config)
+            except Exception as exc:
+                self._unrestorable(stored, None, f"its stored config is unreadable: {exc}")
+                continue
+            try:
+                if stored.problem:
+                    raise ValueError(stored.problem)
+                layer = build_layer(config, self.default_device)
                 state: dict[str, Any] = dict(stored.tensors)
                 if "num_batches_tracked" in layer.state_keys:
                     state["num_batches_tracked"] = np.int64(stored.num_batches_tracked)
                 layer.load_state_dict(state)
             except Exception as exc:
-                raise RuntimeError(f"cannot restore layer {stored.name!r} from {self._store.path}: {exc}") from exc
+                self._unrestorable(stored, config, str(exc))
+                continue
             self._entries[stored.name] = _Entry(Snapshot(stored.name, layer, stored.version))
+            self.state_bytes += layer.state_nbytes
+        if self.max_state_bytes is not None and self.state_bytes > self.max_state_bytes:
+            log.warning(
+                "restored layers hold %d bytes of state, over --max-state-bytes %d: no new layer fits",
+                self.state_bytes,
+                self.max_state_bytes,
+            )
         return len(self._entries)
+
+    def _unrestorable(self, stored: Any, config: pb.LayerConfig | None, error: str) -> None:
+        log.error(
+            "cannot restore layer %r from %s: %s; it answers DATA_LOSS until deleted, the other layers serve",
+            stored.name,
+            self._store.path,
+            error,
+        )
+        version, batches = (v if isinstance(v, int) else 0 for v in (stored.version, stored.num_batches_tracked))
+        self._entries[stored.name] = _Entry(Unrestorable(stored.name, config, version, batches, error))
 
     async def close(self) -> None:
         """Refuse new writes, let started ones finish, and close the store."""
@@ -243,10 +302,13 @@ class Registry:
         task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
         return await asyncio.shield(task)
 
-    def _entry(self, name: str) -> _Entry:
+    def _entry(self, name: str, *, usable: bool = True) -> _Entry:
+        """The entry of ``name``; NOT_FOUND, or DATA_LOSS for an unrestorable layer unless not ``usable``."""
         entry = self._entries.get(name)
         if entry is None:
             raise LayerNotFound(check_name(name))
+        if usable and isinstance(entry.snapshot, Unrestorable):
+            raise LayerUnrestorable(name, entry.snapshot.error)
         return entry
 
     async def _with_lock(self, name: str, work: Callable[[_Entry], Awaitable[T]], wait: float | None) -> T:
@@ -264,7 +326,11 @@ class Registry:
     def get(self, name: str) -> Snapshot:
         return self._entry(name).snapshot
 
-    def list(self, prefix: str = "") -> list[Snapshot]:
+    def describe(self, name: str) -> Snapshot | Unrestorable:
+        """What ``name`` holds, unrestorable or not."""
+        return self._entry(name, usable=False).snapshot
+
+    def list(self, prefix: str = "") -> list[Snapshot | Unrestorable]:
         # One atomic copy of the entries: metrics scrapes call this from their own thread.
         return [entry.snapshot for name, entry in sorted(self._entries.items()) if name.startswith(prefix)]
 
@@ -272,56 +338,90 @@ class Registry:
         """Create ``name`` (or return it unchanged if it exists with an equal config); True when new."""
         check_name(name)
         deadline = self._deadline(wait)
-        layer = await self._compute(build_layer, config, self.default_device, deadline=deadline)
+        layer = await self._compute(self._build, config, deadline=deadline)
         await self._within(self._names.acquire(), deadline, "other creates and deletes")
 
         async def create_locked() -> tuple[Snapshot, bool]:
             existing = self._entries.get(name)
             if existing is not None:
-                if existing.snapshot.layer.config != layer.config:
+                current = existing.snapshot
+                if isinstance(current, Unrestorable):
+                    raise LayerExists(f"layer {name!r} exists but could not be restored; delete it first")
+                if current.layer.config != layer.config:
                     raise LayerExists(
-                        f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); "
+                        f"layer {name!r} exists with a different config ({current.layer!r}); "
                         "delete it first or choose another name"
                     )
-                return existing.snapshot, False
+                return current, False
             if self.max_layers is not None and len(self._entries) >= self.max_layers:
                 raise TooManyLayers(
                     f"the server holds {len(self._entries)} layers, its limit (--max-layers {self.max_layers}); "
                     "delete layers you no longer need or raise the limit"
                 )
+            if self.max_state_bytes is not None and self.state_bytes + layer.state_nbytes > self.max_state_bytes:
+                raise self._over_total(layer.state_nbytes)  # checked again here: creates may have raced
             snapshot = Snapshot(name, layer, 1)
+            stored = pb.LayerConfig()
+            stored.CopyFrom(config)
+            stored.DiscardUnknownFields()  # only what the layer is: unknown fields would be stored bytes unbudgeted
             await self._write(
                 self._store.create_layer,
                 name,
-                config.SerializeToString(deterministic=True),
+                stored.SerializeToString(deterministic=True),
                 snapshot.version,
                 layer.num_batches_tracked,
                 host_state(layer),
             )
             self._entries[name] = _Entry(snapshot)
+            self.state_bytes += layer.state_nbytes
             return snapshot, True
 
         return await self._commit([self._names], create_locked)
 
-    async def delete(self, name: str, *, wait: float | None = None) -> Snapshot:
-        """Delete ``name`` once its queued writes are done; returns its last snapshot."""
-        self._entry(name)  # bad name or NOT_FOUND before queuing
+    def _build(self, config: pb.LayerConfig) -> Any:
+        """A new layer for ``config``, refused before its arrays exist when its state is over a budget."""
+        per_layer, total = self.max_layer_state_bytes, self.max_state_bytes
+        room = [
+            limit for limit in (per_layer, None if total is None else total - self.state_bytes) if limit is not None
+        ]
+        try:
+            return build_layer(config, self.default_device, max_state_bytes=max(0, min(room)) if room else None)
+        except StateTooLarge as exc:
+            if per_layer is not None and exc.needed > per_layer:
+                raise LayerTooLarge(
+                    f"the layer's state needs {exc.needed} bytes, over the server's limit of {per_layer} "
+                    "per layer (--max-layer-state-bytes)"
+                ) from None
+            raise self._over_total(exc.needed) from None
+
+    def _over_total(self, needed: int) -> LayerTooLarge:
+        return LayerTooLarge(
+            f"the layer's state needs {needed} bytes, but the server's layers hold {self.state_bytes} of the "
+            f"{self.max_state_bytes} bytes they may (--max-state-bytes); delete layers or raise the limit"
+        )
+
+    async def delete(self, name: str, *, wait: float | None = None) -> Snapshot | Unrestorable:
+        """Delete ``name`` once its queued writes are done; returns its last snapshot (unrestorable ones too)."""
+        self._entry(name, usable=False)  # bad name or NOT_FOUND before queuing
         deadline = self._deadline(wait)
         # Holding the names lock, no create or delete of any name interleaves; the
         # entry is the one the name holds now, not when the call came in.
         await self._within(self._names.acquire(), deadline, "other creates and deletes")
         try:
-            entry = self._entry(name)
+            entry = self._entry(name, usable=False)
             await self._within(entry.lock.acquire(), deadline, f"the earlier writes of layer {name!r}")
         except BaseException:
             self._names.release()
             raise
 
-        async def delete_locked() -> Snapshot:
+        async def delete_locked() -> Snapshot | Unrestorable:
             await self._write(self._store.delete_layer, name)
             entry.deleted = True
             del self._entries[name]
             self.forwards.drop_layer(name)
+            self.sync.forget_layer(name)
+            if isinstance(entry.snapshot, Snapshot):
+                self.state_bytes -= entry.snapshot.layer.state_nbytes
             return entry.snapshot
 
         return await self._commit([self._names, entry.lock], delete_locked)
@@ -347,7 +447,12 @@ class Registry:
         step (:mod:`normserve.server.sync_groups`).
         """
         if keep_dtype is not None:
-            self.forwards.check_fits(x.nbytes)
+            try:
+                x = self.forwards.admit(x, self.get(name).layer.state_nbytes)
+            except ForwardTooLarge as exc:
+                if sync is not None:
+                    self.refuse_rank(name, sync, TRAINING_PHASE, exc)
+                raise
         if sync is not None:
             return await self._train_synced(name, x, wait, keep_dtype, parameters or {}, sync)
 
@@ -371,14 +476,18 @@ class Registry:
         sync: SyncSpec,
     ) -> tuple[np.ndarray, Snapshot, str]:
         """One rank's Train of a synchronized step: its moments in, the combined statistics out."""
-        key = (name, sync.group, sync.step, "training forward")
+        key = (name, sync.group, sync.step, TRAINING_PHASE)
         deadline = self._deadline(wait)
 
-        async def finish(parts: list[tuple[GradSums, Mapping[str, np.ndarray]]]) -> tuple[GradSums, Snapshot, Snapshot]:
+        async def finish(
+            parts: list[tuple[GradSums, Mapping[str, np.ndarray]]], owner: _Entry
+        ) -> tuple[GradSums, Snapshot, Snapshot]:
             total = distributed.combine([sums for sums, _ in parts])
             agreed = _agreed_parameters([given for _, given in parts])
 
             async def work(entry: _Entry) -> tuple[GradSums, Snapshot, Snapshot]:
+                if entry is not owner:
+                    raise _recreated(name)
                 current = entry.snapshot
                 start = _with_parameters(current, agreed)
                 layer = start.layer.copy()
@@ -405,19 +514,34 @@ class Registry:
         reduce: Callable[[Any], Any],
         snapshot: Snapshot | None = None,
     ) -> tuple[Any, T]:
-        """This rank's part, ``reduce(layer)``, joined to step ``key``; and the step's result.
+        """This rank's part, ``reduce(layer)``, joined to step ``key``; and the step's result,
+        ``finish(parts, entry)`` where every part was computed on ``entry``, the layer's entry.
 
-        A rank that fails to reduce fails the step for all.
+        A rank that fails to reduce fails the step for all, and so does a layer deleted (and maybe created
+        again) while the step gathers: parts of different layers never meet.
         """
         self.sync.check(key, sync)
-        layer = (snapshot or self.get(key[0])).layer
+        owner = self._entry(key[0])
+        layer = (snapshot or owner.snapshot).layer
         try:
             part = await self._compute(reduce, layer, deadline=deadline)
+            if self._entries.get(key[0]) is not owner:
+                raise _recreated(key[0])
         except Exception as exc:
             self.sync.fail(key, f"rank {sync.rank} was refused ({exc})")
             raise
+
+        async def finish_one_layer(parts: list[tuple[_Entry, Any]]) -> T:
+            if any(entry is not owner for entry, _ in parts):
+                raise _recreated(key[0])
+            return await finish([part for _, part in parts], owner)
+
         result = await self.sync.join(
-            key, sync, part, finish, lambda waiting: self._within(waiting, deadline, f"the other ranks of {key[1]!r}")
+            key,
+            sync,
+            (owner, part),
+            finish_one_layer,
+            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key[1]!r}"),
         )
         return part, result
 
@@ -438,6 +562,12 @@ class Registry:
         state = host_state(layer, changed)
         await self._write(self._store.update_state, start.name, snapshot.version, layer.num_batches_tracked, state)
         entry.snapshot = snapshot
+
+    def refuse_rank(self, name: str, sync: SyncSpec, phase: str, error: Exception) -> None:
+        """A rank refused before it could join its ``phase`` step (a bad request): the step fails for the
+        others at once (ABORTED) rather than leaving them to time out."""
+        if name in self._entries:
+            self.sync.fail((name, sync.group, sync.step, phase), f"rank {sync.rank} was refused ({error})")
 
     def _keep(self, name: str, x: np.ndarray, keep_dtype: int | None, start: Snapshot) -> str:
         return "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, start))
@@ -477,15 +607,17 @@ class Registry:
             )
             return dx, grads, snapshot
         if not training:
-            raise InvalidRequest(
+            error = InvalidRequest(
                 "sync applies to training-mode gradients only: eval mode uses the running statistics, "
                 "which need no other rank; leave sync unset or set training"
             )
+            self.refuse_rank(name, sync, GRADIENT_PHASE, error)
+            raise error
 
-        async def finish(parts: list[tuple[GradSums, Any]]) -> GradSums:
+        async def finish(parts: list[tuple[GradSums, Any]], owner: _Entry) -> GradSums:
             return distributed.combine([sums for sums, _ in parts])
 
-        key = (name, sync.group, sync.step, "gradient")
+        key = (name, sync.group, sync.step, GRADIENT_PHASE)
         reduce = functools.partial(_synced_grad_part, x=x, dy=dy)
         (part, pending), total = await self._synced(key, sync, deadline, finish, reduce, snapshot)
         dx, grads = await self._compute(_backward_synced, snapshot.layer, pending, part, total, elements=x.size)
@@ -520,6 +652,13 @@ class Registry:
             return snapshot
 
         return await self._with_lock(name, work, wait)
+
+
+def _recreated(name: str) -> InvalidRequest:
+    return InvalidRequest(
+        f"layer {name!r} was deleted (and maybe created again) while the synchronized step gathered; nothing "
+        "was changed: start the next step on every rank"
+    )
 
 
 def _with_parameters(current: Snapshot, parameters: Mapping[str, np.ndarray] | None) -> Snapshot:

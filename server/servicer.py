@@ -6,24 +6,42 @@ encodes the answer. Errors become status codes in one place
 :mod:`normserve.v1.wire` (views, not copies), whole in one message, in a
 stream's chunks (the ``*Stream`` methods share the unary implementations),
 or in shared memory.
+
+Everything a request could get wrong is refused before any state changes:
+an answer that would not fit in one message is refused before the work
+(streams cut theirs into chunks that fit), a stream's head is checked
+before its chunks are taken, and a synchronized rank refused for a bad
+request fails its step for the other ranks at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
 import numpy as np
 
-from normserve.server.errors import InvalidRequest, status_for
+from normserve.server.errors import AnswerTooLarge, InvalidRequest, status_for
 from normserve.server.layer_config import check_name, describe_config
-from normserve.server.registry import RUNNING_KEYS, Registry, Snapshot, TrainingStats, host_state
-from normserve.server.shared_memory import SharedMemoryRegions
+from normserve.server.logs import shorten
+from normserve.server.registry import (
+    GRADIENT_PHASE,
+    RUNNING_KEYS,
+    TRAINING_PHASE,
+    Registry,
+    Snapshot,
+    TrainingStats,
+    Unrestorable,
+    host_state,
+)
+from normserve.server.shared_memory import OutputPlace, SharedMemoryRegions
 from normserve.server.sync_groups import SyncSpec
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
@@ -35,24 +53,39 @@ log = logging.getLogger(__name__)
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
-#: Size of the TensorChunks of streamed answers.
+#: Size of the TensorChunks of streamed answers (smaller when --max-message-bytes is).
 STREAM_CHUNK_BYTES = 1 << 20
+#: Bytes of an answer besides its tensors' elements (fields, headers, ids), allowed for when sizing it.
+ANSWER_OVERHEAD_BYTES = 4 << 10
+#: Characters of an error's message sent to the client (well inside gRPC's 16 KiB metadata limit).
+DETAILS_CHARACTERS = 4096
+#: States up to this many bytes are encoded on the event loop.
+INLINE_STATE_BYTES = 1 << 20
 _HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
-_Place = tuple[pb.SharedMemoryRef, memoryview]  # where an output goes in shared memory, and its bytes
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask: larger tensors answer RESOURCE_EXHAUSTED; a call
-    without a deadline waits at most ``default_deadline`` seconds to start."""
+    without a deadline waits at most ``default_deadline`` seconds to start (and a
+    stream at most that long on a silent peer); no message either way is larger
+    than ``max_message_bytes``."""
 
     max_tensor_bytes: int = 1 << 30
     max_tensor_elements: int = 1 << 28
     default_deadline: float = 60.0
+    max_message_bytes: int = (1 << 31) - 1  # gRPC's own ceiling
+
+    @property
+    def chunk_bytes(self) -> int:
+        """Elements per TensorChunk of a streamed answer: a chunk message fits max_message_bytes."""
+        return max(1, min(STREAM_CHUNK_BYTES, self.max_message_bytes - 64))
 
 
 def _translate_errors(name: str) -> Callable[[grpc.aio.ServicerContext, BaseException], Awaitable[None]]:
     async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc  # the call was ended already (a stalled stream): its status is sent
         code = status_for(exc)
         if code is None:
             log.error("%s failed", name, exc_info=exc)
@@ -60,7 +93,7 @@ def _translate_errors(name: str) -> Callable[[grpc.aio.ServicerContext, BaseExce
                 grpc.StatusCode.INTERNAL,
                 f"{name} failed inside the server ({type(exc).__name__}); the server log has the details",
             )
-        await context.abort(code, str(exc))
+        await context.abort(code, shorten(str(exc), DETAILS_CHARACTERS))  # quoted client text stays bounded
 
     return abort
 
@@ -83,18 +116,18 @@ def _rpc(
 
 
 def _streaming(
-    method: Callable[[Any, wire.Payload, Any], Awaitable[wire.Payload]],
+    method: Callable[..., Awaitable[wire.Payload]],
 ) -> Callable[..., AsyncIterator[Any]]:
     """The streaming form of a unary method: gather the request's parts, run it, send the answer in parts."""
     abort = _translate_errors(method.__name__.strip("_") + "Stream")
 
     async def handler(self: Any, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
         try:
-            response = await method(self, await self._gather(requests), context)
+            response = await method(self, await self._gather(requests), context, streamed=True)
         except Exception as exc:
             await abort(context, exc)
             raise
-        for part in wire.split(response, STREAM_CHUNK_BYTES):
+        for part in wire.split(response, self._limits.chunk_bytes):
             yield part
 
     return handler
@@ -109,7 +142,15 @@ def describe_stats(stats: TrainingStats) -> pb.LayerStats:
     return message
 
 
-def describe_layer(snapshot: Snapshot) -> pb.Layer:
+def describe_layer(snapshot: Snapshot | Unrestorable) -> pb.Layer:
+    if isinstance(snapshot, Unrestorable):
+        return pb.Layer(
+            name=snapshot.name,
+            config=snapshot.config,
+            version=snapshot.version,
+            num_batches_tracked=snapshot.num_batches_tracked,
+            restore_error=snapshot.error,
+        )
     layer = snapshot.layer
     return pb.Layer(
         name=snapshot.name,
@@ -152,15 +193,16 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             tensor, what, max_elements=self._limits.max_tensor_elements, max_bytes=self._limits.max_tensor_bytes
         )[2]
 
-    def _tensor(self, tensor: pb.Tensor, what: str, data: Any = None) -> np.ndarray:
-        """A request tensor as an array to compute on: a view of the request or of shared memory.
+    async def _tensor(self, tensor: pb.Tensor, what: str, data: Any = None) -> np.ndarray:
+        """A request tensor as an array to compute on: a view of the request, or a copy of shared memory.
 
         float16 and bfloat16 are wire formats only: the kernels compute them in float32.
         """
         where = "data"
         if tensor.WhichOneof("contents") == "shared_memory":
             self._check(tensor, what)  # limits first: a reference may name any size
-            data, where = self._shared_memory.view(tensor.shared_memory, f"{what}.shared_memory"), "shared_memory"
+            data = await self._shared_memory.read(tensor.shared_memory, f"{what}.shared_memory")
+            where = "shared_memory"
         array = codec.decode(
             tensor,
             what,
@@ -171,10 +213,28 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         )
         return array.astype(np.float32) if tensor.dtype in _HALF_DTYPES else array
 
-    def _input(self, request: wire.Payload, field: str, meaning: str) -> np.ndarray:
+    async def _input(self, request: wire.Payload, field: str, meaning: str) -> np.ndarray:
         if not request.HasField(field):
             raise InvalidRequest(f"{field} is required: {meaning}")
-        return self._tensor(getattr(request, field), field, request.data.get(field))
+        return await self._tensor(getattr(request, field), field, request.data.get(field))
+
+    async def _state_tensors(
+        self, tensors: Any, layer: Any, keys: tuple[str, ...], what: str, meaning: str
+    ) -> dict[str, np.ndarray]:
+        """A request's tensors of ``layer``'s state (``keys`` allowed, which are ``meaning``): their names and
+        sizes are checked before any of them is read, so a request cannot make the server read what it will
+        refuse."""
+        unknown = sorted(set(tensors) - set(keys))
+        if unknown:
+            raise InvalidRequest(
+                f"{what}: unknown state key(s) {shorten(repr(unknown), 256)}; it may hold {meaning} only: {list(keys)}"
+            )
+        elements = math.prod(layer.param_shape)
+        for key, tensor in tensors.items():
+            if math.prod(tensor.shape) != elements:
+                shape = shorten(str(tuple(tensor.shape)), 256)
+                raise InvalidRequest(f"{what}[{key!r}] has shape {shape}, the layer needs {layer.param_shape}")
+        return {key: await self._tensor(tensor, f"{what}[{key!r}]") for key, tensor in tensors.items()}
 
     def _output_dtype(self, request: wire.Payload, default: int) -> int:
         requested = request.output_dtype
@@ -184,39 +244,55 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             raise InvalidRequest(f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype")
         return requested
 
-    def _batch(self, request: wire.Payload) -> tuple[np.ndarray, int]:
+    async def _batch(self, request: wire.Payload) -> tuple[np.ndarray, int]:
         """The layer name checked, x decoded, and the wire dtype of the answer (x's unless asked otherwise)."""
         check_name(request.layer, "layer")
-        x = self._input(request, "x", "the input batch")
+        x = await self._input(request, "x", "the input batch")
         return x, self._output_dtype(request, request.x.dtype)
 
-    def _output_place(self, request: wire.Payload, shape: tuple[int, ...], dtype: int) -> _Place | None:
-        """Where the request wants its output written (a shared-memory range), checked before any work."""
-        if not request.HasField("output_shared_memory"):
-            return None
-        ref = request.output_shared_memory
-        view = self._shared_memory.view(ref, "output_shared_memory", writable=True)
+    def _output_place(
+        self, request: wire.Payload, shape: tuple[int, ...], dtype: int, streamed: bool, extra_bytes: int = 0
+    ) -> OutputPlace | None:
+        """Where the output goes, checked before any work: a shared-memory range, or (None) the answer,
+        which must then fit one message unless it is streamed. ``extra_bytes``: the answer's other tensors."""
         needed = math.prod(shape) * codec.WIRE_DTYPES[dtype].itemsize
-        if ref.byte_size < needed:
-            raise InvalidRequest(
-                f"output_shared_memory.byte_size {ref.byte_size} cannot hold the output: "
-                f"{list(shape)} {pb.DType.Name(dtype)} needs {needed} bytes"
+        if request.HasField("output_shared_memory"):
+            place = self._shared_memory.output(request.output_shared_memory, "output_shared_memory", needed)
+            needed = 0
+        else:
+            place = None
+        answer = needed + extra_bytes + ANSWER_OVERHEAD_BYTES
+        if not streamed and answer > self._limits.max_message_bytes:
+            raise AnswerTooLarge(
+                f"the answer would take about {answer} bytes, over the server's --max-message-bytes "
+                f"({self._limits.max_message_bytes}); nothing was done. Use the call's Stream form (the Python "
+                "client streams by itself above its stream_threshold), a narrower output_dtype, or smaller batches"
             )
-        return pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=needed), view[:needed]
+        return place
 
-    @staticmethod
-    def _respond(message: Any, field: str, array: np.ndarray, dtype: int, place: _Place | None) -> wire.Payload:
+    async def _respond(
+        self, message: Any, field: str, array: np.ndarray, dtype: int, place: OutputPlace | None
+    ) -> wire.Payload:
         """``message`` with ``array`` as its tensor ``field``: in the response, or written to ``place``."""
         tensor = getattr(message, field)
+        header, data = codec.outgoing(array, dtype)
         if place is None:
-            header, data = codec.outgoing(array, dtype)
             tensor.CopyFrom(header)
             return wire.Payload(message, {field: data})
-        ref, view = place
-        # one pass: cast straight into the client's region, no wire-dtype copy first
-        np.copyto(np.frombuffer(view, dtype=codec.WIRE_DTYPES[dtype]).reshape(array.shape), array, casting="unsafe")
-        tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=ref))
+        await self._shared_memory.write(place, data, "output_shared_memory")
+        tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=place.ref))
         return wire.Payload(message)
+
+    @contextlib.contextmanager
+    def _refusing_rank(self, request: Any, phase: str) -> Iterator[SyncSpec | None]:
+        """The request's sync spec; a refusal inside (a bad request) fails its step for the other ranks."""
+        sync = self._sync(request)
+        try:
+            yield sync
+        except Exception as exc:
+            if sync is not None:
+                self._registry.refuse_rank(request.layer, sync, phase, exc)
+            raise
 
     @staticmethod
     def _sync(request: Any) -> SyncSpec | None:
@@ -225,10 +301,13 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         return SyncSpec(request.sync.id, request.sync.world_size, request.sync.rank, request.sync.step)
 
     async def _gather(self, requests: AsyncIterator[Any]) -> wire.Payload:
-        """A streamed request as one Payload; its head is checked before any chunk is taken."""
+        """A streamed request as one Payload; its head (tensor sizes, layer name, that the layer exists and
+        serves) is checked before any chunk is taken."""
         assembly = wire.Assembly(self._check)
         async for part in requests:
             assembly.take(part)
+            if assembly.head is part:
+                self._registry.get(check_name(part.layer, "layer"))
         return assembly.result()
 
     # ------------------------------------------------------------------ layers
@@ -241,7 +320,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     @_rpc
     async def GetLayer(self, request: pb.GetLayerRequest, context: Any) -> pb.Layer:
-        return describe_layer(self._registry.get(request.name))
+        return describe_layer(self._registry.describe(request.name))
 
     @_rpc
     async def ListLayers(self, request: pb.ListLayersRequest, context: Any) -> pb.ListLayersResponse:
@@ -254,22 +333,22 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         )
 
     # ------------------------------------------------------------------ compute
-    async def _train(self, request: wire.Payload, context: Any) -> wire.Payload:
-        x, out = self._batch(request)
-        place = self._output_place(request, x.shape, out)
-        keep = None
-        if request.keep_forward:
-            keep = request.x.dtype
-            if request.x.HasField("shared_memory"):
-                x = x.copy()  # the client may overwrite its region before the Gradient
-        parameters = {key: self._tensor(t, f"parameters[{key!r}]") for key, t in request.parameters.items()}
+    async def _train(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
+        with self._refusing_rank(request, TRAINING_PHASE) as sync:
+            x, out = await self._batch(request)
+            layer = self._registry.get(request.layer).layer
+            place = self._output_place(request, x.shape, out, streamed, layer.state_nbytes)
+            keys = tuple(key for key in ("weight", "bias") if key in layer.state_keys)
+            parameters = await self._state_tensors(
+                request.parameters, layer, keys, "parameters", "the layer's weight and bias"
+            )
         y, snapshot, forward_id = await self._registry.train(
             request.layer,
             x,
             wait=self._wait(context),
-            keep_dtype=keep,
+            keep_dtype=request.x.dtype if request.keep_forward else None,
             parameters=parameters,
-            sync=self._sync(request),
+            sync=sync,
         )
         response = pb.TrainResponse(
             version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked, forward_id=forward_id
@@ -277,24 +356,26 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         if request.return_running_stats and snapshot.layer.track_running_stats:
             for key, value in host_state(snapshot.layer, RUNNING_KEYS).items():
                 response.running_stats[key].CopyFrom(codec.encode(value))
-        return self._respond(response, "y", y, out, place)
+        return await self._respond(response, "y", y, out, place)
 
-    async def _infer(self, request: wire.Payload, context: Any) -> wire.Payload:
-        x, out = self._batch(request)
-        place = self._output_place(request, x.shape, out)
+    async def _infer(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
+        x, out = await self._batch(request)
+        place = self._output_place(request, x.shape, out, streamed)
         y, snapshot = await self._registry.infer(request.layer, x, wait=self._wait(context))
-        return self._respond(pb.InferResponse(version=snapshot.version), "y", y, out, place)
+        return await self._respond(pb.InferResponse(version=snapshot.version), "y", y, out, place)
 
-    async def _gradient(self, request: wire.Payload, context: Any) -> wire.Payload:
-        check_name(request.layer, "layer")
-        kept = None
-        if request.WhichOneof("forward") == "forward_id":
-            kept = self._registry.kept_forward(request.layer, request.forward_id)
-            x, out = kept.x, self._output_dtype(request, kept.wire_dtype)
-        else:
-            x, out = self._batch(request)
-        dy = self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
-        place = self._output_place(request, x.shape, out)
+    async def _gradient(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
+        with self._refusing_rank(request, GRADIENT_PHASE) as sync:
+            check_name(request.layer, "layer")
+            kept = None
+            if request.WhichOneof("forward") == "forward_id":
+                kept = self._registry.kept_forward(request.layer, request.forward_id)
+                x, out = kept.x, self._output_dtype(request, kept.wire_dtype)
+            else:
+                x, out = await self._batch(request)
+            dy = await self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
+            layer = self._registry.get(request.layer).layer
+            place = self._output_place(request, x.shape, out, streamed, layer.state_nbytes)
         training = request.training if request.HasField("training") else True
         dx, grads, snapshot = await self._registry.gradient(
             request.layer,
@@ -303,13 +384,13 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             training,
             wait=self._wait(context),
             snapshot=None if kept is None else kept.snapshot,
-            sync=self._sync(request),
+            sync=sync,
         )
         response = pb.GradientResponse(version=snapshot.version)
         for key, field in (("weight", response.dweight), ("bias", response.dbias)):
             if grads[key] is not None:
                 field.CopyFrom(codec.encode(grads[key]))
-        return self._respond(response, "dx", dx, out, place)
+        return await self._respond(response, "dx", dx, out, place)
 
     Train = _rpc(_train)
     Infer = _rpc(_infer)
@@ -322,19 +403,30 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     @_rpc
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.LayerState:
         snapshot = self._registry.get(request.name)
-        state = pb.LayerState(
-            name=snapshot.name,
-            version=snapshot.version,
-            tensors={key: codec.encode(value) for key, value in host_state(snapshot.layer).items()},
-        )
-        if "num_batches_tracked" in snapshot.layer.state_keys:
-            state.num_batches_tracked = snapshot.layer.num_batches_tracked
-        return state
+        nbytes = snapshot.layer.state_nbytes
+        if nbytes + ANSWER_OVERHEAD_BYTES > self._limits.max_message_bytes:
+            raise AnswerTooLarge(
+                f"layer {request.name!r} has {nbytes} bytes of state, more than one message may carry "
+                f"(--max-message-bytes {self._limits.max_message_bytes}); raise that limit to read it"
+            )
+
+        def encode() -> pb.LayerState:
+            state = pb.LayerState(
+                name=snapshot.name,
+                version=snapshot.version,
+                tensors={key: codec.encode(value) for key, value in host_state(snapshot.layer).items()},
+            )
+            if "num_batches_tracked" in snapshot.layer.state_keys:
+                state.num_batches_tracked = snapshot.layer.num_batches_tracked
+            return state
+
+        return encode() if nbytes <= INLINE_STATE_BYTES else await asyncio.to_thread(encode)
 
     @_rpc
     async def SetState(self, request: pb.SetStateRequest, context: Any) -> pb.Layer:
-        check_name(request.name)
-        state: dict[str, Any] = {key: self._tensor(t, f"tensors[{key!r}]") for key, t in request.tensors.items()}
+        layer = self._registry.get(check_name(request.name)).layer
+        keys = tuple(key for key in layer.state_keys if key != "num_batches_tracked")
+        state: dict[str, Any] = await self._state_tensors(request.tensors, layer, keys, "tensors", "the layer's state")
         if request.HasField("num_batches_tracked"):
             state["num_batches_tracked"] = np.int64(request.num_batches_tracked)
         if not state and request.partial:
@@ -353,7 +445,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: Any
     ) -> pb.SharedMemoryRegion:
-        region = self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        region = await self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
         return region.describe()
 
     @_rpc

@@ -1,32 +1,48 @@
 """System shared memory (after Triton's extension): regions clients on this host register by name.
 
-A region is a byte range of a POSIX shared-memory object, mapped once at
-registration. Tensors in requests reference (region, offset, byte_size) and
-are read in place; outputs can be written into a region. Every reference is
-checked against the region, and the region against the object's current
-size (a client that shrinks its object gets an error, not a crash).
+A region is a byte range of a POSIX shared-memory object in ``/dev/shm``.
+Tensors in requests reference (region, offset, byte_size); outputs can be
+written into a region. The server reads and writes a region through its file
+descriptor (``preadv``/``pwritev``), never through a mapping: a client that
+truncates its object while the server works on it then gets an error, where
+a mapping would kill the server with SIGBUS. It costs one copy of the
+elements, into memory the server owns, which also means a request's input
+can never change under the kernels.
+
+Objects are opened with ``O_NOFOLLOW | O_NONBLOCK`` and must be regular
+files: a symbolic link (to a file the server may read or write) and a FIFO
+(whose open would block) are refused. Opening and large transfers run off
+the event loop.
 
 Off unless the server runs with ``--shared-memory``: with it, any client that
-may call the server can read and write any shared-memory object the server's
-user can open, so it is for trusted clients on the same host only.
+may call the server can read and write any shared-memory object in
+``/dev/shm`` that the server's user can open, so it is for trusted clients on
+the same host only.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
+import asyncio
 import os
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
 
 from normserve.server.errors import InvalidRequest, RegionExists, RegionNotFound, SharedMemoryOff
 from normserve.server.layer_config import check_name
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["Region", "SharedMemoryRegions"]
+__all__ = ["OutputPlace", "Region", "SharedMemoryRegions"]
 
+T = TypeVar("T")
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects (shm_open's namespace)
 _KEY = re.compile(r"/?[A-Za-z0-9_.:-]{1,250}")
+#: Transfers up to this many bytes run on the event loop (a thread hop costs more than the copy).
+INLINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -36,7 +52,6 @@ class Region:
     offset: int
     byte_size: int
     fd: int
-    memory: mmap.mmap
     writable: bool
 
     def describe(self) -> pb.SharedMemoryRegion:
@@ -44,8 +59,70 @@ class Region:
 
     def close(self) -> None:
         os.close(self.fd)
-        with contextlib.suppress(BufferError):  # a call still uses it: the mapping goes with its last view
-            self.memory.close()
+
+
+@dataclass(frozen=True)
+class OutputPlace:
+    """A checked range of a writable region that an output goes to."""
+
+    region: Region
+    ref: pb.SharedMemoryRef  # the range the answer names: byte_size is the output's
+
+
+async def _off_loop(nbytes: int, fn: Callable[..., T], *args: object) -> T:
+    return fn(*args) if nbytes <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+
+
+def _open_object(key: str) -> tuple[int, bool]:
+    """(fd, writable) of the shared-memory object ``key``: a regular file in SHM_DIR, never a link or a FIFO."""
+    path = os.path.join(SHM_DIR, key.lstrip("/"))
+    flags = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        try:
+            fd, writable = os.open(path, os.O_RDWR | flags), True
+        except PermissionError:
+            fd, writable = os.open(path, os.O_RDONLY | flags), False
+    except FileNotFoundError:
+        raise InvalidRequest(
+            f"no shared-memory object {key!r} on the server's host; create it first (shm_open, or "
+            "multiprocessing.shared_memory) on the same host as the server"
+        ) from None
+    except OSError as exc:
+        if os.path.islink(path):
+            raise InvalidRequest(
+                f"shared-memory object {key!r} is a symbolic link; register the object itself"
+            ) from None
+        raise InvalidRequest(f"cannot open shared-memory object {key!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidRequest(f"{key!r} in {SHM_DIR} is not a regular file, so it is not a shared-memory object")
+    return fd, writable
+
+
+def _read(fd: int, start: int, size: int) -> tuple[np.ndarray, int]:
+    buffer = np.empty(size, np.uint8)
+    with _Dup(fd) as own:
+        return buffer, os.preadv(own, [buffer], start) if size else 0
+
+
+def _write(fd: int, start: int, data: memoryview) -> int:
+    with _Dup(fd) as own:
+        written = os.pwritev(own, [data], start) if data.nbytes else 0
+        return written if os.fstat(own).st_size >= start + data.nbytes else -1
+
+
+class _Dup:
+    """A descriptor of the region's object of this transfer's own: unregistering the region (closing its
+    fd) during the transfer cannot make it read or write whatever file reuses that number."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = os.dup(fd)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self.fd)
 
 
 class SharedMemoryRegions:
@@ -62,49 +139,43 @@ class SharedMemoryRegions:
                 "(for clients on the same host), or send the tensor's bytes"
             )
 
-    def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+    def _registered(self, name: str, key: str, offset: int, byte_size: int) -> Region | None:
+        """The region already under ``name`` if it is this one; ALREADY_EXISTS if another."""
+        existing = self._regions.get(name)
+        if existing is None or (existing.key, existing.offset, existing.byte_size) == (key, offset, byte_size):
+            return existing
+        raise RegionExists(
+            f"region {name!r} is registered with key {existing.key!r}, offset {existing.offset}, "
+            f"byte_size {existing.byte_size}; unregister it first or choose another name"
+        )
+
+    async def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
         self._require_enabled()
         check_name(name, "name")
         if not _KEY.fullmatch(key):
             raise InvalidRequest(
-                f"key {key!r} is not a POSIX shared-memory name: '/' (optional) then 1-250 of [A-Za-z0-9_.:-]"
+                f"key {key[:64]!r} is not a POSIX shared-memory name: '/' (optional) then 1-250 of [A-Za-z0-9_.:-]"
             )
         if byte_size <= 0:
             raise InvalidRequest("byte_size must be > 0: the length of the region in bytes")
-        existing = self._regions.get(name)
+        existing = self._registered(name, key, offset, byte_size)
         if existing is not None:
-            if (existing.key, existing.offset, existing.byte_size) == (key, offset, byte_size):
-                return existing
-            raise RegionExists(
-                f"region {name!r} is registered with key {existing.key!r}, offset {existing.offset}, "
-                f"byte_size {existing.byte_size}; unregister it first or choose another name"
-            )
-        path = os.path.join(SHM_DIR, key.lstrip("/"))
-        writable = True
-        try:
-            fd = os.open(path, os.O_RDWR)
-        except PermissionError:
-            fd, writable = os.open(path, os.O_RDONLY), False
-        except FileNotFoundError:
-            raise InvalidRequest(
-                f"no shared-memory object {key!r} on the server's host; create it first (shm_open, or "
-                "multiprocessing.shared_memory) on the same host as the server"
-            ) from None
-        except OSError as exc:
-            raise InvalidRequest(f"cannot open shared-memory object {key!r}: {exc.strerror}") from None
+            return existing
+        fd, writable = await asyncio.to_thread(_open_object, key)
         try:
             size = os.fstat(fd).st_size
             if offset + byte_size > size:
                 raise InvalidRequest(
                     f"offset {offset} + byte_size {byte_size} is beyond the end of {key!r} ({size} bytes)"
                 )
-            access = mmap.ACCESS_WRITE if writable else mmap.ACCESS_READ
-            memory = mmap.mmap(fd, size, access=access)
+            existing = self._registered(name, key, offset, byte_size)  # another call may have won the race
         except BaseException:
             os.close(fd)
             raise
-        region = Region(name, key, offset, byte_size, fd, memory, writable)
-        self._regions[name] = region
+        if existing is not None:
+            os.close(fd)
+            return existing
+        region = self._regions[name] = Region(name, key, offset, byte_size, fd, writable)
         return region
 
     def unregister(self, name: str) -> list[Region]:
@@ -130,13 +201,13 @@ class SharedMemoryRegions:
             region.close()
         self._regions.clear()
 
-    def view(self, ref: pb.SharedMemoryRef, what: str, *, writable: bool = False) -> memoryview:
-        """The bytes ``ref`` names, after checking it against its region and the object's size."""
+    def _locate(self, ref: pb.SharedMemoryRef, what: str, writable: bool) -> tuple[Region, int]:
+        """The region ``ref`` names and where its range starts in the object, after checking the range."""
         self._require_enabled()
         region = self._regions.get(ref.region)
         if region is None:
             raise InvalidRequest(
-                f"{what}.region {ref.region!r} is not registered; register it with RegisterSharedMemory "
+                f"{what}.region {ref.region[:64]!r} is not registered; register it with RegisterSharedMemory "
                 "(ListSharedMemory shows what is)"
             )
         if ref.offset + ref.byte_size > region.byte_size:
@@ -146,9 +217,32 @@ class SharedMemoryRegions:
             )
         if writable and not region.writable:
             raise InvalidRequest(f"{what}: region {region.name!r} is read-only to the server; it cannot hold outputs")
-        start = region.offset + ref.offset
-        if start + ref.byte_size > os.fstat(region.fd).st_size:
-            raise InvalidRequest(
-                f"{what}: shared-memory object {region.key!r} shrank below the registered region; register it again"
-            )
-        return memoryview(region.memory)[start : start + ref.byte_size]
+        return region, region.offset + ref.offset
+
+    def _shrank(self, region: Region, what: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"{what}: shared-memory object {region.key!r} shrank below the registered region while the server "
+            "used it; keep it whole while calls use it, or register it again"
+        )
+
+    async def read(self, ref: pb.SharedMemoryRef, what: str) -> np.ndarray:
+        """A copy of the bytes ``ref`` names, in memory of the server's own."""
+        region, start = self._locate(ref, what, writable=False)
+        data, got = await _off_loop(ref.byte_size, _read, region.fd, start, ref.byte_size)
+        if got != ref.byte_size:
+            raise self._shrank(region, what)
+        return data
+
+    def output(self, ref: pb.SharedMemoryRef, what: str, needed: int) -> OutputPlace:
+        """Where an output of ``needed`` bytes goes, checked before any work."""
+        region, _ = self._locate(ref, what, writable=True)
+        if ref.byte_size < needed:
+            raise InvalidRequest(f"{what}.byte_size {ref.byte_size} cannot hold the output: it needs {needed} bytes")
+        return OutputPlace(region, pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=needed))
+
+    async def write(self, place: OutputPlace, data: np.ndarray, what: str) -> None:
+        """Write ``data`` (C-contiguous, ``place.ref.byte_size`` bytes) into its place."""
+        region, start = self._locate(place.ref, what, writable=True)  # still registered, still in range
+        flat = memoryview(data.reshape(-1).view(np.uint8))
+        if await _off_loop(flat.nbytes, _write, region.fd, start, flat) != flat.nbytes:
+            raise self._shrank(region, what)

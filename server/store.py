@@ -5,7 +5,9 @@ Every write is one transaction that is committed (and, with
 server has acknowledged survives ``kill -9`` and power loss. Tensors are
 stored as raw bytes with their dtype and shape, so a restart restores them
 bit for bit. A Train rewrites only what it changed (running_mean,
-running_var, the counters): two small rows.
+running_var, the counters): two small rows. A write that finds the
+filesystem full raises :class:`StateDirFull` and leaves the database as it
+was; the next write after space returns goes through.
 
 The store is synchronous and not thread-safe; the registry calls it from one
 dedicated thread.
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import shutil
 import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -22,12 +26,16 @@ from pathlib import Path
 
 import numpy as np
 
+from normserve.server.errors import StateDirFull
+
 try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = ["DATABASE_NAME", "StateStore", "StoreLocked", "StoredLayer"]
+
+log = logging.getLogger(__name__)
 
 DATABASE_NAME = "normserve.sqlite3"
 _SCHEMA_VERSION = 1
@@ -49,6 +57,27 @@ CREATE TABLE IF NOT EXISTS tensors (
 ) WITHOUT ROWID;
 """
 
+# SQLite's primary result codes for a write that found no room. Python 3.10 has no
+# ``sqlite_errorcode``: there the message (SQLite's fixed text for the code) tells.
+_SQLITE_IOERR = 10
+_SQLITE_FULL = 13
+_MESSAGE_CODES = {"disk I/O error": _SQLITE_IOERR, "database or disk is full": _SQLITE_FULL}
+#: An I/O error with less free space than this is taken for ENOSPC/EDQUOT that SQLite reported
+#: as IOERR (e.g. found late, at fsync), which it does not tell apart from a failing disk.
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def _out_of_space(exc: sqlite3.Error, directory: Path) -> bool:
+    """Whether SQLite failed for want of room in ``directory``'s filesystem."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    code = _MESSAGE_CODES.get(str(exc)) if code is None else code & 0xFF
+    if code == _SQLITE_IOERR:
+        try:
+            return shutil.disk_usage(directory).free < _NEARLY_FULL_BYTES
+        except OSError:
+            return False
+    return code == _SQLITE_FULL
+
 
 class StoreLocked(RuntimeError):
     """Another process holds the state directory."""
@@ -61,6 +90,7 @@ class StoredLayer:
     version: int
     num_batches_tracked: int
     tensors: dict[str, np.ndarray]
+    problem: str = ""  # why a stored tensor cannot be read (the layer is then not restorable)
 
 
 class StateStore:
@@ -104,23 +134,52 @@ class StateStore:
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        """One write transaction: committed, or the database is left as it was.
+
+        A full disk answers :class:`StateDirFull`; any other SQLite error surfaces as it is.
+        """
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+        except sqlite3.Error as exc:
+            if _out_of_space(exc, self.directory):
+                raise StateDirFull(self.directory) from exc
             raise
-        self._db.execute("COMMIT")
+
+    def _rollback(self) -> None:
+        """Roll back the open transaction, if any, without masking the error that caused it.
+
+        SQLite itself rolls back after some errors (SQLITE_FULL, IOERR), so there may be none.
+        """
+        if not self._db.in_transaction:
+            return
+        try:
+            self._db.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rollback failed in %s", self.path)
 
     # ------------------------------------------------------------------ reads
     def load_all(self) -> list[StoredLayer]:
-        """Every stored layer, sorted by name."""
+        """Every stored layer, sorted by name; one whose tensors cannot be read says why in ``problem``."""
         tensors: dict[str, dict[str, np.ndarray]] = {}
+        problems: dict[str, str] = {}
         for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
-            array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
+            try:
+                array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
+            except Exception as exc:  # whatever a damaged row holds, it spoils its layer only
+                problems.setdefault(layer, f"stored tensor {key!r} is unreadable ({type(exc).__name__}: {exc})")
+                continue
             tensors.setdefault(layer, {})[key] = array
         rows = self._db.execute("SELECT name, config, version, num_batches_tracked FROM layers ORDER BY name")
-        return [StoredLayer(name, bytes(config), v, nbt, tensors.get(name, {})) for name, config, v, nbt in rows]
+        return [
+            StoredLayer(name, bytes(config), v, nbt, tensors.get(name, {}), problems.get(name, ""))
+            for name, config, v, nbt in rows
+        ]
 
     # ----------------------------------------------------------------- writes
     def create_layer(
@@ -159,10 +218,24 @@ class StateStore:
         )
 
     def close(self) -> None:
-        """Fold the WAL into the database file and release the directory."""
+        """Fold the WAL into the database file and release the directory.
+
+        Folding needs room; without it the WAL stays, still valid, and the next open replays it,
+        so a failed checkpoint is logged and the store closes all the same.
+        """
         if self._db is None:
             return
-        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        self._db.close()
-        self._db = None
-        self._lock_file.close()
+        try:
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        except sqlite3.Error as exc:
+            if _out_of_space(exc, self.directory):
+                log.warning(
+                    "the state directory %s is full: the WAL stays and is replayed at the next start", self.directory
+                )
+            else:
+                log.exception("checkpoint of %s failed: the WAL stays and is replayed at the next start", self.path)
+        try:
+            self._db.close()
+        finally:
+            self._db = None
+            self._lock_file.close()

@@ -19,6 +19,7 @@ answer instead of waiting alone.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -33,8 +34,12 @@ __all__ = ["SyncAborted", "SyncSpec", "SyncSteps", "SyncTimeout"]
 
 T = TypeVar("T")
 _GROUP_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
-#: Finished and failed steps remembered (for late or repeated ranks).
+#: Finished and failed steps remembered with why they closed (for a late or repeated rank's answer).
 REMEMBERED_STEPS = 4096
+#: (layer, group, phase) whose last closed step is remembered, least recently used out.
+REMEMBERED_GROUPS = 16384
+#: Missing ranks a timeout names (it counts the rest).
+NAMED_RANKS = 8
 
 
 class SyncAborted(ServiceError):
@@ -78,10 +83,17 @@ class _Step:
 class SyncSteps:
     """The open synchronized steps of one server; ``timeout``: seconds the first rank waits for the last."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, max_world_size: int = 1024) -> None:
         self.timeout = timeout
+        self.max_world_size = max_world_size
         self._open: dict[tuple, _Step] = {}
         self._closed: OrderedDict[tuple, ServiceError] = OrderedDict()  # why a step can no longer be joined
+        self._last_closed: OrderedDict[tuple, int] = OrderedDict()  # (layer, group, phase) -> its last closed step
+
+    @staticmethod
+    def _group(key: tuple) -> tuple:
+        layer, group, _, phase = key
+        return layer, group, phase
 
     @staticmethod
     def _describe(key: tuple) -> str:
@@ -90,11 +102,22 @@ class SyncSteps:
 
     def check(self, key: tuple, spec: SyncSpec) -> None:
         """Refuse (alone, failing no one else) a rank that cannot join ``key``: closed, world size, rank twice."""
+        if spec.world_size > self.max_world_size:
+            raise InvalidRequest(
+                f"sync.world_size {spec.world_size} is over the server's limit of {self.max_world_size} ranks "
+                "(--max-world-size)"
+            )
         closed = self._closed.get(key)
         if closed is not None:
             raise type(closed)(str(closed))
         step = self._open.get(key)
         if step is None:
+            last = self._last_closed.get(self._group(key))
+            if last is not None and key[2] <= last:
+                raise InvalidRequest(
+                    f"the {self._describe(key)} cannot start: step {last} of the group has closed already, and "
+                    f"steps only move forward; use a step number above {last}"
+                )
             return
         if step.world_size != spec.world_size:
             raise InvalidRequest(
@@ -162,13 +185,24 @@ class SyncSteps:
         step = self._open.get(key)
         if step is None:
             return
-        missing = sorted(set(range(step.world_size)) - set(step.parts))
+        count = step.world_size - len(step.parts)
+        named = list(itertools.islice((r for r in range(step.world_size) if r not in step.parts), NAMED_RANKS))
+        ranks = ", ".join(map(str, named)) + (", ..." if count > len(named) else "")
         self.fail(
             key,
-            f"rank(s) {missing} of {step.world_size} did not arrive within {self.timeout:g} s "
+            f"rank(s) {ranks} ({count} of {step.world_size}) did not arrive within {self.timeout:g} s "
             "(the server's --sync-timeout)",
             SyncTimeout,
         )
+
+    def forget_layer(self, layer: str) -> None:
+        """A deleted layer: its open steps fail (ABORTED) for their waiting ranks, and what is remembered
+        of its steps is dropped, so a new layer of that name starts afresh."""
+        for key in [key for key in self._open if key[0] == layer]:
+            self.fail(key, "the layer was deleted")
+        for memory in (self._closed, self._last_closed):
+            for key in [key for key in memory if key[0] == layer]:
+                del memory[key]
 
     def _close(self, key: tuple, why: ServiceError) -> None:
         step = self._open.pop(key, None)
@@ -178,3 +212,10 @@ class SyncSteps:
         self._closed.move_to_end(key)
         while len(self._closed) > REMEMBERED_STEPS:
             self._closed.popitem(last=False)
+        if step is None:
+            return  # a step failed before any rank joined it (one was refused): later steps stay open to all
+        group = self._group(key)
+        self._last_closed[group] = max(key[2], self._last_closed.get(group, key[2]))
+        self._last_closed.move_to_end(group)
+        while len(self._last_closed) > REMEMBERED_GROUPS:
+            self._last_closed.popitem(last=False)

@@ -253,8 +253,9 @@ def test_half_and_double_inputs_come_back_in_their_dtype(client, layer_name, rng
 
 
 def test_forwards_the_server_cannot_keep_are_sent_again_by_the_backward(start_server, rng):
-    """--forward-cache-bytes 1000: a 2 KB input is never kept, and of two 512 B ones the first is evicted."""
-    proc = start_server("--forward-cache-bytes", "1000")
+    """--forward-cache-bytes 3500: a 2 KB input is never kept, and of two 512 B ones the first is evicted (a kept
+    forward counts its message, the layer's 256 B of state and 2 KiB of records)."""
+    proc = start_server("--forward-cache-bytes", "3500")
     local = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16), nn.Linear(16, 16), nn.BatchNorm1d(16))
     with NormClient(proc.target) as nc:
         model = remote.convert_to_remote(copy.deepcopy(local), nc, prefix="m.")

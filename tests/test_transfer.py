@@ -162,7 +162,8 @@ def test_a_kept_forward_keeps_the_weights_it_ran_with(client, layer_name, rng) -
 
 def test_forward_ids_are_evicted_least_recently_used_first(start_server, rng) -> None:
     x = _batch(rng)  # 16 KB
-    proc = start_server("--forward-cache-bytes", str(2 * x.nbytes))
+    # Two kept forwards fit: each counts x's message, the layer's state (weight and bias) and 2 KiB of records.
+    proc = start_server("--forward-cache-bytes", str(2 * (x.nbytes + 4096)))
     with NormClient(proc.target) as nc:
         layer = nc.create_layer("ln", "layer_norm", normalized_shape=32)
         ids = []

@@ -101,12 +101,15 @@ def check(
         raise TensorError(f"{what} has {len(shape)} dimensions; at most {MAX_RANK} are supported")
     if any(d < 0 for d in shape):
         raise TensorError(f"{what}.shape {list(shape)} has a negative dimension; every dimension must be >= 0")
-    elements = math.prod(shape)
-    if elements > _INT64_MAX:
+    # Dimensions count even beside a 0: an array of shape (0, 2**62) is not one NumPy (or a kernel) can make.
+    span = math.prod(max(d, 1) for d in shape)
+    if span * dtype.itemsize > _INT64_MAX:
         raise TensorError(f"{what}.shape {list(shape)} has more elements than an int64 can count")
-    if max_elements is not None and elements > max_elements:
+    elements = math.prod(shape)
+    if max_elements is not None and span > max_elements:
         raise TensorTooLarge(
-            f"{what} has {elements} elements, over the server's limit of {max_elements}; send smaller batches"
+            f"{what} has {elements} elements (shape {list(shape)}), over the server's limit of {max_elements}; "
+            "send smaller batches"
         )
     expected = elements * dtype.itemsize
     if max_bytes is not None and expected > max_bytes:

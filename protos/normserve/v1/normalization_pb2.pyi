@@ -88,7 +88,7 @@ class LayerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., num_features: _Optional[int] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., bias: _Optional[bool] = ..., biased_running_var: _Optional[bool] = ..., device: _Optional[str] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys", "stats")
+    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys", "stats", "restore_error")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,7 @@ class Layer(_message.Message):
     PARAM_SHAPE_FIELD_NUMBER: _ClassVar[int]
     STATE_KEYS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_ERROR_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: LayerConfig
     version: int
@@ -103,7 +104,8 @@ class Layer(_message.Message):
     param_shape: _containers.RepeatedScalarFieldContainer[int]
     state_keys: _containers.RepeatedScalarFieldContainer[str]
     stats: LayerStats
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[LayerStats, _Mapping]] = ...) -> None: ...
+    restore_error: str
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[LayerStats, _Mapping]] = ..., restore_error: _Optional[str] = ...) -> None: ...
 
 class LayerStats(_message.Message):
     __slots__ = ("train_calls", "mean_shift", "log_var_shift", "input_entropy", "output_entropy")

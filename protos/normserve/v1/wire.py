@@ -47,6 +47,9 @@ __all__ = [
 ]
 
 _LEN = 2  # wire type of length-delimited fields
+#: Fields one message level may hold. Ours have a few dozen at most; scanning is Python work per field,
+#: so a message of millions of tiny (unknown) fields is refused rather than walked.
+MAX_FIELDS = 4096
 _DATA_FIELD = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 _CHUNK_DATA_FIELD = pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
 
@@ -142,8 +145,11 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
 
 def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
     """(number, wire type, where the field's encoding starts, where its value starts, where it ends) of each field."""
-    pos = start
+    pos, count = start, 0
     while pos < end:
+        count += 1
+        if count > MAX_FIELDS:
+            raise WireError(f"more than {MAX_FIELDS} fields in one message; this is not a request of this service")
         field_start = pos
         key, pos = _read_varint(buf, pos, end)
         number, wire_type = key >> 3, key & 7
@@ -296,6 +302,11 @@ class Assembly:
         self._buffers: list[tuple[str, np.ndarray]] = []
         self._expected = self._received = 0
 
+    @property
+    def head(self) -> Payload | None:
+        """The stream's head, once taken."""
+        return self._head
+
     def take(self, part: Payload | Chunk) -> None:
         if isinstance(part, Payload):
             if self._head is not None:
@@ -306,6 +317,8 @@ class Assembly:
             self._head = part
         elif self._head is None:
             raise WireError("the stream starts with a chunk; send the head (the request) first")
+        elif not nbytes(part.data):
+            raise WireError("an empty chunk: every chunk carries at least one byte of the head's tensors")
         else:
             self._add(_flat_bytes(part.data))
 
