@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from normkernels import parse_device
 from normserve.server.interceptors import GuardCalls, RequireToken
-from normserve.server.memory import Trimmer, return_freed_memory
+from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
 from normserve.server.security import TlsFiles, TokenSet
@@ -65,7 +65,6 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     calls and gives in-flight ones ``grace_period`` seconds, started writes
     finish, and the store is checkpointed and closed.
     """
-    return_freed_memory()
     device = str(parse_device(options.device))
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)

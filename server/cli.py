@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -38,11 +39,15 @@ class BadEnvironment(ValueError):
     """An environment variable whose value its flag would refuse."""
 
 
-def _number(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str], Any]:
+def _number(kind: type, minimum: float, inclusive: bool = True, maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         value = kind(text)
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < minimum or (value == minimum and not inclusive):
             raise argparse.ArgumentTypeError(f"must be {'>=' if inclusive else '>'} {minimum}, got {text}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum:g}, got {text}")
         return value
 
     parse.__name__ = kind.__name__
@@ -52,6 +57,8 @@ def _number(kind: type, minimum: float, inclusive: bool = True) -> Callable[[str
 _positive_int = _number(int, 0, inclusive=False)
 _port = _number(int, 0)
 _seconds = _number(float, 0, inclusive=False)
+#: gRPC takes connection ages in int32 milliseconds.
+_connection_seconds = _number(float, 0, inclusive=False, maximum=(2**31 - 1) // 1000)
 
 
 class _Options:
@@ -156,14 +163,14 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     )
     add(
         "--max-connection-age",
-        type=_seconds,
+        type=_connection_seconds,
         default=defaults.max_connection_age,
         help="seconds after which a client connection is asked to reconnect (clients do so by themselves); "
         "with the grace below, no call lives longer on one connection",
     )
     add(
         "--max-connection-age-grace",
-        type=_number(float, 0),
+        type=_number(float, 0, maximum=(2**31 - 1) // 1000),
         default=defaults.max_connection_age_grace,
         help="seconds calls on an aged connection get to finish before it is closed",
     )

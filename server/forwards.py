@@ -58,19 +58,17 @@ class ForwardCache:
         self.held_bytes = 0
         self._forwards: OrderedDict[str, Forward] = OrderedDict()
 
-    def admit(self, x: np.ndarray, state_nbytes: int) -> np.ndarray:
-        """x as it will be kept (copied out of a much larger buffer it views, such as a message with
-        other fields, which keeping the view would pin), after refusing before any work a forward the
-        whole budget cannot hold."""
-        if x.nbytes + state_nbytes <= self.budget_bytes and held_bytes(x) > x.nbytes + _SLACK_BYTES:
-            x = x.copy()
-        nbytes = held_bytes(x) + state_nbytes + OVERHEAD_BYTES
+    def admit(self, x: np.ndarray, state_nbytes: int) -> bool:
+        """Refuse, before any work, a forward the whole budget cannot hold; True when x must be copied out of
+        a much larger buffer it views (a message with other fields, which keeping the view would pin)."""
+        copy = held_bytes(x) > x.nbytes + _SLACK_BYTES
+        nbytes = (x.nbytes if copy else held_bytes(x)) + state_nbytes + OVERHEAD_BYTES
         if nbytes > self.budget_bytes:
             raise ForwardTooLarge(
                 f"keep_forward: keeping x and the layer's state takes {nbytes} bytes but the server keeps at most "
                 f"{self.budget_bytes} bytes of forwards (--forward-cache-bytes); send x with the Gradient instead"
             )
-        return x
+        return copy
 
     def keep(self, forward: Forward) -> str:
         """Hold an admitted ``forward`` (evicting the least recently used beyond the budget); its id."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import time
@@ -59,7 +60,9 @@ def _kind(handler: grpc.RpcMethodHandler) -> str:
 
 
 def same_kind(
-    handler: grpc.RpcMethodHandler, behavior: Callable[..., Any], request_deserializer: Any = None
+    handler: grpc.RpcMethodHandler,
+    behavior: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None = None,
 ) -> grpc.RpcMethodHandler:
     """A handler of ``handler``'s kind and serializers whose behavior is ``behavior``."""
     return _KINDS[_kind(handler)](
@@ -72,10 +75,13 @@ def same_kind(
 class Malformed:
     """What a request deserializes to when its bytes are not a valid message."""
 
-    __slots__ = ("reason",)
+    __slots__ = ("nbytes", "reason")
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, reason: str, nbytes: int) -> None:
+        self.reason, self.nbytes = reason, nbytes
+
+    def ByteSize(self) -> int:  # noqa: N802 -- sized like a message by the call metrics
+        return self.nbytes
 
 
 def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
@@ -86,7 +92,9 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], 
         try:
             return deserializer(data)
         except Exception as exc:  # any parse failure is the sender's: say so, never raise into gRPC
-            return Malformed(f"malformed request ({len(data)} bytes): {shorten(str(exc) or type(exc).__name__)}")
+            return Malformed(
+                f"malformed request ({len(data)} bytes): {shorten(str(exc) or type(exc).__name__)}", len(data)
+            )
 
     return deserialize
 
@@ -127,7 +135,8 @@ class _Call:
 
     def saw_request(self, request: Any) -> None:
         self.received += request.ByteSize()
-        if not self.layer:  # Train/Infer/Gradient name it `layer`, the others `name`
+        if not self.layer and not isinstance(request, Malformed):
+            # Train/Infer/Gradient name it `layer`, the others `name`
             self.layer = getattr(request, "layer", "") or getattr(request, "name", "")
 
 
@@ -137,33 +146,51 @@ class _GuardedContext:
     Everything else is the real context's.
     """
 
-    def __init__(self, context: grpc.aio.ServicerContext, call: _Call, idle_seconds: float) -> None:
-        self._context, self._call, self._idle = context, call, idle_seconds
-        self._waiting: object | None = None  # the wait in progress, if any
+    def __init__(
+        self,
+        context: grpc.aio.ServicerContext,
+        call: _Call,
+        idle_seconds: float,
+        ending: Callable[[grpc.StatusCode, str], None],
+    ) -> None:
+        self._context, self._call, self._idle, self._ending = context, call, idle_seconds, ending
+        self._waits: set[object] = set()  # the waits on the peer in progress (a read and a write may overlap)
         self._abort: asyncio.Task | None = None
+        self.ended = False  # recorded (metrics, log) already
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
+    async def abort(self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()) -> None:
+        """Record the call's end, then send its status: a client that sees it finds it counted."""
+        if not self.ended and not self._context.done():
+            self.ended = True
+            self._ending(code, details)
+        await self._context.abort(code, details, trailing_metadata)
+
     @contextlib.contextmanager
     def _waiting_on_peer(self, stalled: str) -> Iterator[None]:
-        token = self._waiting = object()
+        token = object()
+        self._waits.add(token)
         timer = asyncio.get_running_loop().call_later(self._idle, self._expire, token, stalled)
         try:
             yield
         finally:
             timer.cancel()
-            self._waiting = None
+            self._waits.discard(token)
 
     def _expire(self, token: object, stalled: str) -> None:
-        if self._waiting is token and not self._context.done():
-            self._abort = asyncio.ensure_future(self._end(stalled))
+        if token in self._waits:
+            self._abort = asyncio.ensure_future(self._end(token, stalled))  # held: a task nobody holds may vanish
 
-    async def _end(self, stalled: str) -> None:
-        # Runs while the call still waits on its peer (checked just before): its call is alive. The status may
-        # not get out (a peer that takes nothing may also not take that): the connection's age bounds it then.
+    async def _end(self, token: object, stalled: str) -> None:
+        # Checked again here, where the abort starts: the wait may have ended since the timer fired (then the
+        # call goes on), and while it lasts the call is alive. The status may not get out (a peer that takes
+        # nothing may not take that either): the connection's age bounds that call.
+        if token not in self._waits or self._context.done():
+            return
         with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError):
-            await self._context.abort(
+            await self.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 f"the client {stalled} for {self._idle:g} s in the middle of a stream, so the server ended the "
                 "call (it waits at most --default-deadline on a stalled peer); keep streams moving or retry",
@@ -192,9 +219,9 @@ class _GuardedContext:
 
     async def checked(self, request: Any) -> Any:
         """``request``, counted; a Malformed one aborts the call with INVALID_ARGUMENT."""
-        if isinstance(request, Malformed):
-            await self._context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         self._call.saw_request(request)
+        if isinstance(request, Malformed):
+            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
         return request
 
 
@@ -227,7 +254,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call, error, response = _Call(method, context), None, None
-            guarded = _GuardedContext(context, call, self._idle)
+            guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))
             try:
                 if streams_in:
                     request = guarded.incoming(request)
@@ -256,16 +283,16 @@ class GuardCalls(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                self._record(call, context, error)
-                request = result = response = guarded = None  # nothing of the call outlives it ...
+                if not guarded.ended:  # ended without an abort: gRPC's status for the call, or what ended it
+                    self._record(call, _code(context, error), context.details() or _describe(error))
+                request = result = response = guarded = None  # nothing of the call outlives it
                 _release(error)
 
         return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
 
-    def _record(self, call: _Call, context: grpc.aio.ServicerContext, error: BaseException | None) -> None:
-        """Count and log an ending call. Reads only the Python-side status gRPC keeps for the call."""
+    def _record(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
+        """Count and log an ending call."""
         seconds = time.perf_counter() - call.start
-        code = _code(context, error)
         if self._moved is not None:
             self._moved(call.received + call.sent)
         if self._metrics is not None:
@@ -283,16 +310,17 @@ class GuardCalls(grpc.aio.ServerInterceptor):
             "peer": call.peer,
         }
         if failed:
-            fields["details"] = context.details() or (repr(error) if error is not None else "")
+            fields["details"] = details
             access_log.warning("%s failed: %s", call.method, code.name, extra={"fields": fields})
         else:
             access_log.debug("%s ok", call.method, extra={"fields": fields})
 
 
 def _release(error: BaseException | None) -> None:
-    """... not even through the error that ended it: gRPC keeps that error with the call, and its traceback
-    holds the frames of the finished handlers, their requests and arrays among their locals, in reference
-    cycles that only the cyclic garbage collector would free (large arrays do not prompt it to run)."""
+    """Let nothing of a call outlive it through the error that ended it: gRPC keeps that error with the
+    call, and its traceback holds the frames of the finished handlers, with their requests and arrays among
+    their locals, in reference cycles that only the cyclic garbage collector would free (and large arrays
+    do not prompt it to run)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -300,7 +328,12 @@ def _release(error: BaseException | None) -> None:
         error = error.__cause__ or error.__context__
 
 
+def _describe(error: BaseException | None) -> str:
+    return "" if error is None else repr(error)
+
+
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    """The code of a call that ended without our abort. Reads only the Python-side status gRPC keeps."""
     if isinstance(error, asyncio.CancelledError):
         return grpc.StatusCode.CANCELLED
     code = context.code()

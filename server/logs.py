@@ -72,17 +72,17 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
-class _PeerGone(logging.Filter):
-    """gRPC's core fails a send when the peer has just gone (cancelled, deadline, connection lost) and gRPC
-    logs that as an error with a traceback (``ExecuteBatchError raised in core``). It is a client leaving,
-    not a server fault: keep it as one debug line."""
+class _FailedSend(logging.Filter):
+    """gRPC's core fails a send when the peer has just gone (cancelled, deadline, connection lost), and gRPC
+    logs that as an error with its own traceback (``ExecuteBatchError raised in core``), which says nothing
+    about our code. Keep it as one warning line (the access log has the call's line too)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not record.getMessage().startswith("ExecuteBatchError raised in core"):
-            return True
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        record.exc_info = record.exc_text = None
-        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        if record.getMessage().startswith("ExecuteBatchError raised in core"):
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "%s (most often: the client was gone)", (record.getMessage(),)
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def configure(level: str, fmt: str = "text") -> None:
@@ -90,4 +90,4 @@ def configure(level: str, fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
-    logging.getLogger("grpc._cython.cygrpc").addFilter(_PeerGone())
+    handler.addFilter(_FailedSend())  # on the handler, which configure() replaces: never added twice

@@ -48,7 +48,7 @@ from normserve.server.errors import (
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
-from normserve.server.sync_groups import SyncSpec, SyncSteps
+from normserve.server.sync_groups import SyncAborted, SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "Unrestorable", "host_state"]
@@ -94,7 +94,7 @@ class Unrestorable:
     version: int
     num_batches_tracked: int
     error: str
-    stats: TrainingStats = TrainingStats()
+    stats: TrainingStats = TrainingStats()  # none: read like a Snapshot's by ListLayers and the metrics
 
 
 class _Entry:
@@ -234,8 +234,14 @@ class Registry:
             self._store.path,
             error,
         )
-        version, batches = (v if isinstance(v, int) else 0 for v in (stored.version, stored.num_batches_tracked))
-        self._entries[stored.name] = _Entry(Unrestorable(stored.name, config, version, batches, error))
+
+        def whole(value: Any) -> int:  # a damaged row's counters may not even be integers
+            return value if isinstance(value, int) else 0
+
+        unrestorable = Unrestorable(
+            stored.name, config, whole(stored.version), whole(stored.num_batches_tracked), error
+        )
+        self._entries[stored.name] = _Entry(unrestorable)
 
     async def close(self) -> None:
         """Refuse new writes, let started ones finish, and close the store."""
@@ -338,7 +344,7 @@ class Registry:
         """Create ``name`` (or return it unchanged if it exists with an equal config); True when new."""
         check_name(name)
         deadline = self._deadline(wait)
-        layer = await self._compute(self._build, config, deadline=deadline)
+        layer = await self._compute(self._build, name, config, deadline=deadline)
         await self._within(self._names.acquire(), deadline, "other creates and deletes")
 
         async def create_locked() -> tuple[Snapshot, bool]:
@@ -378,8 +384,21 @@ class Registry:
 
         return await self._commit([self._names], create_locked)
 
-    def _build(self, config: pb.LayerConfig) -> Any:
-        """A new layer for ``config``, refused before its arrays exist when its state is over a budget."""
+    def _build(self, name: str, config: pb.LayerConfig) -> Any:
+        """A layer for ``config``, refused before its arrays exist when its state is over a budget.
+
+        For a name that exists the budget is that layer's size: an equal config is answered even when the
+        budgets are full (a restarted job creating its layers again), a larger one cannot be, and is refused.
+        """
+        existing = self._entries.get(name)
+        if existing is not None and isinstance(existing.snapshot, Snapshot):
+            try:
+                return build_layer(config, self.default_device, max_state_bytes=existing.snapshot.layer.state_nbytes)
+            except StateTooLarge:
+                raise LayerExists(
+                    f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); delete it first "
+                    "or choose another name"
+                ) from None
         per_layer, total = self.max_layer_state_bytes, self.max_state_bytes
         room = [
             limit for limit in (per_layer, None if total is None else total - self.state_bytes) if limit is not None
@@ -448,7 +467,8 @@ class Registry:
         """
         if keep_dtype is not None:
             try:
-                x = self.forwards.admit(x, self.get(name).layer.state_nbytes)
+                if self.forwards.admit(x, self.get(name).layer.state_nbytes):
+                    x = await self._compute(np.copy, x, elements=x.size)
             except ForwardTooLarge as exc:
                 if sync is not None:
                     self.refuse_rank(name, sync, TRAINING_PHASE, exc)
@@ -521,10 +541,9 @@ class Registry:
         again) while the step gathers: parts of different layers never meet.
         """
         self.sync.check(key, sync)
-        owner = self._entry(key[0])
-        layer = (snapshot or owner.snapshot).layer
         try:
-            part = await self._compute(reduce, layer, deadline=deadline)
+            owner = self._entry(key[0])
+            part = await self._compute(reduce, (snapshot or owner.snapshot).layer, deadline=deadline)
             if self._entries.get(key[0]) is not owner:
                 raise _recreated(key[0])
         except Exception as exc:
@@ -654,8 +673,8 @@ class Registry:
         return await self._with_lock(name, work, wait)
 
 
-def _recreated(name: str) -> InvalidRequest:
-    return InvalidRequest(
+def _recreated(name: str) -> SyncAborted:
+    return SyncAborted(
         f"layer {name!r} was deleted (and maybe created again) while the synchronized step gathered; nothing "
         "was changed: start the next step on every rank"
     )

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from normserve.server.errors import AnswerTooLarge, InvalidRequest, status_for
+from normserve.server.errors import AnswerTooLarge, InvalidRequest, ServiceError, status_for
 from normserve.server.layer_config import check_name, describe_config
 from normserve.server.logs import shorten
 from normserve.server.registry import (
@@ -62,6 +62,8 @@ DETAILS_CHARACTERS = 4096
 #: States up to this many bytes are encoded on the event loop.
 INLINE_STATE_BYTES = 1 << 20
 _HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
+#: The half of a synchronized step each request type joins.
+_PHASES = {pb.TrainRequest.DESCRIPTOR.name: TRAINING_PHASE, pb.GradientRequest.DESCRIPTOR.name: GRADIENT_PHASE}
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,7 @@ class Limits:
 
     @property
     def chunk_bytes(self) -> int:
-        """Elements per TensorChunk of a streamed answer: a chunk message fits max_message_bytes."""
+        """Bytes per TensorChunk of a streamed answer: a chunk message fits max_message_bytes."""
         return max(1, min(STREAM_CHUNK_BYTES, self.max_message_bytes - 64))
 
 
@@ -131,6 +133,12 @@ def _streaming(
             yield part
 
     return handler
+
+
+def _state_bytes(layer: Any, keys: tuple[str, ...]) -> int:
+    """Bytes of those of the layer's state tensors ``keys`` names that it has."""
+    per_tensor = math.prod(layer.param_shape) * np.dtype(layer.dtype).itemsize
+    return per_tensor * sum(key in layer.state_keys for key in keys)
 
 
 def describe_stats(stats: TrainingStats) -> pb.LayerStats:
@@ -200,8 +208,14 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         """
         where = "data"
         if tensor.WhichOneof("contents") == "shared_memory":
-            self._check(tensor, what)  # limits first: a reference may name any size
-            data = await self._shared_memory.read(tensor.shared_memory, f"{what}.shared_memory")
+            expected = self._check(tensor, what)  # limits first: a reference may name any size ...
+            ref = tensor.shared_memory
+            if ref.byte_size != expected:  # ... and only the checked size is read
+                raise InvalidRequest(
+                    f"{what}.shared_memory has {ref.byte_size} bytes but shape {list(tensor.shape)[:8]} of "
+                    f"{pb.DType.Name(tensor.dtype)} needs {expected} bytes"
+                )
+            data = await self._shared_memory.read(ref, f"{what}.shared_memory")
             where = "shared_memory"
         array = codec.decode(
             tensor,
@@ -284,15 +298,23 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         return wire.Payload(message)
 
     @contextlib.contextmanager
-    def _refusing_rank(self, request: Any, phase: str) -> Iterator[SyncSpec | None]:
-        """The request's sync spec; a refusal inside (a bad request) fails its step for the other ranks."""
+    def _refusing_rank(self, request: Any) -> Iterator[SyncSpec | None]:
+        """The request's sync spec (a bad one is refused alone); a refusal inside fails its step for the
+        other ranks (:meth:`_refuse_rank`)."""
         sync = self._sync(request)
         try:
             yield sync
         except Exception as exc:
-            if sync is not None:
-                self._registry.refuse_rank(request.layer, sync, phase, exc)
+            self._refuse_rank(request, exc)
             raise
+
+    def _refuse_rank(self, request: Any, error: Exception) -> None:
+        """A synchronized rank refused for a bad request (or a stream that broke off) fails its step for the
+        other ranks at once, rather than after --sync-timeout."""
+        phase = _PHASES.get(request.DESCRIPTOR.name)
+        if phase is not None and request.HasField("sync"):
+            with contextlib.suppress(ServiceError):  # a bad spec names no step
+                self._registry.refuse_rank(request.layer, self._sync(request), phase, error)
 
     @staticmethod
     def _sync(request: Any) -> SyncSpec | None:
@@ -304,11 +326,16 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         """A streamed request as one Payload; its head (tensor sizes, layer name, that the layer exists and
         serves) is checked before any chunk is taken."""
         assembly = wire.Assembly(self._check)
-        async for part in requests:
-            assembly.take(part)
-            if assembly.head is part:
-                self._registry.get(check_name(part.layer, "layer"))
-        return assembly.result()
+        try:
+            async for part in requests:
+                assembly.take(part)
+                if assembly.head is part:
+                    self._registry.get(check_name(part.layer, "layer"))
+            return assembly.result()
+        except Exception as exc:
+            if assembly.head is not None:
+                self._refuse_rank(assembly.head, exc)
+            raise
 
     # ------------------------------------------------------------------ layers
     @_rpc
@@ -334,10 +361,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     # ------------------------------------------------------------------ compute
     async def _train(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
-        with self._refusing_rank(request, TRAINING_PHASE) as sync:
+        with self._refusing_rank(request) as sync:
             x, out = await self._batch(request)
             layer = self._registry.get(request.layer).layer
-            place = self._output_place(request, x.shape, out, streamed, layer.state_nbytes)
+            stats = _state_bytes(layer, RUNNING_KEYS) if request.return_running_stats else 0
+            place = self._output_place(request, x.shape, out, streamed, stats)
             keys = tuple(key for key in ("weight", "bias") if key in layer.state_keys)
             parameters = await self._state_tensors(
                 request.parameters, layer, keys, "parameters", "the layer's weight and bias"
@@ -365,7 +393,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         return await self._respond(pb.InferResponse(version=snapshot.version), "y", y, out, place)
 
     async def _gradient(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
-        with self._refusing_rank(request, GRADIENT_PHASE) as sync:
+        with self._refusing_rank(request) as sync:
             check_name(request.layer, "layer")
             kept = None
             if request.WhichOneof("forward") == "forward_id":
@@ -375,7 +403,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
                 x, out = await self._batch(request)
             dy = await self._input(request, "dy", "the gradient of the loss with respect to the output, shaped like x")
             layer = self._registry.get(request.layer).layer
-            place = self._output_place(request, x.shape, out, streamed, layer.state_nbytes)
+            place = self._output_place(request, x.shape, out, streamed, _state_bytes(layer, ("weight", "bias")))
         training = request.training if request.HasField("training") else True
         dx, grads, snapshot = await self._registry.gradient(
             request.layer,

@@ -69,8 +69,15 @@ class OutputPlace:
     ref: pb.SharedMemoryRef  # the range the answer names: byte_size is the output's
 
 
-async def _off_loop(nbytes: int, fn: Callable[..., T], *args: object) -> T:
-    return fn(*args) if nbytes <= INLINE_BYTES else await asyncio.to_thread(fn, *args)
+async def _off_loop(nbytes: int, fn: Callable[..., T], region: Region, *args: object) -> T:
+    """``fn(fd, *args)`` on a descriptor of ``region``'s object of this transfer's own, duplicated here on the
+    event loop: unregistering the region (closing its fd) during the transfer cannot make it read or write
+    whatever file reuses that number. Large transfers run on a thread."""
+    fd = os.dup(region.fd)
+    try:
+        return fn(fd, *args) if nbytes <= INLINE_BYTES else await asyncio.to_thread(fn, fd, *args)
+    finally:
+        os.close(fd)
 
 
 def _open_object(key: str) -> tuple[int, bool]:
@@ -101,28 +108,15 @@ def _open_object(key: str) -> tuple[int, bool]:
 
 def _read(fd: int, start: int, size: int) -> tuple[np.ndarray, int]:
     buffer = np.empty(size, np.uint8)
-    with _Dup(fd) as own:
-        return buffer, os.preadv(own, [buffer], start) if size else 0
+    return buffer, os.preadv(fd, [buffer], start) if size else 0
 
 
 def _write(fd: int, start: int, data: memoryview) -> int:
-    with _Dup(fd) as own:
-        written = os.pwritev(own, [data], start) if data.nbytes else 0
-        return written if os.fstat(own).st_size >= start + data.nbytes else -1
-
-
-class _Dup:
-    """A descriptor of the region's object of this transfer's own: unregistering the region (closing its
-    fd) during the transfer cannot make it read or write whatever file reuses that number."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = os.dup(fd)
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *exc: object) -> None:
-        os.close(self.fd)
+    """Bytes written; -1 when the object is too short to hold them. (A write past the end would grow the
+    object again; one that shrinks it during the write gets its bytes back that way, which harms no one.)"""
+    if os.fstat(fd).st_size < start + data.nbytes:
+        return -1
+    return os.pwritev(fd, [data], start) if data.nbytes else 0
 
 
 class SharedMemoryRegions:
@@ -228,7 +222,7 @@ class SharedMemoryRegions:
     async def read(self, ref: pb.SharedMemoryRef, what: str) -> np.ndarray:
         """A copy of the bytes ``ref`` names, in memory of the server's own."""
         region, start = self._locate(ref, what, writable=False)
-        data, got = await _off_loop(ref.byte_size, _read, region.fd, start, ref.byte_size)
+        data, got = await _off_loop(ref.byte_size, _read, region, start, ref.byte_size)
         if got != ref.byte_size:
             raise self._shrank(region, what)
         return data
@@ -244,5 +238,5 @@ class SharedMemoryRegions:
         """Write ``data`` (C-contiguous, ``place.ref.byte_size`` bytes) into its place."""
         region, start = self._locate(place.ref, what, writable=True)  # still registered, still in range
         flat = memoryview(data.reshape(-1).view(np.uint8))
-        if await _off_loop(flat.nbytes, _write, region.fd, start, flat) != flat.nbytes:
+        if await _off_loop(flat.nbytes, _write, region, start, flat) != flat.nbytes:
             raise self._shrank(region, what)

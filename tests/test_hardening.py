@@ -21,6 +21,7 @@ import pytest
 from serverproc import NORMSERVE, ServerProcess, everything
 
 from normserve.client import (
+    AlreadyExists,
     DataLoss,
     DeadlineExceeded,
     FailedPrecondition,
@@ -386,12 +387,12 @@ def test_reduction_lengths_chosen_by_clients_leave_no_memory_behind(start_server
     8 MiB left 1.4 GB resident while idle."""
     proc = start_server()
     with NormClient(proc.target, retry=ONCE, timeout=60) as client:
-        layer = client.create_layer("bn", "batch_norm", num_features=1)
-        layer.infer(rng.normal(size=(1, 1, 1000)).astype(np.float32))
+        layer = client.create_layer("in", "instance_norm", num_features=1)  # eval uses batch statistics
+        layer.infer(rng.normal(size=(1, 1, 1000)))
         before = rss_bytes(proc)
-        for i in range(40):
-            layer.infer(rng.normal(size=(2, 1, MiB + 17 * i)).astype(np.float32))
-        time.sleep(0.5)
+        for i in range(40):  # float64, 8 MiB each: the statistics reduce over a client-chosen length
+            layer.infer(rng.normal(size=(1, 1, MiB + 17 * i)))
+        time.sleep(3)
         assert rss_bytes(proc) - before < 120 * MiB
     assert_alive(proc)
 
@@ -688,7 +689,7 @@ def test_refused_large_calls_leave_no_memory_behind(start_server) -> None:
         for _ in range(6):
             with pytest.raises(grpc.RpcError):
                 stub.Infer(body, timeout=60)
-        time.sleep(4)  # the server trims its heaps a few seconds after traffic
+        time.sleep(4)  # the server trims its heaps after a second without calls
         assert rss_bytes(proc) - before < 100 * MiB
     assert_alive(proc)
 
@@ -805,3 +806,77 @@ def test_empty_stream_chunks_are_refused(server, layer_name, stub) -> None:
         list(channel.stream_stream(SERVICE + "InferStream")(iter(parts), timeout=10))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty chunk" in caught.value.details()
+
+
+def test_shared_memory_references_are_read_only_as_far_as_their_checked_size(shm_server) -> None:
+    """A reference's byte_size, not the tensor's checked size, said how much was read: a [1] float32 with
+    byte_size 64 MiB read 64 MiB past --max-tensor-bytes before the length was refused."""
+    shm = shared_memory.SharedMemory(create=True, size=64 * MiB)
+    try:
+        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+            client.create_layer("ln", "layer_norm", normalized_shape=1)
+            client.register_shared_memory("big", shm.name, 64 * MiB)
+            ref = pb.SharedMemoryRef(region="big", byte_size=64 * MiB)
+            before = rss_bytes(shm_server)
+            with pytest.raises(InvalidArgument, match="needs 4 bytes"):
+                client.call(
+                    "Infer", pb.InferRequest(layer="ln", x=pb.Tensor(dtype=pb.FLOAT32, shape=[1], shared_memory=ref))
+                )
+            assert rss_bytes(shm_server) - before < 32 * MiB
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_an_output_object_truncated_before_the_write_is_refused_not_regrown(shm_server, rng) -> None:
+    """Writing past the end of a shrunk object grew it again and answered OK."""
+    shm = shared_memory.SharedMemory(create=True, size=MiB)
+    try:
+        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+            client.create_layer("bn", "batch_norm", num_features=4)
+            client.register_shared_memory("io", shm.name, MiB)
+            os.truncate(f"/dev/shm/{shm.name}", 4096)
+            x = codec.encode(rng.normal(size=(64, 4)).astype(np.float32))
+            out = pb.SharedMemoryRef(region="io", offset=8192, byte_size=1024)
+            with pytest.raises(InvalidArgument, match="shrank"):
+                client.call("Infer", pb.InferRequest(layer="bn", x=x, output_shared_memory=out))
+            assert os.stat(f"/dev/shm/{shm.name}").st_size == 4096
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_an_existing_layer_is_still_answered_when_the_state_budget_is_full(start_server) -> None:
+    """CreateLayer of an existing name with an equal config is idempotent, whatever the budgets."""
+    proc = start_server("--max-state-bytes", str(4 * 4 * 1000))  # exactly one BatchNorm(1000)
+    with NormClient(proc.target, retry=ONCE) as client:
+        first = client.create_layer("bn", "batch_norm", num_features=1000)
+        assert client.create_layer("bn", "batch_norm", num_features=1000).version == first.version
+        with pytest.raises(AlreadyExists):
+            client.create_layer("bn", "batch_norm", num_features=2000)
+        with pytest.raises(ResourceExhausted, match="--max-state-bytes"):
+            client.create_layer("bn2", "batch_norm", num_features=10)
+
+
+def test_a_streamed_rank_that_breaks_off_aborts_its_step_for_the_others(server, stub, layer_name, rng) -> None:
+    """A streamed rank whose stream failed (here: more bytes than its head's tensors) left the others
+    waiting for --sync-timeout."""
+    stub.CreateLayer(pb.CreateLayerRequest(name=layer_name, config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=2)))
+    x = rng.normal(size=(4, 2)).astype(np.float32)
+    sync = {"id": "job", "world_size": 2, "step": 1}
+    waiting = stub.Train.future(
+        pb.TrainRequest(layer=layer_name, x=codec.encode(x), sync=pb.SyncGroup(rank=0, **sync)), timeout=30
+    )
+    time.sleep(0.2)
+    head = pb.TrainRequest(
+        layer=layer_name, x=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 2]), sync=pb.SyncGroup(rank=1, **sync)
+    )
+    parts = [wire.serialize_part(wire.Payload(head)), wire.serialize_part(wire.Chunk(x.tobytes() * 2))]
+    started = time.monotonic()
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as refused:
+        list(channel.stream_stream(SERVICE + "TrainStream")(iter(parts), timeout=10))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError) as aborted:
+        waiting.result()
+    assert aborted.value.code() == grpc.StatusCode.ABORTED
+    assert time.monotonic() - started < 5

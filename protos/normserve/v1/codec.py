@@ -108,8 +108,8 @@ def check(
     elements = math.prod(shape)
     if max_elements is not None and span > max_elements:
         raise TensorTooLarge(
-            f"{what} has {elements} elements (shape {list(shape)}), over the server's limit of {max_elements}; "
-            "send smaller batches"
+            f"{what} has shape {list(shape)[:8]}: {span} elements counting every dimension, over the server's "
+            f"limit of {max_elements}; send smaller batches"
         )
     expected = elements * dtype.itemsize
     if max_bytes is not None and expected > max_bytes:
