@@ -359,8 +359,9 @@ def target(tmp_path_factory):
     fuzzed.channel.close()
     shm.close()
     shm.unlink()
+    code = proc.stop()  # first: a failing check below must not leave the server running
     assert "Traceback" not in proc.log(), proc.log()[-5000:]
-    assert proc.stop() == 0, proc.log()[-3000:]
+    assert code == 0, proc.log()[-3000:]
 
 
 _SETTINGS = settings(
