@@ -134,43 +134,52 @@ def compute_dtype(*dtypes: np.dtype) -> np.dtype:
     return np.dtype(np.float32)
 
 
-#: Ones vectors kept for reuse, in bytes. Their lengths follow the shapes clients send, so the
-#: cache is bounded by bytes (least recently used out), and a vector over an eighth of it is never
-#: kept: making it costs one write of n elements, small next to the product of n-long rows it feeds.
-ONES_CACHE_BYTES = 4 << 20
-ONES_CACHE_ENTRIES = 256
-_ones_cache: OrderedDict[tuple, Array] = OrderedDict()
-_ones_lock = threading.Lock()  # kernel threads share the cache
-_ones_bytes = 0
+class _OnesCache:
+    """Read-only ones vectors kept for reuse, least recently used out.
+
+    Their lengths follow the shapes clients send, so the cache is bounded in
+    bytes and entries, and a vector over an eighth of the bytes is never kept:
+    making it costs one write of n elements, small next to the product of
+    n-long rows it feeds.
+    """
+
+    def __init__(self, max_bytes: int = 4 << 20, max_entries: int = 256) -> None:
+        self.max_bytes, self.max_entries = max_bytes, max_entries
+        self._vectors: OrderedDict[tuple, Array] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()  # kernel threads share the cache
+
+    def get(self, xp: ModuleType, n: int, dtype: np.dtype) -> Array:
+        if n * dtype.itemsize > self.max_bytes // 8:
+            return self._new(xp, n, dtype)
+        key = (xp.__name__, n, dtype, 0 if xp is np else cupy.cuda.runtime.getDevice())
+        with self._lock:
+            if key in self._vectors:
+                self._vectors.move_to_end(key)
+                return self._vectors[key]
+        made = self._new(xp, n, dtype)
+        with self._lock:
+            if key not in self._vectors:
+                self._vectors[key] = made
+                self._bytes += made.nbytes
+            while self._bytes > self.max_bytes or len(self._vectors) > self.max_entries:
+                self._bytes -= self._vectors.popitem(last=False)[1].nbytes
+        return made
+
+    @staticmethod
+    def _new(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
+        ones = xp.ones(n, dtype=dtype)
+        if xp is np:
+            ones.flags.writeable = False
+        return ones
 
 
-def _new_ones(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
-    ones = xp.ones(n, dtype=dtype)
-    if xp is np:
-        ones.flags.writeable = False
-    return ones
+_ONES = _OnesCache()
 
 
 def ones(xp: ModuleType, n: int, dtype: np.dtype) -> Array:
     """A read-only ones vector, cached (per size, dtype and device) when it is small."""
-    dtype = np.dtype(dtype)
-    if n * dtype.itemsize > ONES_CACHE_BYTES // 8:
-        return _new_ones(xp, n, dtype)
-    key = (xp.__name__, n, dtype, 0 if xp is np else cupy.cuda.runtime.getDevice())
-    with _ones_lock:
-        cached = _ones_cache.get(key)
-        if cached is not None:
-            _ones_cache.move_to_end(key)
-            return cached
-    made = _new_ones(xp, n, dtype)
-    global _ones_bytes
-    with _ones_lock:
-        if key not in _ones_cache:
-            _ones_cache[key] = made
-            _ones_bytes += made.nbytes
-        while _ones_bytes > ONES_CACHE_BYTES or len(_ones_cache) > ONES_CACHE_ENTRIES:
-            _ones_bytes -= _ones_cache.popitem(last=False)[1].nbytes
-    return made
+    return _ONES.get(xp, n, np.dtype(dtype))
 
 
 #: Below this many elements, reductions use ``sum`` instead of BLAS.

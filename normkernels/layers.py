@@ -179,10 +179,14 @@ class _NormBase:
         return copy.copy(self)
 
     @property
+    def tensor_nbytes(self) -> int:
+        """Bytes of one state tensor (weight, bias, running_mean or running_var)."""
+        return math.prod(self.param_shape) * self.dtype.itemsize
+
+    @property
     def state_nbytes(self) -> int:
         """Bytes of the float state tensors (known before they exist)."""
-        tensors = sum(self._has.values()) + (2 if self.track_running_stats else 0)
-        return tensors * math.prod(self.param_shape) * self.dtype.itemsize
+        return self.tensor_nbytes * (sum(self._has.values()) + (2 if self.track_running_stats else 0))
 
     @property
     def state_keys(self) -> tuple[str, ...]:

@@ -184,7 +184,6 @@ class Registry:
         self.max_layers = max_layers
         self.max_layer_state_bytes = max_layer_state_bytes
         self.max_state_bytes = max_state_bytes
-        self.state_bytes = 0  # of every layer held
         self.forwards = ForwardCache(forward_cache_bytes)
         self.sync = SyncSteps(sync_timeout, max_world_size)
         self._kernels = ThreadPoolExecutor(workers, thread_name_prefix="normserve-kernel")
@@ -218,7 +217,6 @@ class Registry:
                 self._unrestorable(stored, config, str(exc))
                 continue
             self._entries[stored.name] = _Entry(Snapshot(stored.name, layer, stored.version))
-            self.state_bytes += layer.state_nbytes
         if self.max_state_bytes is not None and self.state_bytes > self.max_state_bytes:
             log.warning(
                 "restored layers hold %d bytes of state, over --max-state-bytes %d: no new layer fits",
@@ -329,6 +327,15 @@ class Registry:
         return await self._commit([entry.lock], unless_deleted)
 
     # ------------------------------------------------------------------ layers
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of the state of every layer held (unrestorable ones hold none)."""
+        return sum(
+            entry.snapshot.layer.state_nbytes
+            for entry in list(self._entries.values())
+            if isinstance(entry.snapshot, Snapshot)
+        )
+
     def get(self, name: str) -> Snapshot:
         return self._entry(name).snapshot
 
@@ -354,10 +361,7 @@ class Registry:
                 if isinstance(current, Unrestorable):
                     raise LayerExists(f"layer {name!r} exists but could not be restored; delete it first")
                 if current.layer.config != layer.config:
-                    raise LayerExists(
-                        f"layer {name!r} exists with a different config ({current.layer!r}); "
-                        "delete it first or choose another name"
-                    )
+                    raise _taken(name, current)
                 return current, False
             if self.max_layers is not None and len(self._entries) >= self.max_layers:
                 raise TooManyLayers(
@@ -365,7 +369,7 @@ class Registry:
                     "delete layers you no longer need or raise the limit"
                 )
             if self.max_state_bytes is not None and self.state_bytes + layer.state_nbytes > self.max_state_bytes:
-                raise self._over_total(layer.state_nbytes)  # checked again here: creates may have raced
+                raise self._over_total(layer.state_nbytes)  # checked again under the lock: creates may race
             snapshot = Snapshot(name, layer, 1)
             stored = pb.LayerConfig()
             stored.CopyFrom(config)
@@ -379,7 +383,6 @@ class Registry:
                 host_state(layer),
             )
             self._entries[name] = _Entry(snapshot)
-            self.state_bytes += layer.state_nbytes
             return snapshot, True
 
         return await self._commit([self._names], create_locked)
@@ -395,10 +398,7 @@ class Registry:
             try:
                 return build_layer(config, self.default_device, max_state_bytes=existing.snapshot.layer.state_nbytes)
             except StateTooLarge:
-                raise LayerExists(
-                    f"layer {name!r} exists with a different config ({existing.snapshot.layer!r}); delete it first "
-                    "or choose another name"
-                ) from None
+                raise _taken(name, existing.snapshot) from None
         per_layer, total = self.max_layer_state_bytes, self.max_state_bytes
         room = [
             limit for limit in (per_layer, None if total is None else total - self.state_bytes) if limit is not None
@@ -439,8 +439,6 @@ class Registry:
             del self._entries[name]
             self.forwards.drop_layer(name)
             self.sync.forget_layer(name)
-            if isinstance(entry.snapshot, Snapshot):
-                self.state_bytes -= entry.snapshot.layer.state_nbytes
             return entry.snapshot
 
         return await self._commit([self._names, entry.lock], delete_locked)
@@ -544,8 +542,6 @@ class Registry:
         try:
             owner = self._entry(key[0])
             part = await self._compute(reduce, (snapshot or owner.snapshot).layer, deadline=deadline)
-            if self._entries.get(key[0]) is not owner:
-                raise _recreated(key[0])
         except Exception as exc:
             self.sync.fail(key, f"rank {sync.rank} was refused ({exc})")
             raise
@@ -671,6 +667,12 @@ class Registry:
             return snapshot
 
         return await self._with_lock(name, work, wait)
+
+
+def _taken(name: str, existing: Snapshot) -> LayerExists:
+    return LayerExists(
+        f"layer {name!r} exists with a different config ({existing.layer!r}); delete it first or choose another name"
+    )
 
 
 def _recreated(name: str) -> SyncAborted:

@@ -41,7 +41,7 @@ from normserve.server.registry import (
     Unrestorable,
     host_state,
 )
-from normserve.server.shared_memory import OutputPlace, SharedMemoryRegions
+from normserve.server.shared_memory import SharedMemoryRegions
 from normserve.server.sync_groups import SyncSpec
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
@@ -137,8 +137,7 @@ def _streaming(
 
 def _state_bytes(layer: Any, keys: tuple[str, ...]) -> int:
     """Bytes of those of the layer's state tensors ``keys`` names that it has."""
-    per_tensor = math.prod(layer.param_shape) * np.dtype(layer.dtype).itemsize
-    return per_tensor * sum(key in layer.state_keys for key in keys)
+    return layer.tensor_nbytes * sum(key in layer.state_keys for key in keys)
 
 
 def describe_stats(stats: TrainingStats) -> pb.LayerStats:
@@ -266,7 +265,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     def _output_place(
         self, request: wire.Payload, shape: tuple[int, ...], dtype: int, streamed: bool, extra_bytes: int = 0
-    ) -> OutputPlace | None:
+    ) -> pb.SharedMemoryRef | None:
         """Where the output goes, checked before any work: a shared-memory range, or (None) the answer,
         which must then fit one message unless it is streamed. ``extra_bytes``: the answer's other tensors."""
         needed = math.prod(shape) * codec.WIRE_DTYPES[dtype].itemsize
@@ -285,7 +284,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         return place
 
     async def _respond(
-        self, message: Any, field: str, array: np.ndarray, dtype: int, place: OutputPlace | None
+        self, message: Any, field: str, array: np.ndarray, dtype: int, place: pb.SharedMemoryRef | None
     ) -> wire.Payload:
         """``message`` with ``array`` as its tensor ``field``: in the response, or written to ``place``."""
         tensor = getattr(message, field)
@@ -294,7 +293,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             tensor.CopyFrom(header)
             return wire.Payload(message, {field: data})
         await self._shared_memory.write(place, data, "output_shared_memory")
-        tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=place.ref))
+        tensor.CopyFrom(pb.Tensor(dtype=dtype, shape=array.shape, shared_memory=place))
         return wire.Payload(message)
 
     @contextlib.contextmanager

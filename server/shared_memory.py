@@ -36,7 +36,7 @@ from normserve.server.errors import InvalidRequest, RegionExists, RegionNotFound
 from normserve.server.layer_config import check_name
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["OutputPlace", "Region", "SharedMemoryRegions"]
+__all__ = ["Region", "SharedMemoryRegions"]
 
 T = TypeVar("T")
 SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects (shm_open's namespace)
@@ -59,14 +59,6 @@ class Region:
 
     def close(self) -> None:
         os.close(self.fd)
-
-
-@dataclass(frozen=True)
-class OutputPlace:
-    """A checked range of a writable region that an output goes to."""
-
-    region: Region
-    ref: pb.SharedMemoryRef  # the range the answer names: byte_size is the output's
 
 
 async def _off_loop(nbytes: int, fn: Callable[..., T], region: Region, *args: object) -> T:
@@ -227,16 +219,16 @@ class SharedMemoryRegions:
             raise self._shrank(region, what)
         return data
 
-    def output(self, ref: pb.SharedMemoryRef, what: str, needed: int) -> OutputPlace:
-        """Where an output of ``needed`` bytes goes, checked before any work."""
-        region, _ = self._locate(ref, what, writable=True)
+    def output(self, ref: pb.SharedMemoryRef, what: str, needed: int) -> pb.SharedMemoryRef:
+        """The range an output of ``needed`` bytes goes to (what the answer names), checked before any work."""
+        self._locate(ref, what, writable=True)
         if ref.byte_size < needed:
             raise InvalidRequest(f"{what}.byte_size {ref.byte_size} cannot hold the output: it needs {needed} bytes")
-        return OutputPlace(region, pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=needed))
+        return pb.SharedMemoryRef(region=ref.region, offset=ref.offset, byte_size=needed)
 
-    async def write(self, place: OutputPlace, data: np.ndarray, what: str) -> None:
-        """Write ``data`` (C-contiguous, ``place.ref.byte_size`` bytes) into its place."""
-        region, start = self._locate(place.ref, what, writable=True)  # still registered, still in range
+    async def write(self, place: pb.SharedMemoryRef, data: np.ndarray, what: str) -> None:
+        """Write ``data`` (C-contiguous, ``place.byte_size`` bytes) into the range :meth:`output` gave."""
+        region, start = self._locate(place, what, writable=True)  # still registered, still in range
         flat = memoryview(data.reshape(-1).view(np.uint8))
         if await _off_loop(flat.nbytes, _write, region, start, flat) != flat.nbytes:
             raise self._shrank(region, what)
