@@ -15,7 +15,13 @@ SERVE_ARGS ?=
 # `make protos` writes here; the drift test points it at a scratch folder.
 PROTO_OUT ?= protos
 
-.PHONY: serve test lint bench protos clean
+# `make gpu-check` runs on a GPU machine with no network, under its own python3
+# (which holds CUDA torch and CuPy); `make gpu-wheels` fetches, here, what it lacks.
+GPU_PYTHON    ?= python3
+GPU_WHEELS    ?= .gpu-wheels
+GPU_CHECK_OUT ?= build/gpu-check
+
+.PHONY: serve test lint bench protos clean gpu-wheels gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +54,13 @@ bench: $(TEST_STAMP)
 protos: $(TEST_STAMP)
 	$(PY) -m grpc_tools.protoc -I protos --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 		--grpc_python_out=$(PROTO_OUT) protos/normserve/v1/normalization.proto
+
+gpu-wheels: $(PY)
+	$(PY) scripts/gpu_check.py download --dest $(GPU_WHEELS)
+
+# Exits 2 ("no CUDA device") on a machine without one; results in $(GPU_CHECK_OUT).
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

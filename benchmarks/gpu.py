@@ -76,7 +76,7 @@ TRAFFIC = {"train forward": 2, "eval forward": 2, "backward": 3}
 LARGE_BYTES = 100 << 20
 
 
-def _requirements() -> str | None:
+def missing_requirements() -> str | None:
     """Why this machine cannot run the benchmark (None when it can)."""
     try:
         import cupy  # noqa: F401
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "out" / "gpu.json")
     parser.add_argument("--plot", type=Path, default=Path(__file__).parent / "out" / "gpu.png")
     args = parser.parse_args(argv)
-    missing = _requirements()
+    missing = missing_requirements()
     if missing:
         print(f"benchmarks/gpu.py {missing}: nothing measured", file=sys.stderr)
         return 2

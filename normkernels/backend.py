@@ -158,6 +158,8 @@ class _OnesCache:
                 self._vectors.move_to_end(key)
                 return self._vectors[key]
         made = self._new(xp, n, dtype)
+        if xp is not np:  # filled on this thread's stream, then read from other streams: finish the fill first
+            xp.cuda.get_current_stream().synchronize()
         with self._lock:
             if key not in self._vectors:
                 self._vectors[key] = made

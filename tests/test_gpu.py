@@ -121,3 +121,44 @@ def test_service_runs_layers_on_cuda(start_server, rng) -> None:
     with NormClient(restarted.target) as nc:
         assert nc.layer("gpu.bn").info.config.device == "cuda:0"
         assert int(nc.layer("gpu.bn").state_dict()["num_batches_tracked"]) == 2
+
+
+def test_eight_concurrent_clients_on_a_cuda_server(start_server) -> None:
+    """`normserve serve --device cuda` under 8 clients at once (kernel threads, streams, pinned buffers).
+
+    Each client trains its own layer and all share one, streamed and unary,
+    with several dtypes: every answer matches a NumPy layer fed the same batches.
+    """
+    import concurrent.futures
+
+    from normserve.client import NormClient
+
+    proc = start_server("--device", "cuda")
+    with NormClient(proc.target) as nc:
+        nc.create_layer("shared.ln", "layer_norm", normalized_shape=[256])
+
+    def client(worker: int) -> None:
+        rng = np.random.default_rng(worker)
+        kind, config, spatial = CONFIGS[worker % len(CONFIGS)]
+        local = nk.make_layer(kind, **config)
+        shape = input_shape(local, 16, spatial, lead=(12,))
+        dtype = ("float32", "float16", "float64")[worker % 3]
+        tol = {"float32": 1e-4, "float16": 1e-2, "float64": 1e-9}[dtype]
+        with NormClient(proc.target, stream_threshold=0 if worker % 2 else 1 << 30) as nc:  # streamed or unary
+            remote = nc.create_layer(f"client{worker}", kind, **config)
+            for _ in range(6):
+                x = rng.normal(1.0, 2.0, shape).astype(dtype)
+                got = remote.train(x)
+                np.testing.assert_allclose(got, local.forward(x), rtol=tol, atol=tol)
+                dx, _, _ = remote.gradient(x, x, training=False)
+                np.testing.assert_allclose(dx, local.backward(x, x, training=False)[0], rtol=10 * tol, atol=10 * tol)
+            for key, value in local.state_dict().items():
+                np.testing.assert_allclose(remote.state_dict()[key], value, rtol=1e-5, atol=1e-6)
+            shared = nc.layer("shared.ln")
+            x = rng.normal(size=(64, 256)).astype(np.float32)
+            np.testing.assert_allclose(shared.infer(x), nk.LayerNorm(256).forward(x), rtol=1e-4, atol=1e-4)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for done in concurrent.futures.as_completed([pool.submit(client, w) for w in range(8)]):
+            done.result()
+    assert proc.stop() == 0

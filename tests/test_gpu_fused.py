@@ -117,7 +117,9 @@ def test_fused_layers_match_torch_cuda(kind, config, shape, dtype, rng) -> None:
             weight, bias = layer._params(plan, np.dtype(np.float32))
             stats = None if training or not layer.track_running_stats else layer._running_moments(plan)
             if stats is None:
-                y, _ = fused.forward_train(xd, plan, weight, bias, layer._eps_for(np.float32), np.float32)
+                y, batch = fused.forward_train(xd, plan, weight, bias, layer._eps_for(np.float32), np.float32)
+                if training:  # as the layer's own forward does: the running statistics move with the twin's
+                    layer._after_training_batch(batch, plan.count)
             else:
                 y = fused.forward_eval(xd, plan, stats, weight, bias, layer._eps_for(np.float32), np.float32)
             dx, dw, _ = fused.backward(xd, dyd, plan, weight, layer._eps_for(np.float32), np.float32, stats)

@@ -36,6 +36,9 @@ template <typename A> struct Convert<double, A> {
     static __device__ __forceinline__ double store(A v) { return (double)v; }
 };
 
+// Half and bfloat16 stores go through float also from a double accumulator, as PyTorch's
+// conversions do (c10::Half and c10::BFloat16 take a float): the rare tie that rounds twice
+// rounds as torch's does.
 template <typename A> struct Convert<nk_half, A> {
     static __device__ __forceinline__ A load(nk_half v) {
         float f;
