@@ -58,7 +58,7 @@ SIZES = {
 QUICK = {kind: cases[:1] for kind, cases in SIZES.items()}  # the small shapes only
 
 
-def torch_module(layer: nk.layers._NormBase, rank: int) -> torch.nn.Module:
+def torch_module(layer: nk.NormLayer, rank: int) -> torch.nn.Module:
     cfg = {k: v for k, v in layer.config.items() if k not in ("device", "dtype", "biased_running_var")}
     if layer.kind == "batch_norm":
         return (torch.nn.BatchNorm1d, torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[rank - 2](**cfg)

@@ -20,7 +20,7 @@ import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from normserve.v1 import codec, wire
+from normserve.v1 import codec, kinds, wire
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = [
@@ -69,20 +69,6 @@ STREAMABLE_METHODS = frozenset({"Train", "Infer", "Gradient"})
 _STATE_ORDER = ("weight", "bias", "running_mean", "running_var")  # PyTorch's state_dict order
 
 # Python argument (PyTorch's names) -> LayerConfig field.
-_CONFIG_FIELDS = {
-    "num_features": "num_features",
-    "num_channels": "num_features",
-    "num_groups": "num_groups",
-    "normalized_shape": "normalized_shape",
-    "eps": "eps",
-    "momentum": "momentum",
-    "affine": "affine",
-    "elementwise_affine": "affine",
-    "track_running_stats": "track_running_stats",
-    "bias": "bias",
-    "biased_running_var": "biased_running_var",
-    "device": "device",
-}
 
 
 @dataclass(frozen=True)
@@ -485,15 +471,15 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
 def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
     """A LayerConfig from PyTorch-style arguments: ``layer_config("group_norm", num_groups=4, num_channels=32)``."""
     try:
-        config = pb.LayerConfig(kind=pb.Kind.Value(kind.upper()))
+        config = pb.LayerConfig(kind=kinds.kind_enum(kind))
     except ValueError:
-        kinds = sorted(k.lower() for k in pb.Kind.keys() if k != "KIND_UNSPECIFIED")  # noqa: SIM118
-        raise ValueError(f"unknown layer kind {kind!r}; choose one of {kinds}") from None
+        raise ValueError(f"unknown layer kind {kind!r}; choose one of {sorted(kinds.kind_names())}") from None
+    fields = {**kinds.argument_fields(), "device": "device"}
     for arg, value in kwargs.items():
         if arg == "dtype":
             config.param_dtype = codec.dtype_enum(value)
-        elif arg not in _CONFIG_FIELDS:
-            raise TypeError(f"unexpected argument {arg!r} for a layer config; known: {sorted(_CONFIG_FIELDS)} + dtype")
+        elif arg not in fields:
+            raise TypeError(f"unexpected argument {arg!r} for a layer config; known: {sorted(fields)} + dtype")
         elif arg == "momentum" and value is None:
             config.cumulative_average = True
         elif value is None:  # e.g. RMSNorm's eps=None: the server's default
@@ -501,7 +487,7 @@ def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
         elif arg == "normalized_shape":
             config.normalized_shape.extend([value] if isinstance(value, int) else value)
         else:
-            setattr(config, _CONFIG_FIELDS[arg], value)
+            setattr(config, fields[arg], value)
     return config
 
 

@@ -1,9 +1,9 @@
-"""Does batch norm let a deep sigmoid network train, and at larger learning rates? (The seed tutorial's Part 7.)
+"""Does batch norm let a deep sigmoid network train, and at larger learning rates? (Two common claims, tested.)
 
 A deep MLP (``--depth`` hidden layers of 64 sigmoid units) learns scikit-learn's
 bundled 8x8 digits, with plain SGD, four ways: without batch norm and with
-normserve's batch norm (Linear -> BatchNorm -> sigmoid, the tutorial's
-"Option 1"), each at learning rates 0.01 and 0.1. The batch norm layers run
+normserve's batch norm (Linear -> BatchNorm -> sigmoid: before the
+activation), each at learning rates 0.01 and 0.1. The batch norm layers run
 on a normserve server (``convert_to_remote``); a local torch copy of the same
 network trains alongside as a check that the remote layers compute what
 torch's do.

@@ -8,6 +8,7 @@
 """
 
 from normkernels.backend import Device, cuda_device_count, parse_device
+from normkernels.base import state_budget
 from normkernels.core import Moments, Plan, backward, forward_eval, forward_train
 from normkernels.errors import (
     ConfigError,
@@ -19,15 +20,19 @@ from normkernels.errors import (
     StateDictError,
     StateTooLarge,
 )
+from normkernels.interfaces import MathBackend, NormLayer, SyncedNorm
 from normkernels.layers import (
     KINDS,
     BatchNorm,
     GroupNorm,
     InstanceNorm,
     LayerNorm,
+    LayerNorm2d,
     RMSNorm,
+    config_names,
+    config_parameters,
     make_layer,
-    state_budget,
+    synced,
 )
 from normkernels.monitor import BatchReport
 
@@ -42,19 +47,26 @@ __all__ = [
     "GroupNorm",
     "InstanceNorm",
     "LayerNorm",
+    "LayerNorm2d",
+    "MathBackend",
     "Moments",
     "NonFiniteError",
     "NormError",
+    "NormLayer",
     "Plan",
     "RMSNorm",
     "ShapeError",
     "StateDictError",
     "StateTooLarge",
+    "SyncedNorm",
     "backward",
+    "config_names",
+    "config_parameters",
     "cuda_device_count",
     "forward_eval",
     "forward_train",
     "make_layer",
     "parse_device",
     "state_budget",
+    "synced",
 ]

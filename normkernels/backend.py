@@ -220,7 +220,7 @@ def sum_to(a: Array, shape: tuple[int, ...]) -> Array:
         return a
     if a.size < _BLAS_MIN_SIZE:  # a BLAS call costs more than it saves on small arrays
         return a.sum(axis=_reduced_axes(a.shape, shape), keepdims=True)
-    xp = _xp(a)
+    xp = array_module(a)
     j = _suffix_start(a.shape, shape)
     if j < a.ndim and math.prod(a.shape[j:]) > 1:
         r = math.prod(a.shape[j:])
@@ -239,7 +239,7 @@ def dot_to(a: Array, b: Array, shape: tuple[int, ...]) -> Array:
     ``b`` has ``a``'s shape, or broadcasts against it varying only along the
     trailing axes being reduced (a weight vector): then it is one matvec.
     """
-    xp = _xp(a)
+    xp = array_module(a)
     j = _suffix_start(a.shape, shape)
     rows = math.prod(a.shape[:j])
     if j < a.ndim and math.prod(a.shape[j:]) > 1:
@@ -258,5 +258,6 @@ def dot_to(a: Array, b: Array, shape: tuple[int, ...]) -> Array:
     return sum_to(a * b, shape)
 
 
-def _xp(a: Array) -> ModuleType:
+def array_module(a: Array) -> ModuleType:
+    """NumPy or CuPy: the module whose functions apply to ``a``."""
     return np if isinstance(a, np.ndarray) else cupy.get_array_module(a)

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from normkernels.backend import Array, _xp, dot_to, sum_to
+from normkernels.backend import Array, array_module, dot_to, sum_to
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) ->
     When centering, ``d`` is a new array (``out`` if given) the caller may
     overwrite; RMS norm does not center and ``d`` is ``xv`` itself (read only).
     """
-    xp = _xp(xv)
+    xp = array_module(xv)
     n = plan.count
     if not plan.center:
         d = xv.astype(dtype, copy=False)
@@ -105,13 +105,14 @@ def _center(xv: Array, plan: Plan, dtype: np.dtype, out: Array | None = None) ->
     return Centered(d, offset, Moments(shift + offset, var))
 
 
-def _rstd(var: Array, eps: float) -> Array:
-    return 1.0 / _xp(var).sqrt(var + eps)
+def rstd(var: Array, eps: float) -> Array:
+    """1 / sqrt(var + eps), in var's dtype."""
+    return 1.0 / array_module(var).sqrt(var + eps)
 
 
 def _scaled_into(a: Array, rstd: Array, weight: Array | None, plan: Plan, out: Array) -> Array:
     """``out = a * rstd * weight``, folding ``rstd * weight`` when that product is small."""
-    xp = _xp(a)
+    xp = array_module(a)
     if weight is None:
         return xp.multiply(a, rstd, out=out)
     if plan.folds:
@@ -130,7 +131,7 @@ def _normalize_into(
     out: Array,
 ) -> Array:
     """``out = (d - offset) * rstd * weight + bias``; ``out`` may be ``d``."""
-    xp = _xp(d)
+    xp = array_module(d)
     if plan.folds:
         # Statistics and parameters share a grid coarser than x (batch,
         # instance, group norm): one scale and one shift per grid cell.
@@ -161,8 +162,8 @@ def _forward_train(
 ) -> tuple[Array, Moments]:
     d, offset, stats = _center(xv, plan, dtype, out=out)
     if out is None:
-        out = d if plan.center else _xp(xv).empty(plan.view, dtype=dtype)
-    return _normalize_into(d, offset, _rstd(stats.var, eps), weight, bias, plan, out), stats
+        out = d if plan.center else array_module(xv).empty(plan.view, dtype=dtype)
+    return _normalize_into(d, offset, rstd(stats.var, eps), weight, bias, plan, out), stats
 
 
 def forward_train(
@@ -189,8 +190,8 @@ def forward_eval(
     dtype: np.dtype,
 ) -> Array:
     """Normalize with given per-channel (running) statistics: one scale and one shift."""
-    xp = _xp(xv)
-    scale = _rstd(stats.var.astype(dtype, copy=False), eps)
+    xp = array_module(xv)
+    scale = rstd(stats.var.astype(dtype, copy=False), eps)
     if weight is not None:
         scale = scale * weight
     shift = 0.0 if stats.mean is None else -stats.mean.astype(dtype, copy=False) * scale
@@ -262,7 +263,7 @@ def grad_sums(
 
     ``stats=None`` centers on the batch's own moments; given ``stats`` are constants.
     """
-    xp = _xp(xv)
+    xp = array_module(xv)
     if stats is None:
         centered = _center(xv, plan, dtype)
     else:
@@ -294,25 +295,25 @@ def grad_input(
     ``sums.count`` elements each; ``centered.d - centered.offset`` is x minus
     their mean. (Synchronized batch norm passes sums combined over workers.)
     """
-    xp = _xp(dyv)
+    xp = array_module(dyv)
     dyv = dyv.astype(dtype, copy=False)
-    rstd = _rstd(sums.moments.var.astype(dtype, copy=False), eps)
-    sum_dy_xhat = rstd * sums.sum_dy_xmu
+    scale = rstd(sums.moments.var.astype(dtype, copy=False), eps)
+    sum_dy_xhat = scale * sums.sum_dy_xmu
     dweight = sum_to(sum_dy_xhat, plan.param_shape)
     dbias = sum_to(sums.sum_dy, plan.param_shape)
 
-    dx = _scaled_into(dyv, rstd, weight, plan, out=xp.empty(plan.view, dtype=dtype) if out is None else out)
+    dx = _scaled_into(dyv, scale, weight, plan, out=xp.empty(plan.view, dtype=dtype) if out is None else out)
     if training:
-        # dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight,
-        # xhat = (d - offset) * rstd: the last two terms are d * beta + gamma.
+        # dx = scale * (g - mean(g) - xhat * mean(g * xhat)), g = dy * weight,
+        # xhat = (d - offset) * scale: the last two terms are d * beta + gamma.
         d, offset = centered.d, centered.offset
         n = sums.count
         mean_g_xhat = _weighted_sum(sum_dy_xhat, weight, plan.stat_shape) / n
-        beta = -rstd * rstd * mean_g_xhat
+        beta = -scale * scale * mean_g_xhat
         xp.add(dx, xp.multiply(d, beta, out=d if plan.center else None), out=dx)
         if plan.center:
             mean_g = _weighted_sum(sums.sum_dy, weight, plan.stat_shape) / n
-            xp.add(dx, rstd * (rstd * mean_g_xhat * offset - mean_g), out=dx)
+            xp.add(dx, scale * (scale * mean_g_xhat * offset - mean_g), out=dx)
     return dx, dweight, dbias
 
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from normkernels import core
-from normkernels.backend import Array, _suffix_start, _xp, sum_to
+from normkernels.backend import Array, _suffix_start, array_module, sum_to
 
 #: Set NORMKERNELS_FUSED=0 to run CUDA layers on the generic CuPy code instead.
 ENV_SWITCH = "NORMKERNELS_FUSED"
@@ -367,14 +367,14 @@ def _launcher(x: Array) -> CudaLauncher:
 
 
 def _output(like: Array) -> Array:
-    out = _xp(like).empty_like(like)
+    out = array_module(like).empty_like(like)
     if poison_outputs:
         out.fill(0x7FC0 if out.dtype == np.uint16 else np.nan)  # uint16: a bfloat16 NaN
     return out
 
 
 def _flat(a: Array | None, dtype: np.dtype) -> Array | None:
-    return None if a is None else _xp(a).ascontiguousarray(a.astype(dtype, copy=False).reshape(-1))
+    return None if a is None else array_module(a).ascontiguousarray(a.astype(dtype, copy=False).reshape(-1))
 
 
 # --------------------------------------------------------------------------- the math
@@ -392,7 +392,7 @@ def forward_train(
     geo = geometry(plan, launcher.sm_count)
     if geo is None:
         return core.forward_train(xv, plan, weight, bias, eps, dtype)
-    xp = _xp(xv)
+    xp = array_module(xv)
     xv = xp.ascontiguousarray(xv)
     y = _output(xv)
     w, b = _flat(weight, dtype), _flat(bias, dtype)
@@ -447,7 +447,7 @@ def forward_eval(
     geo = geometry(plan, launcher.sm_count)
     if geo is None or geo.eval_map is None:
         return core.forward_eval(xv, plan, stats, weight, bias, eps, dtype)
-    xp = _xp(xv)
+    xp = array_module(xv)
     xv = xp.ascontiguousarray(xv)
     y = _output(xv)
     launcher.normalize(
@@ -480,7 +480,7 @@ def backward(
     geo = geometry(plan, launcher.sm_count)
     if geo is None or xv.dtype != dyv.dtype or (stats is not None and geo.eval_map is None):
         return core.backward(xv, dyv, plan, weight, eps, dtype, stats)
-    xp = _xp(xv)
+    xp = array_module(xv)
     xv, dyv = xp.ascontiguousarray(xv), xp.ascontiguousarray(dyv)
     w = _flat(weight, dtype)
     dx = _output(xv)
@@ -515,10 +515,6 @@ def backward(
     return dx, dweight, dbias
 
 
-def _rstd(var: Array, eps: float) -> Array:
-    return 1.0 / _xp(var).sqrt(var + eps)
-
-
 def _folded_coefficients(
     launcher: Launcher,
     geo: Geometry,
@@ -540,7 +536,7 @@ def _folded_coefficients(
     mean = sum_to(mean_c, stat) / per_stat
     var = sum_to(var_c + (mean_c - mean) ** 2, stat) / per_stat if per_stat > 1 else var_c
     # sum(dy * (x - mean)) over a cell, from its own co-moment about the cell's mean.
-    sum_dy_xhat = _rstd(var, eps) * (co + (mean_c - mean) * sum_dy)
+    sum_dy_xhat = core.rstd(var, eps) * (co + (mean_c - mean) * sum_dy)
     n = plan.count
     weighted = (lambda a: a) if weight is None else (lambda a: a * weight)
     c1 = sum_to(weighted(sum_dy), stat) / n
@@ -571,8 +567,8 @@ def _row_coefficients(
     n = plan.count
     if not plan.center:  # about 0, not the mean: mean square, and sum(g * x)
         var, co = var + mean * mean, co + mean * sum_g
-        return None, var, None, _rstd(var, eps) * co / n
-    return mean, var, sum_g / n, _rstd(var, eps) * co / n
+        return None, var, None, core.rstd(var, eps) * co / n
+    return mean, var, sum_g / n, core.rstd(var, eps) * co / n
 
 
 def _constant_stats_param_grads(
@@ -589,5 +585,5 @@ def _constant_stats_param_grads(
     shape = plan.param_shape
     mean_c, _, sum_dy, co = launcher.reduce("comoments", geo.params, xv, dyv, dtype=dtype).reshape(4, *shape)
     running_mean = 0.0 if stats.mean is None else stats.mean.astype(dtype, copy=False).reshape(shape)
-    rstd = _rstd(stats.var.astype(dtype, copy=False).reshape(shape), eps)
+    rstd = core.rstd(stats.var.astype(dtype, copy=False).reshape(shape), eps)
     return rstd * (co + (mean_c - running_mean) * sum_dy), sum_dy

@@ -1,4 +1,4 @@
-"""Numbers that say how a training batch looks to its layer (the seed's parts 4 and 5).
+"""Numbers that say how a training batch looks to its layer (covariate shift and standardized entropy).
 
 *Covariate shift* compares the batch's per-channel statistics, exactly as a
 Train folds them into the running statistics, with the running statistics
@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
-from normkernels.backend import Array, _xp, dot_to, sum_to
+from normkernels.backend import Array, array_module, dot_to, sum_to
 from normkernels.core import Moments, Plan
 
 __all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy"]
@@ -45,7 +45,7 @@ class BatchReport(NamedTuple):
 
 def gaussian_entropy(second_moment: Array, eps: float) -> float:
     """Mean over groups of the entropy (nats) of a Gaussian with variance ``second_moment + eps``."""
-    xp = _xp(second_moment)
+    xp = array_module(second_moment)
     return HALF_LOG_2PI_E + 0.5 * float(xp.log(second_moment + eps).mean())
 
 
@@ -55,7 +55,7 @@ def _second_moment(yv: Array, plan: Plan) -> Array:
     if not plan.center:
         return square
     mean = sum_to(yv, plan.stat_shape) / plan.count
-    return _xp(yv).maximum(square - mean * mean, 0)  # y is normalized: no cancellation to fear
+    return array_module(yv).maximum(square - mean * mean, 0)  # y is normalized: no cancellation to fear
 
 
 def batch_report(
@@ -73,7 +73,7 @@ def batch_report(
     """
     shifts: tuple[float | None, float | None] = (None, None)
     if batch is not None and running is not None:
-        xp = _xp(batch.var)
+        xp = array_module(batch.var)
         run_var = running.var + eps
         mean_shift = float((xp.abs(batch.mean - running.mean) / xp.sqrt(run_var)).mean())
         log_var_shift = float(xp.abs(xp.log((batch.var + eps) / run_var)).mean())

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from normkernels import StateTooLarge, distributed
+from normkernels import StateTooLarge, distributed, synced
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
@@ -129,22 +129,22 @@ def _host_gradients(io: Any, dx: Any, grads: dict[str, Any]) -> tuple[np.ndarray
 # A synchronized step's halves (see normkernels.layers: synced_part ... backward_synced).
 def _synced_part(layer: Any, x: np.ndarray) -> GradSums:
     with device_io.session(layer.device) as io:
-        return layer.synced_part(io.to_device(x))
+        return synced(layer).synced_part(io.to_device(x))
 
 
 def _forward_synced(layer: Any, x: np.ndarray, total: GradSums) -> np.ndarray:
     with device_io.session(layer.device) as io:
-        return io.to_host(layer.forward_synced(io.to_device(x), total))
+        return io.to_host(synced(layer).forward_synced(io.to_device(x), total))
 
 
 def _synced_grad_part(layer: Any, x: np.ndarray, dy: np.ndarray) -> tuple[GradSums, Any]:
     with device_io.session(layer.device) as io:
-        return layer.synced_grad_part(io.to_device(x), io.to_device(dy))
+        return synced(layer).synced_grad_part(io.to_device(x), io.to_device(dy))
 
 
 def _backward_synced(layer: Any, pending: Any, part: GradSums, total: GradSums) -> tuple[np.ndarray, dict[str, Any]]:
     with device_io.session(layer.device) as io:
-        return _host_gradients(io, *layer.backward_synced(pending, part, total))
+        return _host_gradients(io, *synced(layer).backward_synced(pending, part, total))
 
 
 def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -509,7 +509,7 @@ class Registry:
                 current = entry.snapshot
                 start = _with_parameters(current, agreed)
                 layer = start.layer.copy()
-                await self._compute(layer.track_synced, total)
+                await self._compute(synced(layer).track_synced, total)
                 await self._publish(entry, start, layer, current.stats.after(None, len(parts)), agreed)
                 return total, start, entry.snapshot
 

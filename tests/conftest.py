@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -22,7 +23,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def torch_twin(layer: nk.layers._NormBase, rank: int):
+def torch_twin(layer: nk.NormLayer, rank: int):
     """The torch.nn module with the same config (and dtype) as ``layer``, for inputs of ``rank``."""
     import torch
 
@@ -37,13 +38,26 @@ def torch_twin(layer: nk.layers._NormBase, rank: int):
         else:
             cls = {1: torch.nn.InstanceNorm1d, 2: torch.nn.InstanceNorm2d, 3: torch.nn.InstanceNorm3d}
         module = cls[spatial](**cfg, dtype=dtype)
+    elif layer.kind == "layer_norm_2d":
+        module = _channels_first_layer_norm(cfg.pop("num_features"), **cfg, dtype=dtype)
     else:
         cls = {"group_norm": torch.nn.GroupNorm, "layer_norm": torch.nn.LayerNorm, "rms_norm": torch.nn.RMSNorm}
         module = cls[layer.kind](**cfg, dtype=dtype)
     return module
 
 
-def randomize(layer: nk.layers._NormBase, rng: np.random.Generator) -> None:
+def _channels_first_layer_norm(*args: Any, **kwargs: Any):
+    """timm's LayerNorm2d: torch.nn.LayerNorm over the channels of a channels-first input."""
+    import torch
+
+    class ChannelsFirstLayerNorm(torch.nn.LayerNorm):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return super().forward(x.movedim(1, -1)).movedim(-1, 1)
+
+    return ChannelsFirstLayerNorm(*args, **kwargs)
+
+
+def randomize(layer: nk.NormLayer, rng: np.random.Generator) -> None:
     """Give a layer random parameters and running statistics (never the init values)."""
     state = {}
     for key, value in layer.state_dict().items():
@@ -56,14 +70,14 @@ def randomize(layer: nk.layers._NormBase, rng: np.random.Generator) -> None:
     layer.load_state_dict(state)
 
 
-def input_shape(layer: nk.layers._NormBase, batch: int, spatial: tuple[int, ...], lead: tuple[int, ...] = ()):
+def input_shape(layer: nk.NormLayer, batch: int, spatial: tuple[int, ...], lead: tuple[int, ...] = ()):
     """An input shape for ``layer``: (N, C, *spatial) or (*lead, *normalized_shape)."""
     if hasattr(layer, "normalized_shape"):
         return (*lead, *layer.normalized_shape)
     return (batch, layer.num_features, *spatial)
 
 
-def reference_forward(layer: nk.layers._NormBase, x: np.ndarray, training: bool) -> np.ndarray:
+def reference_forward(layer: nk.NormLayer, x: np.ndarray, training: bool) -> np.ndarray:
     """Textbook float64 formulas, independent of normkernels.core."""
     x = x.astype(np.float64)
     kind = layer.kind
@@ -78,6 +92,11 @@ def reference_forward(layer: nk.layers._NormBase, x: np.ndarray, training: bool)
         return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps) * w + b
     n, c = x.shape[:2]
     bshape = (1, c) + (1,) * (x.ndim - 2)
+    if kind == "layer_norm_2d":
+        w = 1.0 if layer.weight is None else layer.weight.astype(np.float64).reshape(bshape)
+        b = 0.0 if layer.bias is None else layer.bias.astype(np.float64).reshape(bshape)
+        mean = x.mean(axis=1, keepdims=True)
+        return (x - mean) / np.sqrt(x.var(axis=1, keepdims=True) + eps) * w + b
     w = 1.0 if layer.weight is None else layer.weight.astype(np.float64).reshape(bshape)
     b = 0.0 if layer.bias is None else layer.bias.astype(np.float64).reshape(bshape)
     if not training and layer.track_running_stats:
@@ -94,21 +113,21 @@ def reference_forward(layer: nk.layers._NormBase, x: np.ndarray, training: bool)
     return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps) * w + b
 
 
-def clone(layer: nk.layers._NormBase) -> nk.layers._NormBase:
+def clone(layer: nk.NormLayer) -> nk.NormLayer:
     """An independent copy with the same config and state."""
     twin = nk.make_layer(layer.kind, **layer.config)
     twin.load_state_dict(layer.state_dict())
     return twin
 
 
-def snapshot(layer: nk.layers._NormBase) -> dict[str, bytes]:
+def snapshot(layer: nk.NormLayer) -> dict[str, bytes]:
     """The layer's state as bytes, for exact before/after comparisons."""
     out = {k: np.asarray(v).tobytes() + str(np.asarray(v).dtype).encode() for k, v in layer.state_dict().items()}
     out["__config__"] = repr(layer.config).encode()
     return out
 
 
-def _groups(layer: nk.layers._NormBase, a: np.ndarray) -> np.ndarray:
+def _groups(layer: nk.NormLayer, a: np.ndarray) -> np.ndarray:
     """Rows of the elements the layer normalizes together."""
     if layer.kind == "batch_norm":
         return np.moveaxis(a, 1, 0).reshape(a.shape[1], -1)
@@ -116,21 +135,23 @@ def _groups(layer: nk.layers._NormBase, a: np.ndarray) -> np.ndarray:
         return a.reshape(a.shape[0] * a.shape[1], -1)
     if layer.kind == "group_norm":
         return a.reshape(a.shape[0] * layer.num_groups, -1)
+    if layer.kind == "layer_norm_2d":
+        return np.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
     return a.reshape(-1, math.prod(layer.normalized_shape))
 
 
-def _eps(layer: nk.layers._NormBase, x: np.ndarray) -> float:
+def _eps(layer: nk.NormLayer, x: np.ndarray) -> float:
     """The layer's eps; None (RMSNorm) is the machine epsilon of the compute dtype, as in PyTorch."""
     return layer.eps if layer.eps is not None else float(np.finfo(np.promote_types(x.dtype, np.float32)).eps)
 
 
-def _entropy(layer: nk.layers._NormBase, a: np.ndarray) -> float:
+def _entropy(layer: nk.NormLayer, a: np.ndarray) -> float:
     rows = _groups(layer, a.astype(np.float64))
     second = (rows**2).mean(axis=1) if layer.kind == "rms_norm" else rows.var(axis=1)
     return float(np.mean(0.5 * np.log(2 * np.pi * np.e * (second + _eps(layer, a)))))
 
 
-def _folded_batch_stats(layer: nk.layers._NormBase, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _folded_batch_stats(layer: nk.NormLayer, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and variance as PyTorch folds them into running statistics."""
     ddof = 0 if layer.biased_running_var else 1
     x = x.astype(np.float64)
@@ -141,7 +162,7 @@ def _folded_batch_stats(layer: nk.layers._NormBase, x: np.ndarray) -> tuple[np.n
     return per_instance.mean(axis=2).mean(axis=0), per_instance.var(axis=2, ddof=ddof).mean(axis=0)
 
 
-def reference_report(layer: nk.layers._NormBase, x: np.ndarray, y: np.ndarray, prior: dict) -> dict[str, float]:
+def reference_report(layer: nk.NormLayer, x: np.ndarray, y: np.ndarray, prior: dict) -> dict[str, float]:
     """normkernels.monitor's numbers from their definitions, in float64; ``prior``: the state before the batch."""
     report = {"input_entropy": _entropy(layer, x), "output_entropy": _entropy(layer, y)}
     if layer.track_running_stats:
@@ -213,7 +234,7 @@ def stored_values(a: np.ndarray) -> np.ndarray:
     return a.view(ml_dtypes.bfloat16).astype(np.float64) if a.dtype == np.uint16 else a.astype(np.float64)
 
 
-def core_float64(layer: nk.layers._NormBase, plan: nk.Plan, x: np.ndarray, dy: np.ndarray, training: bool):
+def core_float64(layer: nk.NormLayer, plan: nk.Plan, x: np.ndarray, dy: np.ndarray, training: bool):
     """core's float64 math on the values the kernels see."""
     xv, dyv = stored_values(x).reshape(plan.view), stored_values(dy).reshape(plan.view)
     f64 = np.dtype(np.float64)

@@ -71,10 +71,11 @@ def test_float64_parts_with_a_large_mean_match_the_float64_formulas(rng):
 
 
 def test_only_batch_norm_synchronizes():
-    with pytest.raises(nk.ConfigError, match="only batch norm"):
-        nk.LayerNorm(4).synced_part(np.ones((2, 4), np.float32))
-    with pytest.raises(nk.ConfigError, match="only batch norm"):
-        nk.InstanceNorm(4).synced_grad_part(np.ones((2, 4, 3), np.float32), np.ones((2, 4, 3), np.float32))
+    for layer in (nk.LayerNorm(4), nk.InstanceNorm(4), nk.GroupNorm(2, 4), nk.RMSNorm(4)):
+        with pytest.raises(nk.ConfigError, match="only batch norm"):
+            nk.synced(layer)
+    batch_norm = nk.BatchNorm(4)
+    assert nk.synced(batch_norm) is batch_norm
 
 
 def test_a_step_of_one_value_per_channel_is_refused_and_changes_nothing(rng):

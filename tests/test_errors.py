@@ -10,7 +10,7 @@ import normkernels as nk
 
 
 @pytest.fixture
-def layers(rng) -> dict[str, nk.layers._NormBase]:
+def layers(rng) -> dict[str, nk.NormLayer]:
     made = {
         "bn": nk.BatchNorm(3),
         "in": nk.InstanceNorm(3, affine=True, track_running_stats=True),

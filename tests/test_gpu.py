@@ -20,6 +20,7 @@ CONFIGS = [
     ("group_norm", {"num_groups": 4, "num_channels": 8}, (9,)),
     ("layer_norm", {"normalized_shape": [16, 4]}, ()),
     ("rms_norm", {"normalized_shape": [64]}, ()),
+    ("layer_norm_2d", {"num_features": 8}, (5, 3)),  # no fused kernels: the generic CuPy code
 ]
 
 

@@ -23,10 +23,13 @@ CONFIGS = [
     ("layer_norm", {"normalized_shape": [5], "elementwise_affine": False}, ()),
     ("rms_norm", {"normalized_shape": [4]}, ()),
     ("rms_norm", {"normalized_shape": [2, 2], "eps": 1e-3, "elementwise_affine": False}, ()),
+    ("layer_norm_2d", {"num_features": 3}, (2, 2)),
+    ("layer_norm_2d", {"num_features": 4, "bias": False}, ()),
+    ("layer_norm_2d", {"num_features": 2, "elementwise_affine": False}, (3,)),
 ]
 
 
-def _loss(layer: nk.layers._NormBase, x: np.ndarray, dy: np.ndarray, training: bool, state=None) -> float:
+def _loss(layer: nk.NormLayer, x: np.ndarray, dy: np.ndarray, training: bool, state=None) -> float:
     """sum(y * dy) on a throwaway copy, so training forwards leave ``layer`` alone."""
     twin = clone(layer)
     if state:
@@ -68,8 +71,8 @@ def test_backward_matches_finite_differences(kind, config, spatial, training, rn
     assert all(np.array_equal(before[k], after[k]) for k in before), "backward changed the state"
 
 
-def test_seed_tutorial_simplified_formula_is_wrong(rng) -> None:
-    """The seed's boxed dx formula divides by sigma*sqrt(m); finite differences say sigma*m."""
+def test_a_simplified_dx_formula_dividing_by_sqrt_m_is_wrong(rng) -> None:
+    """A simplified dx formula that divides by sigma*sqrt(m) is wrong: finite differences say sigma*m."""
     m = 6
     x, dy = rng.normal(size=(m, 1)), rng.normal(size=(m, 1))
     layer = nk.BatchNorm(1, affine=False, track_running_stats=False, dtype="float64")
@@ -78,6 +81,6 @@ def test_seed_tutorial_simplified_formula_is_wrong(rng) -> None:
     xhat = (x - x.mean()) / sigma
     dgamma, dbeta = np.sum(dy * xhat), np.sum(dy)
     correct = (m * dy - dbeta - xhat * dgamma) / (sigma * m)
-    seed = (np.sqrt(m) * dy - dbeta - xhat * dgamma) / (sigma * np.sqrt(m))
+    simplified = (np.sqrt(m) * dy - dbeta - xhat * dgamma) / (sigma * np.sqrt(m))
     np.testing.assert_allclose(dx, correct, rtol=1e-10)
-    assert not np.allclose(dx, seed, rtol=1e-3)
+    assert not np.allclose(dx, simplified, rtol=1e-3)

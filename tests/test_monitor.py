@@ -52,7 +52,7 @@ def test_report_matches_definitions(kind, config, shape, rng):
 
 
 def test_normalized_output_has_unit_gaussian_entropy(rng):
-    """The seed's part 5: weight 1, bias 0 outputs sit at 0.5*log(2*pi*e) ~ 1.419 nats whatever the input scale."""
+    """Standardized entropy: weight 1, bias 0 outputs sit at 0.5*log(2*pi*e) ~ 1.419 nats whatever the input scale."""
     for scale in (0.1, 1.0, 300.0):  # well above sqrt(eps): eps would lower the output variance
         layer = nk.BatchNorm(8)
         _, report = layer.train_with_report(rng.normal(5.0, scale, (64, 8, 3)).astype(np.float32))

@@ -48,6 +48,16 @@ def cases(draw):
             affine=draw(st.booleans()),
             dtype=dtype,
         )
+    elif kind == "layer_norm_2d":
+        spatial = draw(st.lists(st.integers(1, 4), max_size=3))
+        layer = nk.make_layer(
+            kind,
+            num_features=draw(st.integers(1, 6)),
+            eps=draw(eps_values),
+            elementwise_affine=draw(st.booleans()),
+            bias=draw(st.booleans()),
+            dtype=dtype,
+        )
     else:
         normalized = draw(st.lists(st.integers(1, 5), min_size=1, max_size=3))
         extra = {"bias": draw(st.booleans())} if kind == "layer_norm" else {}

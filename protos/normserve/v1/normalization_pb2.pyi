@@ -23,6 +23,7 @@ class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INSTANCE_NORM: _ClassVar[Kind]
     GROUP_NORM: _ClassVar[Kind]
     RMS_NORM: _ClassVar[Kind]
+    LAYER_NORM_2D: _ClassVar[Kind]
 DTYPE_UNSPECIFIED: DType
 FLOAT32: DType
 FLOAT64: DType
@@ -34,6 +35,7 @@ LAYER_NORM: Kind
 INSTANCE_NORM: Kind
 GROUP_NORM: Kind
 RMS_NORM: Kind
+LAYER_NORM_2D: Kind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data", "shared_memory")
