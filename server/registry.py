@@ -24,7 +24,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -42,13 +42,14 @@ from normserve.server.errors import (
     LayerUnrestorable,
     ShuttingDown,
     StaleVersion,
+    SyncAborted,
     TooManyLayers,
     WaitTimeout,
 )
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
-from normserve.server.sync_groups import SyncAborted, SyncSpec, SyncSteps
+from normserve.server.sync_groups import StepKey, SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "Unrestorable", "host_state"]
@@ -106,45 +107,48 @@ class _Entry:
         self.deleted = False
 
 
-def _forward(layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
-    with device_io.session(layer.device) as io:
-        return io.to_host(layer.forward(io.to_device(x), training=training))
+def _host_array(io: Any, y: Any) -> np.ndarray:
+    return io.to_host(y)
 
 
-def _train(layer: Any, x: np.ndarray) -> tuple[np.ndarray, BatchReport]:
-    with device_io.session(layer.device) as io:
-        y, report = layer.train_with_report(io.to_device(x))
-        return io.to_host(y), report
+def _host_output(io: Any, result: tuple[Any, BatchReport]) -> tuple[np.ndarray, BatchReport]:
+    y, report = result
+    return io.to_host(y), report
 
 
-def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    with device_io.session(layer.device) as io:
-        return _host_gradients(io, *layer.backward(io.to_device(x), io.to_device(dy), training=training))
-
-
-def _host_gradients(io: Any, dx: Any, grads: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+def _host_gradients(io: Any, result: tuple[Any, dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+    dx, grads = result
     return io.to_host(dx), {k: None if g is None else io.to_host(g) for k, g in grads.items()}
 
 
+def _left_on_device(io: Any, result: T) -> T:
+    # A synchronized step's parts stay where they were computed until the step combines them.
+    return result
+
+
+@dataclass(frozen=True)
+class _OnDevice(Generic[T]):
+    """A layer method run in one device session: its first ``inputs`` arguments (request arrays) are moved
+    to the layer's device, and ``to_host`` brings back what the caller gets."""
+
+    method: str
+    inputs: int
+    to_host: Callable[[Any, Any], T]
+
+    def __call__(self, layer: Any, *args: Any) -> T:
+        with device_io.session(layer.device) as io:
+            moved = [io.to_device(array) for array in args[: self.inputs]]
+            return self.to_host(io, getattr(layer, self.method)(*moved, *args[self.inputs :]))
+
+
+_forward = _OnDevice("forward", 1, _host_array)  # (layer, x, training)
+_train = _OnDevice("train_with_report", 1, _host_output)  # (layer, x)
+_backward = _OnDevice("backward", 2, _host_gradients)  # (layer, x, dy, training)
 # A synchronized step's halves (see normkernels.layers: synced_part ... backward_synced).
-def _synced_part(layer: Any, x: np.ndarray) -> GradSums:
-    with device_io.session(layer.device) as io:
-        return layer.synced_part(io.to_device(x))
-
-
-def _forward_synced(layer: Any, x: np.ndarray, total: GradSums) -> np.ndarray:
-    with device_io.session(layer.device) as io:
-        return io.to_host(layer.forward_synced(io.to_device(x), total))
-
-
-def _synced_grad_part(layer: Any, x: np.ndarray, dy: np.ndarray) -> tuple[GradSums, Any]:
-    with device_io.session(layer.device) as io:
-        return layer.synced_grad_part(io.to_device(x), io.to_device(dy))
-
-
-def _backward_synced(layer: Any, pending: Any, part: GradSums, total: GradSums) -> tuple[np.ndarray, dict[str, Any]]:
-    with device_io.session(layer.device) as io:
-        return _host_gradients(io, *layer.backward_synced(pending, part, total))
+_synced_part = _OnDevice("synced_part", 1, _left_on_device)  # (layer, x)
+_forward_synced = _OnDevice("forward_synced", 1, _host_array)  # (layer, x, total)
+_synced_grad_part = _OnDevice("synced_grad_part", 2, _left_on_device)  # (layer, x, dy) -> (part, pending)
+_backward_synced = _OnDevice("backward_synced", 0, _host_gradients)  # (layer, pending, part, total)
 
 
 def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -494,7 +498,7 @@ class Registry:
         sync: SyncSpec,
     ) -> tuple[np.ndarray, Snapshot, str]:
         """One rank's Train of a synchronized step: its moments in, the combined statistics out."""
-        key = (name, sync.group, sync.step, TRAINING_PHASE)
+        key = sync.step_key(name, TRAINING_PHASE)
         deadline = self._deadline(wait)
 
         async def finish(
@@ -525,7 +529,7 @@ class Registry:
 
     async def _synced(
         self,
-        key: tuple,
+        key: StepKey,
         sync: SyncSpec,
         deadline: float | None,
         finish: Callable[[list[Any]], Awaitable[T]],
@@ -540,7 +544,7 @@ class Registry:
         """
         self.sync.check(key, sync)
         try:
-            owner = self._entry(key[0])
+            owner = self._entry(key.layer)
             part = await self._compute(reduce, (snapshot or owner.snapshot).layer, deadline=deadline)
         except Exception as exc:
             self.sync.fail(key, f"rank {sync.rank} was refused ({exc})")
@@ -548,7 +552,7 @@ class Registry:
 
         async def finish_one_layer(parts: list[tuple[_Entry, Any]]) -> T:
             if any(entry is not owner for entry, _ in parts):
-                raise _recreated(key[0])
+                raise _recreated(key.layer)
             return await finish([part for _, part in parts], owner)
 
         result = await self.sync.join(
@@ -556,7 +560,7 @@ class Registry:
             sync,
             (owner, part),
             finish_one_layer,
-            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key[1]!r}"),
+            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key.group!r}"),
         )
         return part, result
 
@@ -582,7 +586,7 @@ class Registry:
         """A rank refused before it could join its ``phase`` step (a bad request): the step fails for the
         others at once (ABORTED) rather than leaving them to time out."""
         if name in self._entries:
-            self.sync.fail((name, sync.group, sync.step, phase), f"rank {sync.rank} was refused ({error})")
+            self.sync.fail(sync.step_key(name, phase), f"rank {sync.rank} was refused ({error})")
 
     def _keep(self, name: str, x: np.ndarray, keep_dtype: int | None, start: Snapshot) -> str:
         return "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, start))
@@ -632,8 +636,11 @@ class Registry:
         async def finish(parts: list[tuple[GradSums, Any]], owner: _Entry) -> GradSums:
             return distributed.combine([sums for sums, _ in parts])
 
-        key = (name, sync.group, sync.step, GRADIENT_PHASE)
-        reduce = functools.partial(_synced_grad_part, x=x, dy=dy)
+        key = sync.step_key(name, GRADIENT_PHASE)
+
+        def reduce(layer: Any) -> tuple[GradSums, Any]:
+            return _synced_grad_part(layer, x, dy)
+
         (part, pending), total = await self._synced(key, sync, deadline, finish, reduce, snapshot)
         dx, grads = await self._compute(_backward_synced, snapshot.layer, pending, part, total, elements=x.size)
         return dx, grads, snapshot
