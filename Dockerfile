@@ -6,6 +6,7 @@ COPY pyproject.toml README.md ./
 COPY normkernels normkernels
 COPY server server
 COPY client client
+COPY tools tools
 COPY protos protos
 RUN python -m venv /opt/normserve && /opt/normserve/bin/pip install --no-cache-dir .
 

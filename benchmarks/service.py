@@ -1,6 +1,6 @@
 """normserve over gRPC vs a bare grpc.aio echo of the same bytes, plus the store's write cost.
 
-The measurement is ``normserve bench`` (normserve.client.bench: bytes, streams
+The measurement is ``normserve bench`` (normserve.tools.bench: bytes, streams
 and shared memory from 4 KB to 64 MB, 8 concurrent clients, JSON and a PNG);
 this script runs it on a server of its own and adds the SQLite write a Train
 commits (fsync'd with --sync full, and with --sync normal).
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from normserve.client import bench
 from normserve.server.store import StateStore
+from normserve.tools import bench
 
 OUT = Path(__file__).parent / "out"
 

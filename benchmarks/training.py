@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from normserve.client import NormClient, SyncGroup
-from normserve.client.bench import Echo, alternate, echo_server, normserve_server
 from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d
+from normserve.tools.bench import Echo, alternate, echo_server, normserve_server
 
 OUT = Path(__file__).parent / "out"
 CASES = {"mlp-256x512": (256, 512), "conv-32x64x16x16": (32, 64, 16, 16)}

@@ -29,8 +29,8 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from normserve.client import NormClient
-from normserve.client.bench import normserve_server
 from normserve.client.torch import convert_to_remote
+from normserve.tools.bench import normserve_server
 
 LEARNING_RATES = (0.01, 0.1)
 WIDTH = 64

@@ -86,7 +86,7 @@ IMPORTS = (
     "hypothesis",
     "normkernels",
     "normserve.server.app",
-    "normserve.server.cli",
+    "normserve.tools.cli",
     "normserve.client",
 )
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64")

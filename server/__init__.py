@@ -2,6 +2,6 @@
 
 ``app`` assembles and runs the server, ``servicer`` translates between the
 wire and the ``registry`` of named layers, ``store`` keeps their state in
-SQLite, ``layer_config`` maps LayerConfig messages to layers, and ``cli`` is
-the ``normserve`` command.
+SQLite, and ``layer_config`` maps LayerConfig messages to layers. The
+``normserve`` command that runs it is :mod:`normserve.tools.cli`.
 """

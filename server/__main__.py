@@ -1,7 +1,11 @@
-"""``python -m normserve.server`` is ``normserve``."""
+"""``python -m normserve.server`` is ``normserve``, kept for scripts that start the server this way.
+
+Only run as a program, never imported: the server package itself still imports
+nothing of :mod:`normserve.tools`.
+"""
 
 import sys
 
-from normserve.server.cli import main
+from normserve.tools.cli import main
 
 sys.exit(main())

@@ -58,16 +58,26 @@ def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
-async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully.
+@dataclass(frozen=True)
+class _Assembled:
+    """A server built from its options: its state restored, its services added, not yet listening."""
 
-    Shutdown order: health turns NOT_SERVING, the server stops accepting
-    calls and gives in-flight ones ``grace_period`` seconds, started writes
-    finish, and the store is checkpointed and closed.
-    """
-    device = str(parse_device(options.device))
-    credentials = None if options.tls is None else options.tls.credentials()
-    tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
+    options: ServerOptions
+    device: str
+    credentials: grpc.ServerCredentials | None  # None: plaintext
+    store: StateStore
+    registry: Registry
+    restored: int  # layers loaded from the store
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    shared_memory: SharedMemoryRegions
+    metrics: Metrics | None
+    trimmer: Trimmer
+    token_auth: bool
+
+
+def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Registry, int]:
+    """The store under ``state_dir``, and a registry holding every layer it could restore (how many: the int)."""
     store = StateStore(options.state_dir, options.sqlite_synchronous)
     registry = Registry(
         store,
@@ -87,7 +97,15 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
         raise
     if restored >= options.max_layers:
         log.warning("%d layers restored, --max-layers is %d: no new layer fits", restored, options.max_layers)
+    return store, registry, restored
 
+
+def _build(options: ServerOptions) -> _Assembled:
+    """Open the store, restore its layers, and assemble the gRPC server with its services and guards."""
+    device = str(parse_device(options.device))
+    credentials = None if options.tls is None else options.tls.credentials()
+    tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
+    store, registry, restored = _open_registry(options, device)
     metrics = Metrics(registry.list) if options.metrics_port else None
     trimmer = Trimmer()
     # outermost: guards and sees every call, refusals included
@@ -115,59 +133,93 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     reflection.enable_server_reflection(
         [SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME], server
     )
+    return _Assembled(
+        options=options,
+        device=device,
+        credentials=credentials,
+        store=store,
+        registry=registry,
+        restored=restored,
+        server=server,
+        health=health_servicer,
+        shared_memory=shared_memory,
+        metrics=metrics,
+        trimmer=trimmer,
+        token_auth=tokens is not None,
+    )
+
+
+async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
+    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT set ``stop``, and start serving.
+
+    A port that cannot be bound closes the registry (and so the store) before the error goes up.
+    """
+    options = assembled.options
     address = _address(options.host, options.port)
     metrics_host = options.metrics_host or options.host
     try:
-        if credentials is None:
-            port = server.add_insecure_port(address)
+        if assembled.credentials is None:
+            port = assembled.server.add_insecure_port(address)
         else:
-            port = server.add_secure_port(address, credentials)
+            port = assembled.server.add_secure_port(address, assembled.credentials)
     except RuntimeError as exc:
-        await registry.close()
+        await assembled.registry.close()
         raise OSError(f"cannot listen on {address}: {exc} (is another server using the port?)") from None
     try:
-        metrics_port = 0 if metrics is None else metrics.serve(metrics_host, options.metrics_port)
+        metrics_port = 0 if assembled.metrics is None else assembled.metrics.serve(metrics_host, options.metrics_port)
     except OSError as exc:
-        await registry.close()
+        await assembled.registry.close()
         where = _address(metrics_host, options.metrics_port)
         raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc} (--metrics-port)") from None
 
-    stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
-    await server.start()
+    await assembled.server.start()
     for service in ("", SERVICE_NAME):
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
     security = "plaintext" if options.tls is None else options.tls.describe()
     log.info(
         "normserve listening on %s (%s%s, device %s, %d layer(s) restored from %s)",
         _address(options.host, port),
         security,
-        "" if tokens is None else " + token auth",
-        device,
-        restored,
-        store.path,
+        " + token auth" if assembled.token_auth else "",
+        assembled.device,
+        assembled.restored,
+        assembled.store.path,
     )
-    if tokens is not None and options.tls is None:
+    if assembled.token_auth and options.tls is None:
         log.warning("token auth without TLS: tokens cross the network in plaintext; use --tls-cert/--tls-key")
-    if metrics is not None:
+    if assembled.metrics is not None:
         log.info("metrics on http://%s/metrics", _address(metrics_host, metrics_port))
     if options.shared_memory:
         log.warning(
             "shared memory on: every client that may call this server can read and write the shared-memory "
             "objects this server's user can open; allow only trusted clients on this host"
         )
-    trimming = asyncio.ensure_future(trimmer.run())
+
+
+async def _shutdown(assembled: _Assembled) -> None:
+    """Health turns NOT_SERVING, the server stops accepting calls and gives in-flight ones ``grace_period``
+    seconds, started writes finish, and the store is checkpointed and closed."""
+    grace_period = assembled.options.grace_period
+    log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", grace_period)
+    await assembled.health.enter_graceful_shutdown()
+    await assembled.server.stop(grace_period)
+    assembled.shared_memory.close()
+    await assembled.registry.close()
+    if assembled.metrics is not None:
+        assembled.metrics.close()
+    log.info("stopped; state is in %s", assembled.store.path)
+
+
+async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
+    assembled = _build(options)
+    stop = stop or asyncio.Event()
+    await _listen(assembled, stop)
+    trimming = asyncio.ensure_future(assembled.trimmer.run())
     await stop.wait()
     trimming.cancel()
-
-    log.info("shutting down: refusing new calls, finishing in-flight ones (up to %.0f s)", options.grace_period)
-    await health_servicer.enter_graceful_shutdown()
-    await server.stop(options.grace_period)
-    shared_memory.close()
-    await registry.close()
-    if metrics is not None:
-        metrics.close()
-    log.info("stopped; state is in %s", store.path)
+    await _shutdown(assembled)

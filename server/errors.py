@@ -26,6 +26,8 @@ __all__ = [
     "ShuttingDown",
     "StaleVersion",
     "StateDirFull",
+    "SyncAborted",
+    "SyncTimeout",
     "TooManyLayers",
     "WaitTimeout",
     "status_for",
@@ -123,6 +125,18 @@ class RegionNotFound(ServiceError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no shared-memory region named {name!r} (ListSharedMemory shows what is registered)")
+
+
+class SyncAborted(ServiceError):
+    """Another rank of a synchronized step failed or gave up; the step changed nothing."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class SyncTimeout(ServiceError):
+    """Not every rank of a synchronized step arrived in time; the step changed nothing."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 class WaitTimeout(ServiceError):

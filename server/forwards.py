@@ -11,11 +11,14 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from normserve.server.errors import ForwardGone, ForwardTooLarge, InvalidRequest
+
+if TYPE_CHECKING:
+    from normserve.server.registry import Snapshot
 
 __all__ = ["Forward", "ForwardCache"]
 
@@ -44,7 +47,7 @@ class Forward:
     layer: str
     x: np.ndarray
     wire_dtype: int
-    snapshot: Any  # the registry's Snapshot from before the Train's update
+    snapshot: Snapshot  # the layer's state from before the Train's update
 
     @property
     def nbytes(self) -> int:

@@ -24,11 +24,11 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from normkernels import StateTooLarge, distributed, synced
+from normkernels import NormLayer, StateTooLarge, distributed, synced
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
@@ -42,13 +42,14 @@ from normserve.server.errors import (
     LayerUnrestorable,
     ShuttingDown,
     StaleVersion,
+    SyncAborted,
     TooManyLayers,
     WaitTimeout,
 )
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.store import StateStore
-from normserve.server.sync_groups import SyncAborted, SyncSpec, SyncSteps
+from normserve.server.sync_groups import StepKey, SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "Unrestorable", "host_state"]
@@ -80,7 +81,7 @@ class Snapshot:
     """A layer's state at one version, and its training stats. Never changed once published."""
 
     name: str
-    layer: Any
+    layer: NormLayer
     version: int
     stats: TrainingStats = TrainingStats()
 
@@ -106,48 +107,53 @@ class _Entry:
         self.deleted = False
 
 
-def _forward(layer: Any, x: np.ndarray, training: bool) -> np.ndarray:
-    with device_io.session(layer.device) as io:
-        return io.to_host(layer.forward(io.to_device(x), training=training))
+def _host_array(io: Any, y: Any) -> np.ndarray:
+    return io.to_host(y)
 
 
-def _train(layer: Any, x: np.ndarray) -> tuple[np.ndarray, BatchReport]:
-    with device_io.session(layer.device) as io:
-        y, report = layer.train_with_report(io.to_device(x))
-        return io.to_host(y), report
+def _host_output(io: Any, result: tuple[Any, BatchReport]) -> tuple[np.ndarray, BatchReport]:
+    y, report = result
+    return io.to_host(y), report
 
 
-def _backward(layer: Any, x: np.ndarray, dy: np.ndarray, training: bool) -> tuple[np.ndarray, dict[str, Any]]:
-    with device_io.session(layer.device) as io:
-        return _host_gradients(io, *layer.backward(io.to_device(x), io.to_device(dy), training=training))
-
-
-def _host_gradients(io: Any, dx: Any, grads: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+def _host_gradients(io: Any, result: tuple[Any, dict[str, Any]]) -> tuple[np.ndarray, dict[str, Any]]:
+    dx, grads = result
     return io.to_host(dx), {k: None if g is None else io.to_host(g) for k, g in grads.items()}
 
 
+def _left_on_device(io: Any, result: T) -> T:
+    # A synchronized step's parts stay where they were computed until the step combines them.
+    return result
+
+
+@dataclass(frozen=True)
+class _OnDevice(Generic[T]):
+    """A layer method run in one device session: its first ``inputs`` arguments (request arrays) are moved
+    to the layer's device, and ``to_host`` brings back what the caller gets."""
+
+    method: str
+    inputs: int
+    to_host: Callable[[Any, Any], T]
+    synced: bool = False  # a method of the kinds that share batch statistics (ConfigError for the others)
+
+    def __call__(self, layer: NormLayer, *args: Any) -> T:
+        target = synced(layer) if self.synced else layer
+        with device_io.session(layer.device) as io:
+            moved = [io.to_device(array) for array in args[: self.inputs]]
+            return self.to_host(io, getattr(target, self.method)(*moved, *args[self.inputs :]))
+
+
+_forward = _OnDevice("forward", 1, _host_array)  # (layer, x, training)
+_train = _OnDevice("train_with_report", 1, _host_output)  # (layer, x)
+_backward = _OnDevice("backward", 2, _host_gradients)  # (layer, x, dy, training)
 # A synchronized step's halves (see normkernels.layers: synced_part ... backward_synced).
-def _synced_part(layer: Any, x: np.ndarray) -> GradSums:
-    with device_io.session(layer.device) as io:
-        return synced(layer).synced_part(io.to_device(x))
+_synced_part = _OnDevice("synced_part", 1, _left_on_device, synced=True)  # (layer, x)
+_forward_synced = _OnDevice("forward_synced", 1, _host_array, synced=True)  # (layer, x, total)
+_synced_grad_part = _OnDevice("synced_grad_part", 2, _left_on_device, synced=True)  # (layer, x, dy) -> (part, pending)
+_backward_synced = _OnDevice("backward_synced", 0, _host_gradients, synced=True)  # (layer, pending, part, total)
 
 
-def _forward_synced(layer: Any, x: np.ndarray, total: GradSums) -> np.ndarray:
-    with device_io.session(layer.device) as io:
-        return io.to_host(synced(layer).forward_synced(io.to_device(x), total))
-
-
-def _synced_grad_part(layer: Any, x: np.ndarray, dy: np.ndarray) -> tuple[GradSums, Any]:
-    with device_io.session(layer.device) as io:
-        return synced(layer).synced_grad_part(io.to_device(x), io.to_device(dy))
-
-
-def _backward_synced(layer: Any, pending: Any, part: GradSums, total: GradSums) -> tuple[np.ndarray, dict[str, Any]]:
-    with device_io.session(layer.device) as io:
-        return _host_gradients(io, *synced(layer).backward_synced(pending, part, total))
-
-
-def host_state(layer: Any, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+def host_state(layer: NormLayer, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
     """The layer's float state tensors (all, or ``keys``) as NumPy arrays.
 
     No copies on CPU: a published layer never changes its arrays (see ``Layer.copy``).
@@ -387,7 +393,7 @@ class Registry:
 
         return await self._commit([self._names], create_locked)
 
-    def _build(self, name: str, config: pb.LayerConfig) -> Any:
+    def _build(self, name: str, config: pb.LayerConfig) -> NormLayer:
         """A layer for ``config``, refused before its arrays exist when its state is over a budget.
 
         For a name that exists the budget is that layer's size: an equal config is answered even when the
@@ -494,7 +500,7 @@ class Registry:
         sync: SyncSpec,
     ) -> tuple[np.ndarray, Snapshot, str]:
         """One rank's Train of a synchronized step: its moments in, the combined statistics out."""
-        key = (name, sync.group, sync.step, TRAINING_PHASE)
+        key = sync.step_key(name, TRAINING_PHASE)
         deadline = self._deadline(wait)
 
         async def finish(
@@ -515,7 +521,7 @@ class Registry:
 
             return await self._with_lock(name, work, wait)
 
-        def reduce(layer: Any) -> tuple[GradSums, Mapping[str, np.ndarray]]:
+        def reduce(layer: NormLayer) -> tuple[GradSums, Mapping[str, np.ndarray]]:
             _with_parameters(Snapshot(name, layer, 0), parameters)  # refuse bad parameters before joining
             return _synced_part(layer, x), parameters
 
@@ -525,7 +531,7 @@ class Registry:
 
     async def _synced(
         self,
-        key: tuple,
+        key: StepKey,
         sync: SyncSpec,
         deadline: float | None,
         finish: Callable[[list[Any]], Awaitable[T]],
@@ -540,7 +546,7 @@ class Registry:
         """
         self.sync.check(key, sync)
         try:
-            owner = self._entry(key[0])
+            owner = self._entry(key.layer)
             part = await self._compute(reduce, (snapshot or owner.snapshot).layer, deadline=deadline)
         except Exception as exc:
             self.sync.fail(key, f"rank {sync.rank} was refused ({exc})")
@@ -548,7 +554,7 @@ class Registry:
 
         async def finish_one_layer(parts: list[tuple[_Entry, Any]]) -> T:
             if any(entry is not owner for entry, _ in parts):
-                raise _recreated(key[0])
+                raise _recreated(key.layer)
             return await finish([part for _, part in parts], owner)
 
         result = await self.sync.join(
@@ -556,7 +562,7 @@ class Registry:
             sync,
             (owner, part),
             finish_one_layer,
-            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key[1]!r}"),
+            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key.group!r}"),
         )
         return part, result
 
@@ -564,7 +570,7 @@ class Registry:
         self,
         entry: _Entry,
         start: Snapshot,
-        layer: Any,
+        layer: NormLayer,
         stats: TrainingStats,
         parameters: Mapping[str, np.ndarray] | None,
     ) -> None:
@@ -582,7 +588,7 @@ class Registry:
         """A rank refused before it could join its ``phase`` step (a bad request): the step fails for the
         others at once (ABORTED) rather than leaving them to time out."""
         if name in self._entries:
-            self.sync.fail((name, sync.group, sync.step, phase), f"rank {sync.rank} was refused ({error})")
+            self.sync.fail(sync.step_key(name, phase), f"rank {sync.rank} was refused ({error})")
 
     def _keep(self, name: str, x: np.ndarray, keep_dtype: int | None, start: Snapshot) -> str:
         return "" if keep_dtype is None else self.forwards.keep(Forward(name, x, keep_dtype, start))
@@ -632,8 +638,11 @@ class Registry:
         async def finish(parts: list[tuple[GradSums, Any]], owner: _Entry) -> GradSums:
             return distributed.combine([sums for sums, _ in parts])
 
-        key = (name, sync.group, sync.step, GRADIENT_PHASE)
-        reduce = functools.partial(_synced_grad_part, x=x, dy=dy)
+        key = sync.step_key(name, GRADIENT_PHASE)
+
+        def reduce(layer: Any) -> tuple[GradSums, Any]:
+            return _synced_grad_part(layer, x, dy)
+
         (part, pending), total = await self._synced(key, sync, deadline, finish, reduce, snapshot)
         dx, grads = await self._compute(_backward_synced, snapshot.layer, pending, part, total, elements=x.size)
         return dx, grads, snapshot

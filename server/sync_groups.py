@@ -3,7 +3,7 @@
 A synchronized Train or Gradient (a :class:`SyncSpec` on the request) is one
 rank's part of a step of a sync group, as in torch.nn.SyncBatchNorm. Each
 rank reduces its batch first, then :meth:`SyncSteps.join` holds its part
-until every rank of ``(layer, group, step, phase)`` has arrived; the last to
+until every rank of the step's :class:`StepKey` has arrived; the last to
 arrive runs the step's ``finish`` once (combine the parts, update the layer),
 and every rank gets its result.
 
@@ -20,38 +20,48 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
-import grpc
+from normserve.server.errors import InvalidRequest, ServiceError, SyncAborted, SyncTimeout
+from normserve.server.layer_config import NAME_PATTERN
 
-from normserve.server.errors import InvalidRequest, ServiceError
-
-__all__ = ["SyncAborted", "SyncSpec", "SyncSteps", "SyncTimeout"]
+__all__ = ["StepKey", "StepSeries", "SyncSpec", "SyncSteps"]
 
 T = TypeVar("T")
-_GROUP_ID = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
 #: Finished and failed steps remembered with why they closed (for a late or repeated rank's answer).
 REMEMBERED_STEPS = 4096
-#: (layer, group, phase) whose last closed step is remembered, least recently used out.
+#: Step series whose last closed step is remembered, least recently used out.
 REMEMBERED_GROUPS = 16384
 #: Missing ranks a timeout names (it counts the rest).
 NAMED_RANKS = 8
 
 
-class SyncAborted(ServiceError):
-    """Another rank of the step failed or gave up."""
+class StepSeries(NamedTuple):
+    """The numbered steps of one phase of a sync group on a layer: they only move forward."""
 
-    code = grpc.StatusCode.ABORTED
+    layer: str
+    group: str
+    phase: str
 
 
-class SyncTimeout(ServiceError):
-    """Not every rank of the step arrived in time."""
+class StepKey(NamedTuple):
+    """One step the ranks meet at: ``phase`` (a Train's forward or a Gradient) of step ``step`` of sync group
+    ``group`` on ``layer``."""
 
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    layer: str
+    group: str
+    step: int
+    phase: str
+
+    @property
+    def series(self) -> StepSeries:
+        return StepSeries(self.layer, self.group, self.phase)
+
+    def describe(self) -> str:
+        return f"{self.phase} step {self.step} of sync group {self.group!r} on layer {self.layer!r}"
 
 
 @dataclass(frozen=True)
@@ -64,12 +74,17 @@ class SyncSpec:
     step: int
 
     def __post_init__(self) -> None:
-        if not _GROUP_ID.fullmatch(self.group):
-            raise InvalidRequest(f"sync.id {self.group[:64]!r} must match [A-Za-z0-9_.:/-]{{1,256}}")
+        # Group ids follow the layer-name rule: both are names a person picks and logs show.
+        if not NAME_PATTERN.fullmatch(self.group):
+            raise InvalidRequest(f"sync.id {self.group[:64]!r} must match {NAME_PATTERN.pattern}")
         if self.world_size < 1:
             raise InvalidRequest("sync.world_size must be at least 1 (the number of workers in the group)")
         if not 0 <= self.rank < self.world_size:
             raise InvalidRequest(f"sync.rank {self.rank} must be in [0, world_size) = [0, {self.world_size})")
+
+    def step_key(self, layer: str, phase: str) -> StepKey:
+        """The step this rank joins on ``layer`` in ``phase``."""
+        return StepKey(layer, self.group, self.step, phase)
 
 
 @dataclass
@@ -86,21 +101,11 @@ class SyncSteps:
     def __init__(self, timeout: float, max_world_size: int = 1024) -> None:
         self.timeout = timeout
         self.max_world_size = max_world_size
-        self._open: dict[tuple, _Step] = {}
-        self._closed: OrderedDict[tuple, ServiceError] = OrderedDict()  # why a step can no longer be joined
-        self._last_closed: OrderedDict[tuple, int] = OrderedDict()  # (layer, group, phase) -> its last closed step
+        self._open: dict[StepKey, _Step] = {}
+        self._closed: OrderedDict[StepKey, ServiceError] = OrderedDict()  # why a step can no longer be joined
+        self._last_closed: OrderedDict[StepSeries, int] = OrderedDict()  # the series' last closed step
 
-    @staticmethod
-    def _group(key: tuple) -> tuple:
-        layer, group, _, phase = key
-        return layer, group, phase
-
-    @staticmethod
-    def _describe(key: tuple) -> str:
-        layer, group, step, phase = key
-        return f"{phase} step {step} of sync group {group!r} on layer {layer!r}"
-
-    def check(self, key: tuple, spec: SyncSpec) -> None:
+    def check(self, key: StepKey, spec: SyncSpec) -> None:
         """Refuse (alone, failing no one else) a rank that cannot join ``key``: closed, world size, rank twice."""
         if spec.world_size > self.max_world_size:
             raise InvalidRequest(
@@ -112,27 +117,27 @@ class SyncSteps:
             raise type(closed)(str(closed))
         step = self._open.get(key)
         if step is None:
-            last = self._last_closed.get(self._group(key))
-            if last is not None and key[2] <= last:
+            last = self._last_closed.get(key.series)
+            if last is not None and key.step <= last:
                 raise InvalidRequest(
-                    f"the {self._describe(key)} cannot start: step {last} of the group has closed already, and "
+                    f"the {key.describe()} cannot start: step {last} of the group has closed already, and "
                     f"steps only move forward; use a step number above {last}"
                 )
             return
         if step.world_size != spec.world_size:
             raise InvalidRequest(
                 f"sync.world_size {spec.world_size} differs from the {step.world_size} the other ranks of the "
-                f"{self._describe(key)} gave; every rank must give the same"
+                f"{key.describe()} gave; every rank must give the same"
             )
         if spec.rank in step.parts:
             raise InvalidRequest(
-                f"rank {spec.rank} already joined the {self._describe(key)}; each rank joins a step once "
+                f"rank {spec.rank} already joined the {key.describe()}; each rank joins a step once "
                 "(a new step needs a new sync.step)"
             )
 
     async def join(
         self,
-        key: tuple,
+        key: StepKey,
         spec: SyncSpec,
         part: Any,
         finish: Callable[[list[Any]], Awaitable[T]],
@@ -150,7 +155,7 @@ class SyncSteps:
             step.timer = asyncio.get_running_loop().call_later(self.timeout, self._expire, key)
         step.parts[spec.rank] = part
         if len(step.parts) == step.world_size:
-            self._close(key, InvalidRequest(f"the {self._describe(key)} has finished; use the next step number"))
+            self._close(key, InvalidRequest(f"the {key.describe()} has finished; use the next step number"))
             task = asyncio.ensure_future(finish([step.parts[rank] for rank in range(step.world_size)]))
             task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
             step.complete.set_result(task)
@@ -164,7 +169,7 @@ class SyncSteps:
         # Once finishing has started it runs to the end; every rank waits for its result.
         return await asyncio.shield(task)
 
-    def fail(self, key: tuple, reason: str, error: type[ServiceError] = SyncAborted) -> None:
+    def fail(self, key: StepKey, reason: str, error: type[ServiceError] = SyncAborted) -> None:
         """Fail step ``key`` (open or not yet opened) for every rank, with ``reason``.
 
         A step already finished or failed keeps its outcome.
@@ -172,7 +177,7 @@ class SyncSteps:
         if key in self._closed:
             return
         failure = error(
-            f"the {self._describe(key)} failed, nothing was changed: {reason}; "
+            f"the {key.describe()} failed, nothing was changed: {reason}; "
             "start the next step (a new sync.step) on every rank"
         )
         step = self._open.get(key)
@@ -181,7 +186,7 @@ class SyncSteps:
             step.complete.set_exception(failure)
             step.complete.exception()  # retrieved: no "never retrieved" warning when no rank waits
 
-    def _expire(self, key: tuple) -> None:
+    def _expire(self, key: StepKey) -> None:
         step = self._open.get(key)
         if step is None:
             return
@@ -198,13 +203,13 @@ class SyncSteps:
     def forget_layer(self, layer: str) -> None:
         """A deleted layer: its open steps fail (ABORTED) for their waiting ranks, and what is remembered
         of its steps is dropped, so a new layer of that name starts afresh."""
-        for key in [key for key in self._open if key[0] == layer]:
+        for key in [key for key in self._open if key.layer == layer]:
             self.fail(key, "the layer was deleted")
         for memory in (self._closed, self._last_closed):
-            for key in [key for key in memory if key[0] == layer]:
+            for key in [key for key in memory if key.layer == layer]:
                 del memory[key]
 
-    def _close(self, key: tuple, why: ServiceError) -> None:
+    def _close(self, key: StepKey, why: ServiceError) -> None:
         step = self._open.pop(key, None)
         if step is not None and step.timer is not None:
             step.timer.cancel()
@@ -214,8 +219,8 @@ class SyncSteps:
             self._closed.popitem(last=False)
         if step is None:
             return  # a step failed before any rank joined it (one was refused): later steps stay open to all
-        group = self._group(key)
-        self._last_closed[group] = max(key[2], self._last_closed.get(group, key[2]))
-        self._last_closed.move_to_end(group)
+        series = key.series
+        self._last_closed[series] = max(key.step, self._last_closed.get(series, key.step))
+        self._last_closed.move_to_end(series)
         while len(self._last_closed) > REMEMBERED_GROUPS:
             self._last_closed.popitem(last=False)

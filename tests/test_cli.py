@@ -77,7 +77,7 @@ def test_serve_refuses_a_busy_state_dir_and_a_bad_device(server, tmp_path) -> No
 @pytest.mark.parametrize("command", ["serve", "health", "layers"])
 def test_every_flag_names_its_environment_variable(command) -> None:
     """`--help` shows each flag's variable, NORMSERVE_ plus the flag in capitals."""
-    from normserve.server.cli import env_name
+    from normserve.tools.cli import env_name
 
     text = " ".join(normserve(command, "--help").stdout.split())  # undo the help's line wrapping
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*[a-z])", text)) - {"--help"}

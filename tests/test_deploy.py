@@ -182,7 +182,7 @@ def test_the_gpu_service_command(tmp_path) -> None:
         assert proc.stop() == 0
 
 
-PACKAGE_FILES = {"normkernels", "server", "client", "protos", "pyproject.toml", "README.md"}
+PACKAGE_FILES = {"normkernels", "server", "client", "tools", "protos", "pyproject.toml", "README.md"}
 
 
 @pytest.mark.parametrize("service", sorted(IMAGES))

@@ -18,6 +18,7 @@ from normserve.client import AsyncNormClient, NormClient, RetryPolicy, Unauthent
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
+NORMALIZATION = pb.DESCRIPTOR.services_by_name["Normalization"]
 TOKENS = ("first-token-3f9a1c", "second-token-77b2e0")
 ONCE = RetryPolicy(attempts=1)
 
@@ -129,9 +130,12 @@ def token_server(tmp_path):
 
 
 def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[grpc.StatusCode, str]]:
-    """Call every Normalization method on layer "kept"; the status and message each answers."""
+    """Call every Normalization method on layer "kept"; the status and message each answers.
+
+    The methods come from the service descriptor, so a new RPC fails here until it has a request.
+    """
     x = pb.Tensor(dtype=pb.FLOAT32, shape=[4, 2], data=np.arange(8, dtype=np.float32).tobytes())
-    calls = {
+    requests = {
         "CreateLayer": pb.CreateLayerRequest(name="other", config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=2)),
         "GetLayer": pb.GetLayerRequest(name="kept"),
         "ListLayers": pb.ListLayersRequest(),
@@ -141,14 +145,26 @@ def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[
         "GetState": pb.GetStateRequest(name="kept"),
         "SetState": pb.SetStateRequest(name="kept", partial=True, num_batches_tracked=7),
         "DeleteLayer": pb.DeleteLayerRequest(name="kept"),
+        "TrainStream": pb.TrainStreamRequest(head=pb.TrainRequest(layer="kept", x=x)),
+        "InferStream": pb.InferStreamRequest(head=pb.InferRequest(layer="kept", x=x)),
+        "GradientStream": pb.GradientStreamRequest(head=pb.GradientRequest(layer="kept", x=x, dy=x)),
+        "RegisterSharedMemory": pb.RegisterSharedMemoryRequest(name="r", key="/normserve-test", byte_size=64),
+        "UnregisterSharedMemory": pb.UnregisterSharedMemoryRequest(),  # every region
+        "ListSharedMemory": pb.ListSharedMemoryRequest(),
     }
     codes = {}
-    for method, request in calls.items():
+    for method in NORMALIZATION.methods:
+        assert method.name in requests, f"a new RPC needs a request here: {method.name}"
+        request = requests[method.name]
         try:
-            getattr(stub, method)(request, metadata=metadata, timeout=10)
-            codes[method] = (grpc.StatusCode.OK, "")
+            answer = getattr(stub, method.name)(
+                iter([request]) if method.client_streaming else request, metadata=metadata, timeout=10
+            )
+            if method.server_streaming:
+                list(answer)
+            codes[method.name] = (grpc.StatusCode.OK, "")
         except grpc.RpcError as error:
-            codes[method] = (error.code(), error.details())
+            codes[method.name] = (error.code(), error.details())
     return codes
 
 

@@ -1,4 +1,4 @@
-"""``normserve``: the command line (serve, health, layers).
+"""``normserve``: the command line (serve, health, layers, bench).
 
 Every flag can also come from an environment variable named after it,
 ``--max-layers`` from ``NORMSERVE_MAX_LAYERS``; a flag on the command line
@@ -238,7 +238,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table, "
         "write JSON and a PNG plot. Without --target it starts a server of its own.",
     )
-    from normserve.client.bench import add_arguments as bench_options
+    from normserve.tools.bench import add_arguments as bench_options
 
     bench_options(_Options(bench, environ).add)
 
@@ -256,7 +256,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from normserve.client import bench
+        from normserve.tools import bench
 
         bench.run(args)
     except ImportError as exc:

@@ -114,14 +114,14 @@ def running(command: list[str], pattern: str) -> Iterator[str]:
 
 def echo_server() -> contextlib.AbstractContextManager[str]:
     """The bare echo server for the block; yields its address."""
-    return running([sys.executable, "-m", "normserve.client.bench", "--serve-echo"], r"listening on (\S+:\d+)")
+    return running([sys.executable, "-m", "normserve.tools.bench", "--serve-echo"], r"listening on (\S+:\d+)")
 
 
 @contextlib.contextmanager
 def normserve_server(*args: str) -> Iterator[str]:
     """``normserve serve --port 0`` on a scratch state folder for the block; yields its address."""
     with tempfile.TemporaryDirectory() as state_dir:
-        command = [sys.executable, "-m", "normserve.server", "serve", "--port", "0", "--state-dir", state_dir, *args]
+        command = [sys.executable, "-m", "normserve.tools", "serve", "--port", "0", "--state-dir", state_dir, *args]
         with running(command, r"listening on (\S+:\d+) ") as target:
             yield target
 
