@@ -1,6 +1,6 @@
 """What both clients share: arrays in and out, request building, response decoding, retries.
 
-Nothing here performs I/O, so :mod:`normserve.client.sync` and
+Nothing here performs I/O, so :mod:`normserve.client.blocking` and
 :mod:`normserve.client.aio` differ only in how they wait for a call.
 """
 
