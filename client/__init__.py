@@ -15,6 +15,7 @@ synchronized batch norm step. PyTorch modules backed by the service are in
 """
 
 from normserve.client.aio import AsyncNormClient, AsyncRemoteLayer
+from normserve.client.blocking import NormClient, RemoteLayer
 from normserve.client.errors import (
     Aborted,
     AlreadyExists,
@@ -29,7 +30,6 @@ from normserve.client.errors import (
     Unavailable,
 )
 from normserve.client.protocol import RetryPolicy, SyncGroup
-from normserve.client.sync import NormClient, RemoteLayer
 
 __all__ = [
     "Aborted",

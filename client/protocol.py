@@ -1,7 +1,6 @@
-"""What both clients share: arrays in and out, request building, response decoding, retries.
-
-Nothing here performs I/O, so :mod:`normserve.client.sync` and
-:mod:`normserve.client.aio` differ only in how they wait for a call.
+"""What both clients share below their methods: arrays in and out, request building, response decoding,
+retry policy, channel settings. Nothing here performs I/O; the methods themselves are the plans of
+:mod:`normserve.client.operations`.
 """
 
 from __future__ import annotations
@@ -24,9 +23,14 @@ from normserve.v1 import codec, kinds, wire
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = [
+    "DEFAULT_STREAM_THRESHOLD",
+    "DEFAULT_TARGET",
     "IDEMPOTENT_METHODS",
+    "STREAMABLE_METHODS",
     "ClientBase",
     "LayerHandle",
+    "Pem",
+    "Request",
     "RetryPolicy",
     "SharedMemoryRegion",
     "SyncGroup",
@@ -37,9 +41,12 @@ __all__ = [
     "gradient_request",
     "gradient_result",
     "health_status",
+    "input_tensor",
     "layer_config",
     "load_state_request",
+    "output_array",
     "state_dict",
+    "train_options",
 ]
 
 DEFAULT_TARGET = "localhost:50051"

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+import inspect
 import socket
 import subprocess
 import threading
@@ -16,13 +18,19 @@ from serverproc import NORMSERVE
 import normkernels as nk
 from normserve.client import (
     AsyncNormClient,
+    AsyncRemoteLayer,
     DeadlineExceeded,
     InvalidArgument,
     NormClient,
     NormServeError,
     NotFound,
+    RemoteLayer,
     RetryPolicy,
     Unavailable,
+    aio,
+    blocking,
+    operations,
+    protocol,
 )
 from normserve.client.protocol import IDEMPOTENT_METHODS, layer_config
 from normserve.v1 import normalization_pb2 as pb
@@ -63,6 +71,29 @@ def test_async_client_mirrors_the_sync_one(server, layer_name, rng) -> None:
             assert layer_name in caught.value.details
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("blocking_class", "async_class"), [(NormClient, AsyncNormClient), (RemoteLayer, AsyncRemoteLayer)]
+)
+def test_the_async_classes_have_every_method_of_the_blocking_ones(blocking_class, async_class) -> None:
+    """Same names, arguments and docs; coroutines on one side only (layer handles: the client's own class)."""
+
+    def methods(cls: type) -> dict[str, object]:
+        return {name: getattr(cls, name) for name in dir(cls) if not name.startswith("_")}
+
+    blocking_methods, async_methods = methods(blocking_class), methods(async_class)
+    assert blocking_methods.keys() == async_methods.keys()
+    for name, method in blocking_methods.items():
+        if not inspect.isfunction(method):  # properties and attributes: the shared base's
+            assert async_methods[name] is method, name
+            continue
+        mirror = async_methods[name]
+        assert not inspect.iscoroutinefunction(method), name
+        assert inspect.iscoroutinefunction(mirror), name
+        signature = str(inspect.signature(method)).replace("RemoteLayer", "AsyncRemoteLayer")
+        assert str(inspect.signature(mirror)) == signature, name
+        assert mirror.__doc__ == method.__doc__, name
 
 
 def test_errors_carry_code_details_and_method(client, layer_name) -> None:
@@ -118,6 +149,55 @@ def test_idempotent_calls_retry_until_the_server_is_up(tmp_path) -> None:
         finally:
             server.terminate()
             assert server.wait(30) == 0
+
+
+UPDATES = [
+    ("Train", pb.TrainRequest(layer="bn")),
+    ("SetState", pb.SetStateRequest(name="bn")),
+    ("DeleteLayer", pb.DeleteLayerRequest(name="bn")),
+]
+READS = [("ListLayers", pb.ListLayersRequest()), ("GetState", pb.GetStateRequest(name="bn"))]
+
+
+async def _answer(call):
+    """What a blocking call returns, or what an asyncio call's coroutine returns."""
+    answer = call()
+    return await answer if inspect.isawaitable(answer) else answer
+
+
+@pytest.mark.parametrize("client_class", [NormClient, AsyncNormClient])
+def test_both_clients_resend_reads_after_each_backoff_and_updates_never(client_class) -> None:
+    backoff = 0.2
+    policy = RetryPolicy(attempts=3, initial_backoff=backoff, max_backoff=backoff)
+
+    async def seconds_to_fail(nc, method: str, request) -> float:
+        started = time.monotonic()
+        with pytest.raises(Unavailable):
+            await _answer(lambda: nc.call(method, request))
+        return time.monotonic() - started
+
+    async def scenario() -> None:
+        nc = client_class(f"127.0.0.1:{free_port()}", retry=policy, timeout=5)  # nothing listens there
+        for method, request in UPDATES:
+            assert await seconds_to_fail(nc, method, request) < backoff, method  # sent once: a reply may be lost
+        for method, request in READS:
+            assert await seconds_to_fail(nc, method, request) >= 2 * backoff, method  # 3 attempts, 2 waits
+        await _answer(nc.close)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("module", [protocol, operations, blocking, aio])
+def test_client_modules_export_every_public_name(module) -> None:
+    tree = ast.parse(inspect.getsource(module))
+    defined = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            defined |= {target.id for target in targets if isinstance(target, ast.Name)}
+    assert {name for name in defined if not name.startswith("_")} == set(module.__all__)
 
 
 def test_layer_config_takes_pytorch_arguments() -> None:
