@@ -120,7 +120,7 @@ class ClientOperations(protocol.ClientBase, _Operations):
         # The one retry loop of both clients. gRPC's own retries (a service-config retryPolicy) would not
         # honour a RetryPolicy: grpcio clamps attempts at 5, randomizes each backoff, and never resends a
         # request, streamed or not, larger than its replay buffer (256 KiB by default): a 1 MiB Infer.
-        options = {"timeout": self._timeout(timeout), "metadata": self._metadata}
+        options = {"timeout": self._timeout(timeout), "metadata": self._call_metadata(request)}
         if self._streams(method, request):
             send = functools.partial(self._stream, self._rpc(method + "Stream"), request, **options)
         else:

@@ -19,7 +19,7 @@ import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from normserve.v1 import codec, kinds, wire
+from normserve.v1 import codec, kinds, routing, wire
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = [
@@ -196,6 +196,12 @@ class ClientBase:
             for m in wire.methods(pb.DESCRIPTOR.services_by_name["Normalization"])
         }
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _call_metadata(self, request: Any) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call: the client's own, and the routing header of a call about a layer, by
+        which a proxy in front of layer-sharded replicas picks the layer's replica (normserve.v1.routing)."""
+        layer = routing.layer_of(request)
+        return self._metadata if layer is None else (*self._metadata, (routing.LAYER_HEADER, layer))
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

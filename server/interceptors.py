@@ -15,6 +15,11 @@ the domain alone.
 * A request whose bytes do not parse answers INVALID_ARGUMENT, for every
   service: deserializers never raise into gRPC (which answers UNKNOWN and
   logs a traceback).
+* A call whose routing header (``x-normserve-layer``, see normserve.v1.routing)
+  names another layer than its request (a stream: its head) acts on answers
+  INVALID_ARGUMENT before the servicer sees the request: behind a proxy that
+  routes by the header, it may have reached a replica that does not own its
+  layer.
 * A stream whose peer sends or takes nothing for ``idle_seconds`` while the
   server waits on it is ended with DEADLINE_EXCEEDED, so it cannot hold a
   concurrency slot and its memory forever. Pending reads and writes are never
@@ -39,6 +44,7 @@ import grpc
 from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
+from normserve.v1.routing import LAYER_HEADER, layer_of
 
 __all__ = ["GuardCalls", "Malformed", "RequireToken", "same_kind"]
 
@@ -124,7 +130,7 @@ class RequireToken(grpc.aio.ServerInterceptor):
 class _Call:
     """What one call did, taken while the call runs (never read from its context after it ended)."""
 
-    __slots__ = ("layer", "method", "peer", "received", "sent", "service", "start")
+    __slots__ = ("layer", "method", "peer", "received", "routed", "sent", "service", "start")
 
     def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, _, self.method = full_method.lstrip("/").rpartition("/")
@@ -132,12 +138,25 @@ class _Call:
         self.peer = context.peer()
         self.received = self.sent = 0
         self.layer = ""
+        #: The layer the call's routing header names (None without one): what a proxy routed it by.
+        self.routed = next((value for key, value in context.invocation_metadata() or () if key == LAYER_HEADER), None)
 
     def saw_request(self, request: Any) -> None:
         self.received += request.ByteSize()
-        if not self.layer and not isinstance(request, Malformed):
-            # Train/Infer/Gradient name it `layer`, the others `name`
-            self.layer = getattr(request, "layer", "") or getattr(request, "name", "")
+        if not self.layer:  # a stream names its layer in its first message
+            self.layer = layer_of(request) or ""
+
+    def misrouted(self, request: Any) -> str | None:
+        """Why ``request`` must be refused when its layer is not the one its routing header names, else None."""
+        layer = layer_of(request)
+        if self.routed is None or layer is None or layer == self.routed:
+            return None
+        return (
+            f"the call's {LAYER_HEADER} header names layer {shorten(repr(self.routed), 300)} but the request is "
+            f"about layer {shorten(repr(layer), 300)}; a proxy routes each call by that header, so this one may "
+            "have reached a replica that does not own its layer. Send the request's own layer name in the header "
+            "(the Python clients do)"
+        )
 
 
 class _GuardedContext:
@@ -218,10 +237,12 @@ class _GuardedContext:
             yield await self.checked(request)
 
     async def checked(self, request: Any) -> Any:
-        """``request``, counted; a Malformed one aborts the call with INVALID_ARGUMENT."""
+        """``request``, counted; a Malformed one, or one its routing header does not name, aborts the call with
+        INVALID_ARGUMENT (unary calls and every message of a stream come through here)."""
         self._call.saw_request(request)
-        if isinstance(request, Malformed):
-            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, request.reason)
+        problem = request.reason if isinstance(request, Malformed) else self._call.misrouted(request)
+        if problem is not None:
+            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
         return request
 
 
