@@ -14,6 +14,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import parse_device
+from normserve.server.cluster_views import ClusterViews
 from normserve.server.interceptors import GuardCalls, RequireToken
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
@@ -52,6 +53,9 @@ class ServerOptions:
     max_world_size: int = 1024  # ranks of one synchronized step
     max_connection_age: float = 1800.0  # seconds before a client connection is asked to reconnect (GOAWAY) ...
     max_connection_age_grace: float = 300.0  # ... and then closed, ending what is still open on it
+    # The other replicas of a layer-sharded cluster, for the whole-cluster views the proxy asks for (cluster_views)
+    peers: tuple[str, ...] = ()
+    peer_timeout: float = 2.0  # seconds each fan-out call to a peer may take
 
 
 def _address(host: str, port: int) -> str:
@@ -74,6 +78,7 @@ class _Assembled:
     metrics: Metrics | None
     trimmer: Trimmer
     token_auth: bool
+    views: ClusterViews | None  # None: no peers, every call answered for this server alone
 
 
 def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Registry, int]:
@@ -103,6 +108,11 @@ def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Reg
 def _build(options: ServerOptions) -> _Assembled:
     """Open the store, restore its layers, and assemble the gRPC server with its services and guards."""
     device = str(parse_device(options.device))
+    if options.peers and options.tls is not None:
+        raise ValueError(
+            "--peers calls the peers in plaintext, so it cannot go with --tls-cert: terminate TLS at the proxy "
+            "and keep the replicas on a private network (deploy/nginx/README.md)"
+        )
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)
@@ -114,6 +124,9 @@ def _build(options: ServerOptions) -> _Assembled:
     ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
+    views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
+    if views is not None:  # innermost: only calls that passed the guards and the token check fan out
+        interceptors.append(views)
     server = grpc.aio.server(
         interceptors=interceptors,
         maximum_concurrent_rpcs=options.max_concurrent_rpcs,
@@ -146,6 +159,7 @@ def _build(options: ServerOptions) -> _Assembled:
         metrics=metrics,
         trimmer=trimmer,
         token_auth=tokens is not None,
+        views=views,
     )
 
 
@@ -191,6 +205,12 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
     )
     if assembled.token_auth and options.tls is None:
         log.warning("token auth without TLS: tokens cross the network in plaintext; use --tls-cert/--tls-key")
+    if assembled.views is not None:
+        log.info(
+            "whole-cluster views: ListLayers and health checks the proxy marks also ask %d peer(s): %s",
+            len(options.peers),
+            ", ".join(options.peers),
+        )
     if assembled.metrics is not None:
         log.info("metrics on http://%s/metrics", _address(metrics_host, metrics_port))
     if options.shared_memory:
@@ -208,6 +228,8 @@ async def _shutdown(assembled: _Assembled) -> None:
     await assembled.health.enter_graceful_shutdown()
     await assembled.server.stop(grace_period)
     assembled.shared_memory.close()
+    if assembled.views is not None:
+        await assembled.views.close()
     await assembled.registry.close()
     if assembled.metrics is not None:
         assembled.metrics.close()

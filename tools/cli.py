@@ -1,4 +1,4 @@
-"""``normserve``: the command line (serve, health, layers, bench).
+"""``normserve``: the command line (serve, cluster, rebalance, health, layers, bench).
 
 Every flag can also come from an environment variable named after it,
 ``--max-layers`` from ``NORMSERVE_MAX_LAYERS``; a flag on the command line
@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from normserve.server import logs
 from normserve.server.app import ServerOptions, run
+from normserve.server.cluster_views import parse_peers
 from normserve.server.security import TlsFiles
 from normserve.server.servicer import Limits
 
@@ -59,6 +63,13 @@ _port = _number(int, 0)
 _seconds = _number(float, 0, inclusive=False)
 #: gRPC takes connection ages in int32 milliseconds.
 _connection_seconds = _number(float, 0, inclusive=False, maximum=(2**31 - 1) // 1000)
+
+
+def _peers(text: str) -> tuple[str, ...]:
+    try:
+        return parse_peers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 class _Options:
@@ -186,6 +197,20 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         help="serve tensors in clients' POSIX shared memory (RegisterSharedMemory); any caller can then read "
         "and write the shared-memory objects this server's user can open: trusted clients on this host only",
     )
+    # Layer-sharded replicas behind a proxy (deploy/nginx/, `normserve cluster`)
+    add(
+        "--peers",
+        type=_peers,
+        default=defaults.peers,
+        help="the other replicas' HOST:PORT, comma-separated: ListLayers and health checks that the proxy marks "
+        "(x-normserve-view: cluster) then answer for the whole cluster; calls made to this replica directly do not",
+    )
+    add(
+        "--peer-timeout",
+        type=_number(float, 0, inclusive=False, maximum=60),
+        default=defaults.peer_timeout,
+        help="seconds each call to a peer may take (a whole-cluster view waits at most this long)",
+    )
     # Security
     add("--tls-cert", type=Path, help="PEM certificate chain of the server; with --tls-key, serve TLS only")
     add("--tls-key", type=Path, help="PEM private key of --tls-cert")
@@ -242,6 +267,9 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     bench_options(_Options(bench, environ).add)
 
+    _cluster_parser(commands, environ)
+    _rebalance_parser(commands, environ)
+
     for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         options = _Options(command, environ)
@@ -252,6 +280,82 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
             options.add("--prefix", default="", help="only names starting with this")
             options.add("--json", action="store_true", help="one JSON object per layer")
     return parser
+
+
+def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
+    from normserve.tools.cluster import MAX_REPLICAS
+
+    cluster = commands.add_parser(
+        "cluster",
+        help="run N replicas behind nginx on this host (layers sharded by name)",
+        description="Run N `normserve serve` replicas (replica i on 127.0.0.1:PORT+i, state in STATE_DIR/replica-i) "
+        "and nginx in front of them on HOST:PORT, routing each layer's calls to one replica by consistent hashing "
+        "of its name (deploy/nginx/README.md). Waits until all are SERVING; restarts a replica that dies; SIGTERM "
+        "stops nginx, then drains and stops the replicas. Any other flag is a `normserve serve` flag and goes to "
+        "every replica (e.g. --workers 1 --sync normal). Needs nginx (apt-get install nginx-light).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = _Options(cluster, environ).add
+    add("--replicas", type=_number(int, 1, maximum=MAX_REPLICAS), default=2, help="replicas to run")
+    add("--port", type=_number(int, 1, maximum=65534), default=50051, help="nginx's port; replica i uses PORT+i")
+    add("--host", default="127.0.0.1", help="nginx's address (0.0.0.0 or :: for all); replicas listen on 127.0.0.1")
+    add("--state-dir", type=Path, default=Path("normserve-cluster"), help="folder of the replicas' state and logs")
+    add("--metrics-port", type=_number(int, 0, maximum=65535), default=0, help="replica i's /metrics on M+i-1; 0: off")
+    add(
+        "--peer-timeout",
+        type=_number(float, 0, inclusive=False, maximum=60),
+        default=2.0,
+        help="seconds a replica waits for each other replica in a whole-cluster ListLayers or health check",
+    )
+    add(
+        "--proxy-timeout",
+        type=_number(int, 1, maximum=86400),
+        default=600,
+        help="seconds nginx waits for the next bytes of a call, either way (long streams, synchronized steps)",
+    )
+    add(
+        "--startup-timeout",
+        type=_number(float, 0, inclusive=False, maximum=600),
+        default=120.0,
+        help="seconds to wait until every replica and nginx serve",
+    )
+    add("--nginx", help="the nginx executable (default: nginx on PATH, or in /usr/sbin)")
+
+
+def _rebalance_parser(commands: Any, environ: Mapping[str, str]) -> None:
+    rebalance = commands.add_parser(
+        "rebalance",
+        help="move each layer to the replica that owns it after the replicas changed",
+        description="Ask every replica (directly) for its layers and move each one that lies on a replica other "
+        "than its owner on nginx's consistent-hash ring: GetState, CreateLayer and SetState (expected_version) "
+        "on the owner, then DeleteLayer on the old replica. Run it once nginx routes by the new replica list. "
+        "Safe to rerun; never overwrites a copy that took Trains of its own (reported as CONFLICT). Exits 1 "
+        "when a layer could not be moved.",
+    )
+    add = _Options(rebalance, environ).add
+    which = rebalance.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--replicas",
+        type=_replica_list,
+        help="the replicas' HOST:PORT, comma-separated, exactly as nginx's upstream names them",
+    )
+    which.add_argument("--nginx-config", type=Path, help="read the replicas from the upstream of this nginx config")
+    add(
+        "--drain",
+        type=_peers,
+        default=(),
+        help="replicas leaving the ring (HOST:PORT, comma-separated): all their layers move to their owners",
+    )
+    add("--dry-run", action="store_true", help="print the moves without making them")
+    add("--timeout", type=_seconds, default=30.0, help="seconds each call may take")
+    add("--token-file", type=Path, help="file whose first line is the bearer token to send")
+
+
+def _replica_list(text: str) -> tuple[str, ...]:
+    replicas = _peers(text)
+    if not replicas:
+        raise argparse.ArgumentTypeError("name at least one replica")
+    return replicas
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -298,6 +402,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_world_size=args.max_world_size,
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
+        peers=args.peers,
+        peer_timeout=args.peer_timeout,
     )
 
 
@@ -311,19 +417,22 @@ def _serve(options: ServerOptions, args: argparse.Namespace) -> int:
     return 0
 
 
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        return None
+    lines = args.token_file.read_text().split()
+    return lines[0] if lines else None
+
+
 def _client(args: argparse.Namespace) -> Any:
     """A client for one question: no retries, so a healthcheck answers within --timeout."""
     from normserve.client import NormClient, RetryPolicy
 
-    token = None
-    if args.token_file is not None:
-        lines = args.token_file.read_text().split()
-        token = lines[0] if lines else None
     return NormClient(
         args.target,
         timeout=args.timeout,
         retry=RetryPolicy(attempts=1),
-        token=token,
+        token=_token(args),
         tls=args.tls or None,
         ca_cert=args.tls_ca,
         client_cert=args.tls_client_cert,
@@ -369,6 +478,89 @@ def _layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _replica_flags(extra: Sequence[str], environ: Mapping[str, str]) -> argparse.Namespace:
+    """``normserve cluster``'s flags for its replicas, checked as ``normserve serve`` checks them (a bad one
+    exits 2 here, before anything starts); the ones the cluster sets itself are refused."""
+    serve = argparse.ArgumentParser(prog="normserve cluster", description="replica flags")
+    _serve_options(_Options(serve, environ).add, ServerOptions())
+    flags = serve.parse_args(extra)
+    own = [f"--{dest.replace('_', '-')}" for dest in _CLUSTER_SETS if getattr(flags, dest) != serve.get_default(dest)]
+    if own:
+        serve.error(f"{', '.join(own)}: the cluster sets these for each replica; see normserve cluster --help")
+    return flags
+
+
+#: The serve flags `normserve cluster` gives each replica itself.
+_CLUSTER_SETS = ("host", "port", "state_dir", "peers", "peer_timeout", "metrics_port")
+
+
+def _cluster(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[str, str]) -> int:
+    from normserve.tools.cluster import Cluster
+    from normserve.tools.nginx import NginxMissing
+
+    grace = _replica_flags(extra, environ).grace_period
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        cluster = Cluster(
+            args.replicas,
+            args.port,
+            args.state_dir,
+            host=args.host,
+            serve_args=extra,
+            nginx=args.nginx,
+            metrics_port=args.metrics_port,
+            peer_timeout=args.peer_timeout,
+            proxy_timeout=args.proxy_timeout,
+        )
+    except (NginxMissing, ValueError) as exc:
+        print(f"normserve cluster: error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        cluster.start(args.startup_timeout)
+    except (RuntimeError, TimeoutError, OSError) as exc:
+        print(f"normserve cluster: {exc}", file=sys.stderr)
+        return 1
+    print(f"normserve cluster: serving on {cluster.front} (nginx: {cluster.nginx.config})", flush=True)
+    for replica in cluster.replicas:
+        print(
+            f"  replica {replica.index}: {replica.address}, pid {replica.process.pid}, state {replica.state_dir}, "
+            f"log {replica.log_path}",
+            flush=True,
+        )
+    code = cluster.supervise(stop)
+    print("normserve cluster: stopping nginx, then the replicas (they drain in-flight calls)", flush=True)
+    clean = cluster.stop(grace=grace + 10)
+    return code or (0 if clean else 1)
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    from normserve.client import NormClient
+    from normserve.tools.nginx import replicas_in_config
+    from normserve.tools.rebalance import rebalance
+
+    try:
+        replicas = args.replicas or replicas_in_config(args.nginx_config.read_text())
+    except (OSError, ValueError) as exc:
+        print(f"normserve rebalance: error: {args.nginx_config}: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        clients = {
+            r: stack.enter_context(NormClient(r, timeout=args.timeout, token=_token(args)))
+            for r in (*replicas, *args.drain)
+        }
+        try:
+            moves = rebalance(replicas, clients, drain=args.drain, dry_run=args.dry_run)
+        except (RuntimeError, ValueError) as exc:
+            print(f"normserve rebalance: {exc}", file=sys.stderr)
+            return 1
+    failed = sum(not move.ok for move in moves)
+    done = "would move" if args.dry_run else "moved"
+    print(f"{len(moves) - failed} of {len(moves)} misplaced layer(s) {done} over {len(replicas)} replica(s)")
+    return 1 if failed else 0
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
     try:
@@ -376,14 +568,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     except BadEnvironment as exc:
         print(f"normserve: error: {exc}", file=sys.stderr)
         return 2
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "cluster":
+        return _cluster(args, extra, environ)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "serve":
         try:
             options = _server_options(args)
         except ValueError as exc:
             parser.error(str(exc))
         return _serve(options, args)
-    return {"health": _health, "layers": _layers, "bench": _bench}[args.command](args)
+    return {"health": _health, "layers": _layers, "bench": _bench, "rebalance": _rebalance}[args.command](args)
 
 
 if __name__ == "__main__":
