@@ -42,14 +42,14 @@ def _state(target: str) -> list[bytes]:
         return everything(pb_grpc.NormalizationStub(channel))
 
 
-@pytest.mark.parametrize(("sizes", "spatial"), [((3, 5, 1, 7), (2, 2)), ((1, 1, 2), ()), ((6,), (4,))])
-def test_ranks_with_uneven_batches_equal_one_batch_norm_over_the_whole_batch(
-    server, client, layer_name, rng, sizes, spatial
-):
-    channels, steps = 3, 2
+def sync_steps_match_torch(target: str, layer_name: str, rng, sizes, spatial, steps: int = 2) -> None:
+    """Ranks of ``sizes`` samples each train and differentiate a batch norm layer at ``target`` together for
+    ``steps`` steps; their answers and the layer's state equal torch.nn.BatchNorm over the whole batch."""
+    channels = 3
     weight, bias = rng.normal(1.0, 0.5, channels), rng.normal(0.0, 0.5, channels)
-    client.create_layer(layer_name, "batch_norm", num_features=channels, momentum=0.3)
-    client.layer(layer_name).load_state_dict({"weight": weight, "bias": bias}, strict=False)
+    with NormClient(target, timeout=60) as client:
+        client.create_layer(layer_name, "batch_norm", num_features=channels, momentum=0.3)
+        client.layer(layer_name).load_state_dict({"weight": weight, "bias": bias}, strict=False)
     twin = (torch.nn.BatchNorm2d if len(spatial) == 2 else torch.nn.BatchNorm1d)(channels, momentum=0.3)
     twin.load_state_dict({"weight": torch.tensor(weight), "bias": torch.tensor(bias)}, strict=False)
 
@@ -63,7 +63,7 @@ def test_ranks_with_uneven_batches_equal_one_batch_norm_over_the_whole_batch(
             y = layer.train(xs[rank], keep_forward=True, sync=group)
             return (y, *layer.gradient(None, dys[rank], sync=group))
 
-        results = _ranks(server.target, work, len(sizes))
+        results = _ranks(target, work, len(sizes))
         x = torch.tensor(np.concatenate(xs), requires_grad=True)
         twin.zero_grad()
         y = twin(x)
@@ -74,11 +74,17 @@ def test_ranks_with_uneven_batches_equal_one_batch_norm_over_the_whole_batch(
         np.testing.assert_allclose(sum(r[2] for r in results), twin.weight.grad.numpy(), **tol)
         np.testing.assert_allclose(sum(r[3] for r in results), twin.bias.grad.numpy(), **tol)
 
-    state = client.layer(layer_name).state_dict()
-    np.testing.assert_allclose(state["running_mean"], twin.running_mean.numpy(), **tol)
-    np.testing.assert_allclose(state["running_var"], twin.running_var.numpy(), **tol)
-    assert int(state["num_batches_tracked"]) == steps  # once per step, not once per rank
-    assert client.layer(layer_name).version == 2 + steps  # created, weights loaded, one update per step
+    with NormClient(target, timeout=60) as client:
+        state = client.layer(layer_name).state_dict()
+        np.testing.assert_allclose(state["running_mean"], twin.running_mean.numpy(), **tol)
+        np.testing.assert_allclose(state["running_var"], twin.running_var.numpy(), **tol)
+        assert int(state["num_batches_tracked"]) == steps  # once per step, not once per rank
+        assert client.layer(layer_name).version == 2 + steps  # created, weights loaded, one update per step
+
+
+@pytest.mark.parametrize(("sizes", "spatial"), [((3, 5, 1, 7), (2, 2)), ((1, 1, 2), ()), ((6,), (4,))])
+def test_ranks_with_uneven_batches_equal_one_batch_norm_over_the_whole_batch(server, layer_name, rng, sizes, spatial):
+    sync_steps_match_torch(server.target, layer_name, rng, sizes, spatial)
 
 
 def test_synced_train_sends_parameters_and_returns_running_stats(server, client, layer_name, rng):
