@@ -193,3 +193,45 @@ def test_images_install_the_package_from_what_they_copy(service) -> None:
     kept = {line.removeprefix("!").rstrip("/") for line in (ROOT / ".dockerignore").read_text().split()}
     assert kept >= PACKAGE_FILES  # the build context holds them
     assert any("pip install" in line for line in image["RUN"])
+
+
+# ---------------------------------------------------------------------- the cluster profile
+def test_the_cluster_profile_runs_three_replicas_behind_nginx_on_the_generated_config() -> None:
+    from normserve.server.cluster_views import parse_peers
+
+    single, nginx = SERVICES["normserve"], SERVICES["nginx"]
+    replicas = {name: spec for name, spec in SERVICES.items() if re.fullmatch(r"normserve-\d+", name)}
+    addresses = [f"{name}:{spec['environment']['NORMSERVE_PORT']}" for name, spec in sorted(replicas.items())]
+    assert len(addresses) == 3
+    assert nginx["profiles"] == ["cluster"]
+    volumes = set()
+    for address, (name, spec) in zip(addresses, sorted(replicas.items()), strict=True):
+        assert spec["profiles"] == ["cluster"]  # `docker compose up` alone starts the single service only
+        for key in ("image", "command", "healthcheck", "restart", "stop_grace_period"):
+            assert spec[key] == single[key], (name, key)  # the single service's checks and graceful stop
+        assert spec["environment"] == single["environment"] | {
+            "NORMSERVE_PEERS": spec["environment"]["NORMSERVE_PEERS"]
+        }
+        assert parse_peers(spec["environment"]["NORMSERVE_PEERS"]) == tuple(a for a in addresses if a != address)
+        (volume,) = spec["volumes"]
+        named, mount = volume.split(":")
+        assert named in COMPOSE["volumes"]
+        assert mount == spec["environment"]["NORMSERVE_STATE_DIR"]
+        volumes.add(named)
+    assert len(volumes) == 3  # a state dir belongs to one server
+    assert "normserve-state" not in volumes
+    assert nginx["depends_on"] == {name: {"condition": "service_healthy"} for name in replicas}
+    (config,) = nginx["volumes"]
+    source, target, mode = config.split(":")
+    assert (target, mode) == ("/etc/nginx/conf.d/default.conf", "ro")
+    (port,) = nginx["ports"]
+    published, listen = port.split(":")
+    assert published not in {p.split(":")[0] for s in SERVICES.values() for p in s.get("ports", []) if s is not nginx}
+    generated = subprocess.run(
+        [NORMSERVE, "nginx-config", "--replicas", ",".join(addresses), "--listen", listen],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert (ROOT / source).read_text() == generated, "regenerate deploy/nginx/normserve.conf (see docker-compose.yml)"
+    assert float(nginx["stop_grace_period"].removesuffix("s")) >= float(single["stop_grace_period"].removesuffix("s"))

@@ -269,6 +269,17 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
 
     _cluster_parser(commands, environ)
     _rebalance_parser(commands, environ)
+    nginx = commands.add_parser(
+        "nginx-config",
+        help="print the nginx config for replicas behind a front end",
+        description="Print nginx's http-context config (an upstream over the replicas, routed by consistent "
+        "hashing of x-normserve-layer, and a gRPC server in front) for a conf.d folder; deploy/nginx/normserve.conf "
+        "is its output for the compose file's replicas.",
+    )
+    add = _Options(nginx, environ).add
+    add("--replicas", type=_replica_list, required=True, help="the replicas' HOST:PORT, comma-separated")
+    add("--listen", type=_listen, default="50051", help="nginx's listen address: PORT or HOST:PORT")
+    add("--proxy-timeout", **_PROXY_TIMEOUT)
 
     for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
@@ -307,12 +318,7 @@ def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
         default=2.0,
         help="seconds a replica waits for each other replica in a whole-cluster ListLayers or health check",
     )
-    add(
-        "--proxy-timeout",
-        type=_number(int, 1, maximum=86400),
-        default=600,
-        help="seconds nginx waits for the next bytes of a call, either way (long streams, synchronized steps)",
-    )
+    add("--proxy-timeout", **_PROXY_TIMEOUT)
     add(
         "--startup-timeout",
         type=_number(float, 0, inclusive=False, maximum=600),
@@ -320,6 +326,13 @@ def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
         help="seconds to wait until every replica and nginx serve",
     )
     add("--nginx", help="the nginx executable (default: nginx on PATH, or in /usr/sbin)")
+
+
+_PROXY_TIMEOUT = {
+    "type": _number(int, 1, maximum=86400),
+    "default": 600,
+    "help": "seconds nginx waits for the next bytes of a call, either way (long streams, synchronized steps)",
+}
 
 
 def _rebalance_parser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -349,6 +362,13 @@ def _rebalance_parser(commands: Any, environ: Mapping[str, str]) -> None:
     add("--dry-run", action="store_true", help="print the moves without making them")
     add("--timeout", type=_seconds, default=30.0, help="seconds each call may take")
     add("--token-file", type=Path, help="file whose first line is the bearer token to send")
+
+
+def _listen(text: str) -> str:
+    port = text.rpartition(":")[2]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected PORT or HOST:PORT with a port in 1..65535, got {text!r}")
+    return text
 
 
 def _replica_list(text: str) -> tuple[str, ...]:
@@ -535,6 +555,13 @@ def _cluster(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[st
     return code or (0 if clean else 1)
 
 
+def _nginx_config(args: argparse.Namespace) -> int:
+    from normserve.tools.nginx import http_config
+
+    print(http_config(args.replicas, args.listen, call_timeout=args.proxy_timeout), end="")
+    return 0
+
+
 def _rebalance(args: argparse.Namespace) -> int:
     from normserve.client import NormClient
     from normserve.tools.nginx import replicas_in_config
@@ -579,7 +606,13 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except ValueError as exc:
             parser.error(str(exc))
         return _serve(options, args)
-    return {"health": _health, "layers": _layers, "bench": _bench, "rebalance": _rebalance}[args.command](args)
+    return {
+        "health": _health,
+        "layers": _layers,
+        "bench": _bench,
+        "rebalance": _rebalance,
+        "nginx-config": _nginx_config,
+    }[args.command](args)
 
 
 if __name__ == "__main__":

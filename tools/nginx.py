@@ -194,7 +194,8 @@ server {{
         internal;
         rewrite ^/@any(/.*)$ $1 break;  # the gRPC method's path again
         grpc_pass grpc://{ANY_UPSTREAM};
-        # Not sent anywhere yet when a connection fails: safe to try the next replica.
+        # The next replica when this one cannot be reached: a gRPC call is a POST, which nginx never resends
+        # once sent, and any replica can answer a call about no layer.
         grpc_next_upstream error timeout;
         grpc_next_upstream_tries 3;
 {grpc}
