@@ -1,5 +1,8 @@
 # Front door: `make serve` (start the server) and `make test` (everything CI runs).
 # Each target creates .venv and installs what it needs when missing.
+# `make cluster` and the cluster tests also need nginx, which pip cannot install: on Debian/Ubuntu
+# `sudo apt-get install nginx-light` (or nginx), Fedora `sudo dnf install nginx`, macOS `brew install nginx`.
+# Without it `make test` skips the tests that run it, saying so; .ci/run installs it when it runs as root.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -11,6 +14,9 @@ HOST       ?= 127.0.0.1
 PORT       ?= 50051
 STATE_DIR  ?= ./normserve-state
 SERVE_ARGS ?=
+# `make cluster` settings: REPLICAS replicas on PORT+1.., nginx on PORT, e.g. `make cluster REPLICAS=4`.
+REPLICAS          ?= 2
+CLUSTER_STATE_DIR ?= ./normserve-cluster
 
 # `make protos` writes here; the drift test points it at a scratch folder.
 PROTO_OUT ?= protos
@@ -21,7 +27,7 @@ GPU_PYTHON    ?= python3
 GPU_WHEELS    ?= .gpu-wheels
 GPU_CHECK_OUT ?= build/gpu-check
 
-.PHONY: serve test lint bench protos clean gpu-wheels gpu-check
+.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +44,11 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/normserve serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR) $(SERVE_ARGS)
 
+# Layer-sharded replicas behind nginx on this host (deploy/nginx/README.md); needs nginx (see the top).
+cluster: $(SERVE_STAMP)
+	$(VENV)/bin/normserve cluster --host $(HOST) --port $(PORT) --replicas $(REPLICAS) \
+		--state-dir $(CLUSTER_STATE_DIR) $(SERVE_ARGS)
+
 lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -49,6 +60,7 @@ bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernels.py
 	$(PY) benchmarks/service.py
 	$(PY) benchmarks/training.py
+	$(PY) benchmarks/cluster.py
 
 # Regenerate the committed Python code (messages, stubs, .pyi) from the .proto.
 protos: $(TEST_STAMP)

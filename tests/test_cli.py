@@ -22,7 +22,10 @@ def normserve(*args: str, timeout: float = 60, env: dict[str, str] | None = None
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["serve", "health", "layers"]),
+        ((), ["serve", "health", "layers", "cluster", "rebalance", "nginx-config"]),
+        (("cluster",), ["--replicas", "--port", "--state-dir", "--peer-timeout", "--proxy-timeout", "nginx-light"]),
+        (("rebalance",), ["--replicas", "--nginx-config", "--drain", "--dry-run", "expected_version"]),
+        (("serve",), ["--peers", "--peer-timeout"]),
         (("serve",), ["--host", "--port", "--device", "--state-dir", "--log-level", "--max-message-bytes", "--sync"]),
         (("serve",), ["--tls-cert", "--auth-token-file", "--max-layers", "--default-deadline", "--metrics-port"]),
         (("health",), ["--target", "SERVING", "--tls-ca", "--token-file"]),
