@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 
@@ -113,3 +115,33 @@ def test_training_benchmark_quick_mode(tmp_path: Path) -> None:
         assert set(row["ms"]) == {"torch", "echo", "remote", "sync x1", "sync x4"}
         assert all(ms > 0 for ms in row["ms"].values())
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cluster_benchmark_quick_mode(tmp_path: Path) -> None:
+    from normserve.tools.nginx import NginxMissing, find_nginx
+
+    try:
+        find_nginx()
+    except NginxMissing as missing:
+        pytest.skip(f"benchmarks/cluster.py runs nginx: {missing}")
+    out = tmp_path / "cluster.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT.with_name("cluster.py")), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "through nginx" in result.stdout
+    report = json.loads(out.read_text())
+    assert [(row["path"], row["replicas"]) for row in report["throughput"]] == [
+        ("direct", 1),
+        ("nginx", 1),
+        ("nginx", 2),
+    ]
+    for row in report["throughput"]:
+        assert row["calls_per_s"] > 0
+        assert row["server_cpu_ms_per_call"] > 0
+        assert (row["nginx_cpu_ms_per_call"] > 0) == (row["path"] == "nginx")
+    assert report["small_call_ms"]["nginx"] > 0
+    assert report["paper"]["nginx_calls_per_core_s"] > 0

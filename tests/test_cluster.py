@@ -23,7 +23,7 @@ from serverproc import NORMSERVE
 from test_sync_batchnorm import sync_steps_match_torch
 
 from normserve.client import NormClient, NotFound, RetryPolicy, Unavailable
-from normserve.tools.cluster import Cluster
+from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
 from normserve.v1 import codec, routing
@@ -39,24 +39,6 @@ except NginxMissing as missing:
     )
 
 NO_RETRY = RetryPolicy(attempts=1)
-
-
-def free_port_block(count: int) -> int:
-    """A port P with P..P+count-1 all free on 127.0.0.1 (the cluster uses P for nginx, P+i for replica i)."""
-    for _ in range(200):
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            base = probe.getsockname()[1]
-        if base + count > 65535:
-            continue
-        with contextlib.ExitStack() as held:
-            try:
-                for port in range(base, base + count):
-                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return base
-    raise RuntimeError(f"no {count} consecutive free ports")
 
 
 def start_cluster(replicas: int, state_dir, port: int | None = None) -> Cluster:

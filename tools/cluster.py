@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +30,7 @@ from typing import TextIO
 from normserve.client import NormClient, NormServeError, RetryPolicy
 from normserve.tools.nginx import Nginx, find_nginx, http_config, main_config
 
-__all__ = ["MAX_REPLICAS", "REPLICA_HOST", "Cluster", "Replica"]
+__all__ = ["MAX_REPLICAS", "REPLICA_HOST", "Cluster", "Replica", "free_port_block"]
 
 MAX_REPLICAS = 64
 #: Replicas listen on loopback only: nginx is their one client (and each other's, for the cluster views).
@@ -252,3 +253,21 @@ def _wait_health(target: str, deadline: float, check: Callable[[], None]) -> Non
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{target} was not SERVING in time")
             time.sleep(0.1)
+
+
+def free_port_block(count: int, host: str = REPLICA_HOST) -> int:
+    """A port P with P..P+count-1 all free on ``host`` now: room for a cluster of count-1 replicas."""
+    for _ in range(200):
+        with socket.socket() as probe:
+            probe.bind((host, 0))
+            base = probe.getsockname()[1]
+        if base + count > 65536:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + count):
+                    held.enter_context(socket.socket()).bind((host, port))
+            except OSError:
+                continue
+        return base
+    raise RuntimeError(f"no {count} consecutive free ports on {host}")
