@@ -13,15 +13,17 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
 
+def quick(script: str, *args: str) -> subprocess.CompletedProcess:
+    """``benchmarks/<script> --quick ARGS``, which must succeed."""
+    command = [sys.executable, str(SCRIPT.with_name(script)), "--quick", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_kernel_benchmark_quick_mode(tmp_path: Path) -> None:
     out = tmp_path / "kernels.json"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = quick("kernels.py", "--json", str(out))
     assert "geometric mean time ratio ours/torch" in result.stdout
     report = json.loads(out.read_text())
     kinds = {case["kind"] for case in report["cases"]}
@@ -45,14 +47,7 @@ def _check_service_report(report: dict) -> None:
 
 def test_service_benchmark_quick_mode(tmp_path: Path) -> None:
     out, png = tmp_path / "service.json", tmp_path / "service.png"
-    script = SCRIPT.with_name("service.py")
-    result = subprocess.run(
-        [sys.executable, str(script), "--quick", "--json", str(out), "--plot", str(png), "--concurrency-seconds", "1"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = quick("service.py", "--json", str(out), "--plot", str(png), "--concurrency-seconds", "1")
     assert "| Infer | 64 KB |" in result.stdout
     report = json.loads(out.read_text())
     _check_service_report(report)
@@ -102,13 +97,7 @@ def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: P
 
 def test_training_benchmark_quick_mode(tmp_path: Path) -> None:
     out, png = tmp_path / "training.json", tmp_path / "training.png"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("training.py")), "--quick", "--json", str(out), "--plot", str(png)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    quick("training.py", "--json", str(out), "--plot", str(png))
     report = json.loads(out.read_text())
     assert [row["case"] for row in report["rows"]] == ["mlp-256x512", "conv-32x64x16x16"]
     for row in report["rows"]:
@@ -125,13 +114,7 @@ def test_cluster_benchmark_quick_mode(tmp_path: Path) -> None:
     except NginxMissing as missing:
         pytest.skip(f"benchmarks/cluster.py runs nginx: {missing}")
     out = tmp_path / "cluster.json"
-    result = subprocess.run(
-        [sys.executable, str(SCRIPT.with_name("cluster.py")), "--quick", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
+    result = quick("cluster.py", "--json", str(out))
     assert "through nginx" in result.stdout
     report = json.loads(out.read_text())
     assert [(row["path"], row["replicas"]) for row in report["throughput"]] == [

@@ -63,6 +63,7 @@ _port = _number(int, 0)
 _seconds = _number(float, 0, inclusive=False)
 #: gRPC takes connection ages in int32 milliseconds.
 _connection_seconds = _number(float, 0, inclusive=False, maximum=(2**31 - 1) // 1000)
+_peer_seconds = _number(float, 0, inclusive=False, maximum=60)
 
 
 def _peers(text: str) -> tuple[str, ...]:
@@ -207,7 +208,7 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     )
     add(
         "--peer-timeout",
-        type=_number(float, 0, inclusive=False, maximum=60),
+        type=_peer_seconds,
         default=defaults.peer_timeout,
         help="seconds each call to a peer may take (a whole-cluster view waits at most this long)",
     )
@@ -314,7 +315,7 @@ def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
     add("--metrics-port", type=_number(int, 0, maximum=65535), default=0, help="replica i's /metrics on M+i-1; 0: off")
     add(
         "--peer-timeout",
-        type=_number(float, 0, inclusive=False, maximum=60),
+        type=_peer_seconds,
         default=2.0,
         help="seconds a replica waits for each other replica in a whole-cluster ListLayers or health check",
     )
