@@ -31,7 +31,7 @@ import numpy as np
 from normserve.client import NormClient
 from normserve.tools import bench
 from normserve.tools.cluster import Cluster, free_port_block
-from normserve.tools.nginx import Ring
+from normserve.tools.nginx import NginxMissing, Ring, find_nginx
 
 OUT = Path(__file__).parent / "out"
 CLIENTS = 8
@@ -159,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
     parser.add_argument("--json", type=Path, default=OUT / "cluster.json")
     args = parser.parse_args(argv)
+    try:
+        find_nginx()
+    except NginxMissing as missing:
+        print(f"benchmarks/cluster.py runs nginx: {missing}", file=sys.stderr)
+        return 2
     seconds = 1.0 if args.quick else args.seconds
     counts = (1, 2) if args.quick else (1, 2, 4)
     with tempfile.TemporaryDirectory(prefix="normserve-cluster-bench-") as scratch:

@@ -7,6 +7,7 @@ nginx they skip, saying how to get it.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import re
@@ -16,19 +17,17 @@ import subprocess
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 from serverproc import NORMSERVE
+from test_replicas import refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
-from normserve.client import NormClient, NotFound, RetryPolicy, Unavailable
+from normserve.client import AsyncNormClient, NormClient, NotFound, RetryPolicy, Unavailable
 from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
-from normserve.v1 import codec, routing
-from normserve.v1 import normalization_pb2 as pb
-from normserve.v1 import normalization_pb2_grpc as pb_grpc
+from normserve.v1 import codec
 
 try:
     find_nginx()
@@ -130,37 +129,29 @@ def test_a_sync_batchnorm_step_of_four_ranks_through_the_proxy_matches_torch(clu
     sync_steps_match_torch(cluster.front, "sync.bn", rng, sizes=(3, 5, 2, 6), spatial=(2, 2))
 
 
-def _calls_about(stub: pb_grpc.NormalizationStub, layer: str, x: pb.Tensor) -> dict:
-    """Unary, streamed and state calls about ``layer``, each taking the metadata to send."""
-    head = pb.TrainRequest(layer=layer, x=x)
-    state = pb.SetStateRequest(name=layer, num_batches_tracked=7, partial=True)
-    return {
-        "Train": lambda md: stub.Train(head, metadata=md),
-        "TrainStream": lambda md: list(stub.TrainStream(iter([pb.TrainStreamRequest(head=head)]), metadata=md)),
-        "SetState": lambda md: stub.SetState(state, metadata=md),
-    }
-
-
-def test_a_call_whose_routing_header_names_another_layer_is_refused(cluster, rng) -> None:
+def test_a_call_whose_routing_header_names_another_layer_is_refused_through_the_proxy(cluster, rng) -> None:
     with NormClient(cluster.front) as nc:
         nc.create_layer("route.a", "batch_norm", num_features=4)
         nc.create_layer("route.b", "batch_norm", num_features=4)
-    x = codec.encode(batch(rng))
-    right, wrong = ((routing.LAYER_HEADER, "route.a"),), ((routing.LAYER_HEADER, "route.b"),)
-    for accepted, target in enumerate((cluster.front, Ring(cluster.addresses).owner("route.a"))):
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.NormalizationStub(channel)
-            for method, call in _calls_about(stub, "route.a", x).items():
-                with pytest.raises(grpc.RpcError) as refused:
-                    call(wrong)
-                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
-                assert "x-normserve-layer" in refused.value.details()
-            layer = stub.GetLayer(pb.GetLayerRequest(name="route.a"), metadata=right)
-            assert layer.num_batches_tracked == accepted  # the refused calls changed nothing
-            stub.Train(pb.TrainRequest(layer="route.a", x=x), metadata=right)
+    # nginx routes the refused calls to route.b's replica, which must not act on its (absent) route.a
+    refuses_misrouted_calls(cluster.front, "route.a", "route.b", codec.encode(batch(rng)))
     with NormClient(cluster.front) as nc:
-        assert nc.layer("route.a").info.num_batches_tracked == 2  # the one accepted Train per target
+        assert nc.layer("route.a").info.num_batches_tracked == 1  # the one accepted Train
         assert nc.layer("route.b").info.num_batches_tracked == 0
+
+
+def test_the_asyncio_client_routes_by_layer_too(cluster, rng) -> None:
+    async def work() -> list[str]:
+        async with AsyncNormClient(cluster.front) as nc:
+            for i in range(6):
+                layer = await nc.create_layer(f"async.{i}", "batch_norm", num_features=4)
+                await layer.train(batch(rng))
+            return [layer.name for layer in await nc.list_layers("async.")]
+
+    assert asyncio.run(work()) == [f"async.{i}" for i in range(6)]
+    ring = Ring(cluster.addresses)
+    for address, names in on_replicas(cluster, "async.").items():
+        assert all(ring.owner(name) == address for name in names)
 
 
 # ---------------------------------------------------------------------- a replica that crashes

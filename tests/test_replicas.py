@@ -1,7 +1,8 @@
-"""Whole-cluster views without a proxy: replicas started with --peers, asked the way nginx asks them.
+"""Replicas without a proxy: the routing header check, and the whole-cluster views of replicas started with
+--peers, asked the way nginx asks them.
 
-The calls here carry ``x-normserve-view: cluster`` themselves (nginx sets it on every call it forwards);
-tests/test_cluster.py has the same through a real nginx.
+The calls here carry ``x-normserve-layer`` and ``x-normserve-view: cluster`` themselves (the clients and nginx
+set them); tests/test_cluster.py has the same through a real nginx.
 """
 
 from __future__ import annotations
@@ -9,17 +10,54 @@ from __future__ import annotations
 import subprocess
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serverproc import NORMSERVE
 from test_observability import free_port
 
 from normserve.client import NormClient
+from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
-from normserve.v1.routing import VIEW_CLUSTER, VIEW_HEADER
+from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER
 
 MARKED = ((VIEW_HEADER, VIEW_CLUSTER),)
+
+
+def calls_about(stub: pb_grpc.NormalizationStub, layer: str, x: pb.Tensor) -> dict:
+    """Unary, streamed and state calls about ``layer``, each taking the metadata to send."""
+    head = pb.TrainRequest(layer=layer, x=x)
+    state = pb.SetStateRequest(name=layer, num_batches_tracked=7, partial=True)
+    return {
+        "Train": lambda md: stub.Train(head, metadata=md),
+        "TrainStream": lambda md: list(stub.TrainStream(iter([pb.TrainStreamRequest(head=head)]), metadata=md)),
+        "SetState": lambda md: stub.SetState(state, metadata=md),
+    }
+
+
+def refuses_misrouted_calls(target: str, layer: str, other: str, x: pb.Tensor) -> None:
+    """Every call about ``layer`` whose routing header names ``other`` answers INVALID_ARGUMENT and changes
+    nothing; with the right header, a Train is accepted."""
+    right = ((LAYER_HEADER, layer),)
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.NormalizationStub(channel)
+        before = stub.GetLayer(pb.GetLayerRequest(name=layer), metadata=right)
+        for method, call in calls_about(stub, layer, x).items():
+            with pytest.raises(grpc.RpcError) as refused:
+                call(((LAYER_HEADER, other),))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert LAYER_HEADER in refused.value.details()
+            assert repr(other) in refused.value.details()
+        assert stub.GetLayer(pb.GetLayerRequest(name=layer), metadata=right).version == before.version
+        assert stub.Train(pb.TrainRequest(layer=layer, x=x), metadata=right).version == before.version + 1
+
+
+def test_a_call_whose_routing_header_names_another_layer_is_refused(server, client, layer_name, rng) -> None:
+    client.create_layer(layer_name, "batch_norm", num_features=4)
+    x = codec.encode(rng.normal(size=(8, 4)).astype(np.float32))
+    refuses_misrouted_calls(server.target, layer_name, layer_name + ".other", x)
+    assert client.layer(layer_name).info.num_batches_tracked == 1
 
 
 def _list(target: str, metadata=()) -> list[str]:
