@@ -280,6 +280,41 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         return protocol.gradient_result((yield self._call_step("Gradient", request.message, timeout)), request)
 
     @operation
+    def train_statistics(
+        self,
+        count: int,
+        mean: Any,
+        m2: Any,
+        *,
+        sync: protocol.SyncGroup | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Plan[protocol.TrainedStatistics]:
+        """Statistics mode: a training batch given as its statistics, folded into the running statistics
+        as :meth:`train` of the batch would (for layers with running statistics).
+
+        ``count`` values stand behind each group's ``mean`` and ``m2`` (the sum
+        of squared deviations from the mean); a group is a channel for batch
+        norm, a sample's channel for instance norm. ``parameters`` and ``sync``
+        as for :meth:`train`. Returns the statistics to normalize the batch
+        with (the whole step's under ``sync``) and the running statistics after.
+        """
+        request = protocol.train_statistics_request(self.name, count, mean, m2, sync, parameters)
+        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)))
+        self.info.version, self.info.num_batches_tracked = result.version, result.num_batches_tracked
+        self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
+        return result
+
+    @operation
+    def gradient_statistics(
+        self, count: int, sum_dy: Any, sum_dy_xmu: Any, *, sync: protocol.SyncGroup, timeout: float | None = None
+    ) -> Plan[protocol.StepSums]:
+        """Statistics mode, synchronized backward: this rank's per-channel ``sum(dy)`` and
+        ``sum(dy * (x - mean))`` (about the step's mean) summed with the other ranks' of the same step."""
+        request = protocol.gradient_statistics_request(self.name, count, sum_dy, sum_dy_xmu, sync)
+        return protocol.step_sums((yield self._call_step("GradientStatistics", request, timeout)))
+
+    @operation
     def state_dict(self, *, timeout: float | None = None) -> Plan[dict[str, np.ndarray]]:
         """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array)."""
         return protocol.state_dict((yield self._call_step("GetState", pb.GetStateRequest(name=self.name), timeout)))

@@ -33,6 +33,20 @@ to the batch norm modules of each data-parallel worker: their training
 forwards and backwards become steps of that group, numbered by the module's
 own count of training forwards (:attr:`RemoteNorm.sync_step`), so every rank
 must run the same number of them, as with DistributedDataParallel.
+
+Two modes. ``mode="tensors"`` (the default) is the above: x and dy travel,
+the server computes. ``mode="statistics"`` keeps the tensors with the
+trainer, as torch.nn.SyncBatchNorm does: forward and backward run in torch
+on the tensor's own device (CPU or CUDA), and only per-channel statistics
+travel. A training forward of a layer with running statistics is one
+TrainStatistics call (it carries changed parameters, as Train does); under
+``sync_group`` the backward adds one GradientStatistics call; eval forwards
+use the mirrored running statistics locally, with no call. Kinds without
+running statistics (layer, group and RMS norm, untracked instance norm) make
+no call per step: their parameters reach the server on ``state_dict()`` or
+:meth:`RemoteNorm.sync_state`. Use statistics mode to train (the step costs
+one small round trip over local torch); tensors mode to have the server
+compute (a trainer without torch kernels for its device, or to offload).
 """
 
 from __future__ import annotations
@@ -66,6 +80,8 @@ __all__ = [
 ]
 
 _PARAMETERS = ("weight", "bias")
+#: How a module uses its server (see the module docstring).
+MODES = ("tensors", "statistics")
 
 
 @dataclass
@@ -96,8 +112,11 @@ class RemoteNorm(nn.Module):
         name: str,
         sync_group: SyncGroup | None = None,
         remote_device: str | None = None,
+        mode: str = "tensors",
         **kwargs: Any,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         super().__init__()
         twin = self.torch_class(*args, **kwargs)
         for attribute in self.torch_class.__constants__:
@@ -116,6 +135,7 @@ class RemoteNorm(nn.Module):
             )
         self.client = client
         self.layer_name = name
+        self.mode = mode
         self.sync_group = sync_group
         #: Training forwards so far: the step number of the next synchronized step.
         self.sync_step = 0
@@ -126,6 +146,8 @@ class RemoteNorm(nn.Module):
         else:
             self._remember_sent()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.push())
+        if mode == "statistics":  # the server sees parameters changed by local steps when the state is read
+            self.register_state_dict_pre_hook(lambda module, _prefix, _keep_vars: module.sync_state())
 
     # ------------------------------------------------------------------ config
     def _server_config(self, remote_device: str | None) -> dict[str, Any]:
@@ -179,6 +201,10 @@ class RemoteNorm(nn.Module):
             self._layer.load_state_dict(changed, strict=False)
             self._sent.update({key: value.clone() for key, value in changed.items()})
 
+    def sync_state(self) -> None:
+        """Bring the server up to date with this module (statistics mode: parameters stepped locally)."""
+        self.send_parameters()
+
     def push(self) -> None:
         """Write this module's whole state (parameters, running statistics) to the server."""
         self._layer.load_state_dict({key: value.detach() for key, value in self.state_dict().items()})
@@ -201,20 +227,54 @@ class RemoteNorm(nn.Module):
         unbatched = x.dim() == getattr(self, "_no_batch_dim", -1)
         if unbatched:
             x = x.unsqueeze(0)
-        tensors = [t for t in (x, self.weight, self.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if self.mode == "statistics":
+            y = self._forward_with_statistics(x)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, self.bias) if t is not None):
             y = _RemoteFunction.apply(self, x, self.weight, self.bias)
         else:
             y = self._forward(x, keep=False)[0]
         return y.squeeze(0) if unbatched else y
 
+    def _tracks(self) -> bool:
+        return bool(getattr(self, "track_running_stats", False))
+
+    def _next_sync(self) -> SyncGroup | None:
+        sync = None if self.sync_group is None else self.sync_group.at(self.sync_step)
+        self.sync_step += 1  # a failed step is gone for every rank: all move on
+        return sync
+
+    def _mirror(self, running: Mapping[str, np.ndarray], num_batches_tracked: int) -> None:
+        self._copy_in(running)
+        self.num_batches_tracked.fill_(num_batches_tracked)
+
+    def _forward_with_statistics(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics mode: torch computes; a training batch of a layer with running statistics sends its
+        per-group statistics (and changed parameters), and mirrors the running statistics that come back."""
+        batch = self.training or not self._tracks()  # normalize with the batch's own statistics
+        if not (self.training and self._tracks()):
+            return _LOCAL_FORWARD[self.kind](self, x, batch)  # these forwards change nothing on the server
+        sync = self._next_sync()
+        changed = self._changed_parameters()
+        count, mean, m2 = _batch_statistics(x, per_sample=self.kind == "instance_norm")
+        result = self._layer.train_statistics(count, mean, m2, sync=sync, parameters=changed)
+        self._sent.update({key: value.clone() for key, value in changed.items()})
+        self._mirror(
+            {"running_mean": result.running_mean, "running_var": result.running_var}, result.num_batches_tracked
+        )
+        if sync is not None:
+            return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
+        return _LOCAL_FORWARD[self.kind](self, x, batch)
+
+    def _running(self, batch: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The running statistics a local forward normalizes with (None: the batch's own); never updated."""
+        return (None, None) if batch else (self.running_mean, self.running_var)
+
     def _forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, _Forward]:
         """y from the server; keep: have it hold x for the backward."""
         if self.training:
-            sync = None if self.sync_group is None else self.sync_group.at(self.sync_step)
-            self.sync_step += 1  # a failed step is gone for every rank: all move on
+            sync = self._next_sync()
             changed = self._changed_parameters()
-            tracks = bool(getattr(self, "track_running_stats", False))
+            tracks = self._tracks()
             train = functools.partial(self._layer.train, x, parameters=changed, sync=sync, return_running_stats=tracks)
             try:
                 y = train(keep_forward=keep)
@@ -226,8 +286,7 @@ class RemoteNorm(nn.Module):
                 y, keep = train(keep_forward=False), False
             self._sent.update({key: value.clone() for key, value in changed.items()})
             if tracks:
-                self._copy_in(self._layer.running_stats)
-                self.num_batches_tracked.fill_(self._layer.info.num_batches_tracked)
+                self._mirror(self._layer.running_stats, self._layer.info.num_batches_tracked)
             forward = _Forward(True, self._layer.forward_id if keep else None, sync)
         else:
             self.send_parameters()  # once after they changed; Infer calls never carry them
@@ -281,6 +340,67 @@ class _RemoteFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         (x,) = ctx.saved_tensors
         return (None, *ctx.module._backward(x, dy, ctx.remote_forward))
+
+
+_F = torch.nn.functional
+#: Statistics mode's local forward of each kind: torch's functional form, the running statistics read only.
+_LOCAL_FORWARD: dict[str, Callable[[Any, torch.Tensor, bool], torch.Tensor]] = {
+    "batch_norm": lambda m, x, batch: _F.batch_norm(x, *m._running(batch), m.weight, m.bias, batch, 0.0, m.eps),
+    "instance_norm": lambda m, x, batch: _F.instance_norm(x, *m._running(batch), m.weight, m.bias, batch, 0.0, m.eps),
+    "group_norm": lambda m, x, batch: _F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps),
+    "layer_norm": lambda m, x, batch: _F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps),
+    "rms_norm": lambda m, x, batch: _F.rms_norm(x, m.normalized_shape, m.weight, m.eps),
+}
+
+
+class _SyncedStatistics(torch.autograd.Function):
+    """SyncBatchNorm's math in torch, with the step's statistics and backward sums combined by the server."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, module: RemoteNorm, x: torch.Tensor, weight: Any, bias: Any, step: Any, sync: SyncGroup
+    ) -> torch.Tensor:
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.as_tensor(step.mean, dtype=compute, device=x.device).view(shape)
+        invstd = torch.rsqrt(torch.as_tensor(step.var, dtype=compute, device=x.device).view(shape) + module.eps)
+        y = (x.to(compute) - mean) * invstd
+        if weight is not None:
+            y = y * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight)
+        ctx.module, ctx.sync, ctx.mean, ctx.invstd, ctx.compute = module, sync, mean, invstd, compute
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, weight = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        xmu, dyc = x.to(ctx.compute) - ctx.mean, dy.to(ctx.compute)
+        sum_dy, sum_dy_xmu = dyc.sum(dims), (dyc * xmu).sum(dims)
+        step = ctx.module._layer.gradient_statistics(x.numel() // x.shape[1], sum_dy, sum_dy_xmu, sync=ctx.sync)
+        mean_dy, mean_dy_xmu = (
+            torch.as_tensor(total / step.count, dtype=ctx.compute, device=x.device).view_as(ctx.mean)
+            for total in (step.sum_dy, step.sum_dy_xmu)
+        )
+        scale = ctx.invstd if weight is None else ctx.invstd * weight.view_as(ctx.mean)
+        dx = (dyc - mean_dy - xmu * ctx.invstd * ctx.invstd * mean_dy_xmu) * scale
+        # As SyncBatchNorm: this rank's own parameter gradients (DDP sums them over the ranks).
+        dweight = None if weight is None else (sum_dy_xmu * ctx.invstd.view(-1)).to(weight.dtype)
+        dbias = None if weight is None else sum_dy.to(weight.dtype)
+        return None, dx.to(x.dtype), dweight, dbias, None, None
+
+
+def _batch_statistics(x: torch.Tensor, per_sample: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A training batch as BatchStatistics: values per group, each group's mean and m2 (float64).
+
+    Groups are channels, or (``per_sample``, instance norm) each sample's channels in (N, C) order.
+    """
+    with torch.no_grad():
+        values = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
+        dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(values, dim=dims, correction=0)
+        count = x.numel() // mean.numel()
+        return count, mean.double().reshape(-1), var.double().reshape(-1) * count
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -372,7 +492,7 @@ def convert_to_remote(model: nn.Module, client: Any, prefix: str = "", **options
     Layers are named ``prefix`` + their module path (``"encoder.layers.0.norm1"``),
     keep their Parameter objects (an optimizer made before still works) and
     copy their state to the server. ``options`` go to every twin
-    (``sync_group=``, ``remote_device=``). Like ``convert_sync_batchnorm``, a
+    (``sync_group=``, ``remote_device=``, ``mode=``). Like ``convert_sync_batchnorm``, a
     model that is itself a normalization layer comes back converted.
     """
     return _convert(model, "", lambda module, path: _to_remote(module, client, prefix + path, options))
