@@ -114,6 +114,9 @@ def test_every_message_of_every_rpc_writes_each_field_once(start_server, written
         )
         layer.gradient(None, dy)  # by forward_id
         layer.gradient(x, dy, training=False, wire_dtype="float16")
+        step = SyncGroup("job", world_size=1, rank=0).at(1)
+        layer.train_statistics(30, x.mean(axis=(0, 2)), x.var(axis=(0, 2)) * 30, sync=step)
+        layer.gradient_statistics(30, dy.sum(axis=(0, 2)), (dy * x).sum(axis=(0, 2)), sync=step)
         layer.infer(x)
         layer.load_state_dict(layer.state_dict())
         nc.layer("bn").refresh()
