@@ -255,15 +255,14 @@ class RemoteNorm(nn.Module):
             return _LOCAL_FORWARD[self.kind](self, x, batch)  # these forwards change nothing on the server
         sync = self._next_sync()
         changed = self._changed_parameters()
-        count, mean, m2 = _batch_statistics(x, per_sample=self.kind == "instance_norm")
+        exact = x.dtype in (torch.float32, torch.float64)  # else torch's own forward, statistics in float32
+        y, count, mean, m2 = _normalized(self, x if exact and sync is None else x.detach().float())
         result = self._layer.train_statistics(count, mean, m2, sync=sync, parameters=changed)
         self._sent.update({key: value.clone() for key, value in changed.items()})
-        self._mirror(
-            {"running_mean": result.running_mean, "running_var": result.running_var}, result.num_batches_tracked
-        )
+        self._mirror(self._layer.running_stats, result.num_batches_tracked)
         if sync is not None:
             return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
-        return _LOCAL_FORWARD[self.kind](self, x, batch)
+        return y if exact else _LOCAL_FORWARD[self.kind](self, x, batch)
 
     def _running(self, batch: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The running statistics a local forward normalizes with (None: the batch's own); never updated."""
@@ -390,17 +389,25 @@ class _SyncedStatistics(torch.autograd.Function):
         return None, dx.to(x.dtype), dweight, dbias, None, None
 
 
-def _batch_statistics(x: torch.Tensor, per_sample: bool) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """A training batch as BatchStatistics: values per group, each group's mean and m2 (float64).
+def _normalized(module: RemoteNorm, x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """torch's training-mode normalization of ``x`` (autograd intact) and the statistics it used: the values
+    per group, each group's mean and m2 (float64); groups are channels, or each sample's channels for
+    instance norm, in (N, C) order.
 
-    Groups are channels, or (``per_sample``, instance norm) each sample's channels in (N, C) order.
+    One pass: torch's batch norm also returns each group's mean and 1 / sqrt(var + eps), from which the
+    variance is recovered in float64, as torch.nn.SyncBatchNorm recovers it (torch.var_mean would be a second,
+    and on a CPU slower, pass).
     """
+    weight, bias, view = module.weight, module.bias, x
+    if module.kind == "instance_norm":  # batch norm of (1, N * C, *spatial), as torch computes instance norm
+        n, c = x.shape[:2]
+        view = x.reshape(1, n * c, *x.shape[2:])
+        weight, bias = (None if p is None else p.repeat(n) for p in (weight, bias))
+    y, mean, invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, module.eps)
+    count = view.numel() // view.shape[1]
     with torch.no_grad():
-        values = x.detach() if x.dtype in (torch.float32, torch.float64) else x.detach().float()
-        dims = list(range(2, x.dim())) if per_sample else [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(values, dim=dims, correction=0)
-        count = x.numel() // mean.numel()
-        return count, mean.double().reshape(-1), var.double().reshape(-1) * count
+        m2 = (invstd.double().pow(-2) - module.eps).clamp_min(0) * count
+    return y.reshape(x.shape), count, mean.detach().double(), m2
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:

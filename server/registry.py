@@ -534,7 +534,7 @@ class Registry:
             current = entry.snapshot
             start = _with_parameters(current, parameters)
             layer = start.layer.copy()
-            report = await self._compute(layer.track_statistics, part)
+            report = await self._compute(layer.track_statistics, part, elements=np.size(part.moments.var))
             await self._publish(entry, start, layer, current.stats.after(report), parameters)
             return part, entry.snapshot
 
@@ -566,7 +566,7 @@ class Registry:
                 current = entry.snapshot
                 start = _with_parameters(current, agreed)
                 layer = start.layer.copy()
-                report = await self._compute(synced(layer).track_synced, total)
+                report = await self._compute(synced(layer).track_synced, total, elements=np.size(total.moments.var))
                 await self._publish(entry, start, layer, current.stats.after(report, len(parts)), agreed)
                 return total, start, entry.snapshot
 
