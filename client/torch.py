@@ -65,6 +65,9 @@ from normserve.client.errors import FailedPrecondition, ResourceExhausted
 from normserve.client.protocol import SyncGroup
 
 __all__ = [
+    "EXISTING",
+    "MODES",
+    "ExistingLayerError",
     "RemoteBatchNorm1d",
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
@@ -82,6 +85,12 @@ __all__ = [
 _PARAMETERS = ("weight", "bias")
 #: How a module uses its server (see the module docstring).
 MODES = ("tensors", "statistics")
+#: What converting a module does with a server layer that already has a history (see RemoteNorm.from_torch).
+EXISTING = ("refuse", "adopt", "overwrite")
+
+
+class ExistingLayerError(RuntimeError):
+    """Converting a module would replace a server layer's different, trained state (see ``existing=``)."""
 
 
 @dataclass
@@ -308,11 +317,36 @@ class RemoteNorm(nn.Module):
         )
 
     @classmethod
-    def from_torch(cls, module: nn.Module, client: Any, name: str, **options: Any) -> RemoteNorm:
-        """The remote twin of a torch module: same config, same Parameter objects, its state on the server."""
+    def from_torch(
+        cls, module: nn.Module, client: Any, name: str, existing: str = "refuse", **options: Any
+    ) -> RemoteNorm:
+        """The remote twin of a torch module: same config, same Parameter objects, its state on the server.
+
+        ``existing`` says what happens when the server's layer ``name`` already has a history (it was trained
+        or loaded) and its state differs from the module's: ``"refuse"`` (the default: nothing is changed,
+        :class:`ExistingLayerError` says what differs), ``"adopt"`` (the module takes the server's state: resume
+        a run) or ``"overwrite"`` (the server takes the module's). Equal states (data-parallel replicas
+        converting the same model) never conflict.
+        """
+        if existing not in EXISTING:
+            raise ValueError(f"existing must be one of {EXISTING}, got {existing!r}")
         factory = {"device": None, "dtype": _dtype_of(module)}
         remote = cls(**cls._constructor_args(module), **factory, client=client, name=name, **options)
+        server = remote.state_dict() if remote.remote.version > 1 else None  # pulled: the server's state
         _adopt(remote, module)
+        if server is not None and existing == "adopt":
+            remote._copy_in({key: value.cpu().numpy() for key, value in server.items()})
+            remote._remember_sent()
+            return remote
+        if server is not None and existing == "refuse":
+            differ = [key for key, value in module.state_dict().items() if not torch.equal(value.cpu(), server[key])]
+            if differ:
+                raise ExistingLayerError(
+                    f"the server's layer {name!r} already has a history (version {remote.remote.version}) and its "
+                    f"{', '.join(differ)} differ from the module's; nothing was changed. Pass existing='adopt' to "
+                    "continue from the server's state, existing='overwrite' to replace it with the module's, or "
+                    "another prefix"
+                )
         remote.push()
         return remote
 
@@ -499,7 +533,9 @@ def convert_to_remote(model: nn.Module, client: Any, prefix: str = "", **options
     Layers are named ``prefix`` + their module path (``"encoder.layers.0.norm1"``),
     keep their Parameter objects (an optimizer made before still works) and
     copy their state to the server. ``options`` go to every twin
-    (``sync_group=``, ``remote_device=``, ``mode=``). Like ``convert_sync_batchnorm``, a
+    (``sync_group=``, ``remote_device=``, ``mode=``, ``existing=``: see
+    :meth:`RemoteNorm.from_torch`; a layer that already has a different, trained
+    state on the server is refused by default). Like ``convert_sync_batchnorm``, a
     model that is itself a normalization layer comes back converted.
     """
     return _convert(model, "", lambda module, path: _to_remote(module, client, prefix + path, options))
