@@ -28,7 +28,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from normserve.client import protocol
-from normserve.client.errors import NormServeError, error_from_rpc
+from normserve.client.errors import NormServeError, NotFound, error_from_rpc
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["ClientOperations", "Handle", "LayerOperations", "MethodMaker", "Operation", "Plan", "Step", "operation"]
@@ -138,7 +138,15 @@ class ClientOperations(protocol.ClientBase, _Operations):
     @operation
     def health(self, service: str = "", *, timeout: float | None = None) -> Plan[str]:
         """The server's health (``"SERVING"``, ``"NOT_SERVING"``, ...); ``service`` "" is the whole server."""
-        response = yield self._call_step("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        try:
+            response = yield self._call_step("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        except NotFound as error:
+            raise NotFound(
+                f"the server reports no health for service {service!r}: ask for '' (the whole server) or "
+                f"{protocol.SERVICE_NAME!r}",
+                code=error.code,
+                method=error.method,
+            ) from None
         return protocol.health_status(response)
 
     # ------------------------------------------------------------------ layers

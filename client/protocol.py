@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_STREAM_THRESHOLD",
     "DEFAULT_TARGET",
     "IDEMPOTENT_METHODS",
+    "SERVICE_NAME",
     "STREAMABLE_METHODS",
     "ClientBase",
     "LayerHandle",
@@ -56,6 +57,8 @@ __all__ = [
 ]
 
 DEFAULT_TARGET = "localhost:50051"
+#: The gRPC service the clients call (also a name the health service reports on).
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
 #: Train/Infer/Gradient requests with at least this many tensor bytes use the streaming RPCs:
 #: on loopback they beat one large message from about 4 MB up (benchmarks/RESULTS.md).
 DEFAULT_STREAM_THRESHOLD = 4 << 20

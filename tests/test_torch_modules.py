@@ -280,7 +280,7 @@ def test_converting_onto_a_trained_server_layer_is_an_explicit_choice(client, la
     server_before = client.layer(layer_name + ".1").state_dict()
     assert int(server_before["num_batches_tracked"]) == 3
 
-    with pytest.raises(remote.ExistingLayerError, match="running_mean.*existing='adopt'"):
+    with pytest.raises(remote.ExistingLayerError, match=r"running_mean.*existing='adopt'"):
         remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".")
     after = client.layer(layer_name + ".1").state_dict()
     for key, value in server_before.items():
