@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -21,8 +22,7 @@ from typing import Any
 
 def _debug_asked(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
     """Does this command line (or NORMSERVE_LOG_LEVEL) ask for --log-level debug?"""
-    pairs = zip(argv, [*argv[1:], ""], strict=True)
-    given = [value for flag, value in pairs if flag == "--log-level"] + [
+    given = [value for flag, value in itertools.pairwise([*argv, ""]) if flag == "--log-level"] + [
         flag.partition("=")[2] for flag in argv if flag.startswith("--log-level=")
     ]
     return (given[-1] if given else environ.get("NORMSERVE_LOG_LEVEL", "")).lower() == "debug"
