@@ -144,3 +144,20 @@ def test_cli_commands_print_only_their_own_messages(start_server, tmp_path) -> N
     assert "add_port" not in quiet.stderr
     assert "cannot listen" in quiet.stderr
     assert "add_port" in run(*busy, "--log-level", "debug").stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "debug"),
+    [
+        ([], {}, False),
+        (["serve", "--log-level", "debug"], {}, True),
+        (["serve", "--log-level=debug"], {}, True),
+        (["health"], {"NORMSERVE_LOG_LEVEL": "DEBUG"}, True),
+        (["serve", "--log-level", "info"], {"NORMSERVE_LOG_LEVEL": "debug"}, False),  # the flag wins
+        (["serve", "--log-level"], {}, False),
+    ],
+)
+def test_debug_output_is_asked_by_the_flag_or_its_variable(argv, environ, debug) -> None:
+    from normserve.tools.__main__ import debug_asked
+
+    assert debug_asked(argv, environ) is debug

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
 import logging
 import math
@@ -19,25 +18,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-
-def _debug_asked(argv: Sequence[str], environ: Mapping[str, str]) -> bool:
-    """Does this command line (or NORMSERVE_LOG_LEVEL) ask for --log-level debug?"""
-    given = [value for flag, value in itertools.pairwise([*argv, ""]) if flag == "--log-level"] + [
-        flag.partition("=")[2] for flag in argv if flag.startswith("--log-level=")
-    ]
-    return (given[-1] if given else environ.get("NORMSERVE_LOG_LEVEL", "")).lower() == "debug"
-
-
-# gRPC's C core logs to stderr by itself (a failed TLS handshake, a busy port), in its own words, where our
-# messages say the same for a person: quiet unless debug output is asked for. The core reads the variable
-# when grpc is first imported, which the imports below do.
-if not _debug_asked(sys.argv[1:], os.environ):
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
-from normserve.server import logs  # noqa: E402
-from normserve.server.app import ServerOptions, run  # noqa: E402
-from normserve.server.security import TlsFiles  # noqa: E402
-from normserve.server.servicer import Limits  # noqa: E402
+from normserve.server import logs
+from normserve.server.app import ServerOptions, run
+from normserve.server.security import TlsFiles
+from normserve.server.servicer import Limits
 
 __all__ = ["ENV_PREFIX", "env_name", "main"]
 
