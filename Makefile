@@ -27,7 +27,11 @@ GPU_PYTHON    ?= python3
 GPU_WHEELS    ?= .gpu-wheels
 GPU_CHECK_OUT ?= build/gpu-check
 
-.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check
+# The cross-language test's Node.js client: its npm packages, as the lock file pins them.
+NODE_DIR   := tests/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+
+.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check node-deps
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,8 +57,21 @@ lint: $(TEST_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: lint
+test: lint node-deps
 	$(PY) -m pytest
+
+# Only where node and npm exist: elsewhere the Node.js tests skip (saying so) and `make test` runs the rest.
+node-deps:
+	@if command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; then \
+		$(MAKE) --no-print-directory $(NODE_STAMP); \
+	else \
+		echo "node/npm not found: the Node.js client tests will skip"; \
+	fi
+
+# npm ci installs exactly the lock file (no resolution); no install scripts are needed, so none run.
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $@
 
 bench: $(TEST_STAMP)
 	$(PY) benchmarks/kernels.py
@@ -75,4 +92,4 @@ gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(NODE_DIR)/node_modules

@@ -10,7 +10,14 @@ backward, and a changed weight, as after an optimizer step):
   keeping x, one Gradient sending dy);
 * ``sync x1``: the same with a sync group of one rank (the rendezvous' own cost);
 * ``sync x4``: four ranks on threads, each with its own client and a quarter
-  of the batch, per synchronized step (all four done).
+  of the batch, per synchronized step (all four done);
+* ``small echo``: one round trip of a TrainStatistics' size (per-channel
+  statistics out, statistics and running statistics back);
+* ``stats``, ``stats sync x1``, ``stats sync x4``: the same three in
+  statistics mode (``mode="statistics"``: torch computes, one TrainStatistics
+  per step, plus one GradientStatistics per step under sync).
+
+Statistics mode's goal: ``stats`` <= 1.3 x (``torch`` + ``small echo``).
 
     python benchmarks/training.py           # table + benchmarks/out/training.json + training.png
     python benchmarks/training.py --quick   # few repeats (a smoke test)
@@ -52,12 +59,14 @@ def _step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], 
     return step
 
 
-def _remote(shape: tuple[int, ...], client: NormClient, name: str, group: SyncGroup | None = None) -> nn.Module:
+def _remote(
+    shape: tuple[int, ...], client: NormClient, name: str, group: SyncGroup | None = None, mode: str = "tensors"
+) -> nn.Module:
     cls = RemoteBatchNorm1d if len(shape) == 2 else RemoteBatchNorm2d
-    return cls(shape[1], client=client, name=name, sync_group=group)
+    return cls(shape[1], client=client, name=name, sync_group=group, mode=mode)
 
 
-def _synced_ranks(shape: tuple[int, ...], target: str, name: str, steps: int) -> float:
+def _synced_ranks(shape: tuple[int, ...], target: str, name: str, steps: int, mode: str) -> float:
     """Median ms per synchronized step of RANKS threads, each with a quarter of the batch."""
     part = (shape[0] // RANKS, *shape[1:])
     barrier = threading.Barrier(RANKS)
@@ -66,7 +75,7 @@ def _synced_ranks(shape: tuple[int, ...], target: str, name: str, steps: int) ->
 
     def rank(r: int) -> None:
         with NormClient(target) as nc:
-            module = _remote(shape, nc, name, SyncGroup(group_id, RANKS, r))
+            module = _remote(shape, nc, name, SyncGroup(group_id, RANKS, r), mode)
             step = _step(module, torch.randn(part, requires_grad=True), torch.randn(part))
             step()  # warm up (step 0)
             barrier.wait()
@@ -90,27 +99,37 @@ def measure(target: str, echo: Echo, repeats: int) -> list[dict[str, Any]]:
             x, dy = torch.randn(shape, requires_grad=True), torch.randn(shape)
             nbytes = x.numel() * 4
             local = (nn.BatchNorm1d if len(shape) == 2 else nn.BatchNorm2d)(shape[1])
+            name, channels = f"bench.{label}", shape[1]
             steps = {
                 "torch": _step(local, x, dy),
                 "echo": lambda n=nbytes: (echo.unary(n, n), echo.unary(n, n)),
-                "remote": _step(_remote(shape, nc, f"bench.{label}"), x, dy),
-                "sync x1": _step(_remote(shape, nc, f"bench.{label}.s1", SyncGroup("bench", 1, 0)), x, dy),
+                "small echo": lambda c=channels: echo.unary(16 * c + 64, 24 * c + 64),
+                "remote": _step(_remote(shape, nc, name), x, dy),
+                "sync x1": _step(_remote(shape, nc, f"{name}.s1", SyncGroup("bench", 1, 0)), x, dy),
+                "stats": _step(_remote(shape, nc, f"{name}.stats", mode="statistics"), x, dy),
+                "stats sync x1": _step(
+                    _remote(shape, nc, f"{name}.stats.s1", SyncGroup("bench-stats", 1, 0), "statistics"), x, dy
+                ),
             }
             times = alternate(steps, repeats, lambda: None)
-            times["sync x4"] = _synced_ranks(shape, target, f"bench.{label}.s4", max(repeats // 2, 5))
+            for mode, column in (("tensors", "sync x4"), ("statistics", "stats sync x4")):
+                times[column] = _synced_ranks(shape, target, f"{name}.{mode}.s4", max(repeats // 2, 5), mode)
+            times = {column: times[column] for column in COLUMNS}
             row = {"case": label, "shape": list(shape), "x_bytes": nbytes, "ms": times}
             rows.append(row)
             print(_format(row), flush=True)
     return rows
 
 
-HEADER = f"{'case':18s} {'MB':>6s} " + " ".join(f"{k:>9s}" for k in ("torch", "echo", "remote", "sync x1", "sync x4"))
+COLUMNS = ("torch", "echo", "small echo", "remote", "sync x1", "sync x4", "stats", "stats sync x1", "stats sync x4")
+HEADER = f"{'case':18s} {'MB':>6s} " + " ".join(f"{k:>13s}" for k in COLUMNS) + "  remote/echo  stats/goal"
 
 
 def _format(row: dict[str, Any]) -> str:
     ms = row["ms"]
-    cells = " ".join(f"{ms[k]:9.3f}" for k in ("torch", "echo", "remote", "sync x1", "sync x4"))
-    return f"{row['case']:18s} {row['x_bytes'] / 1e6:6.2f} {cells}   remote/echo {ms['remote'] / ms['echo']:.2f}"
+    cells = " ".join(f"{ms[k]:13.3f}" for k in COLUMNS)
+    goal = ms["stats"] / (ms["torch"] + ms["small echo"])
+    return f"{row['case']:18s} {row['x_bytes'] / 1e6:6.2f} {cells}  {ms['remote'] / ms['echo']:11.2f}  {goal:10.2f}"
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

@@ -77,6 +77,11 @@ class DataLoss(NormServeError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+#: What a status without details means here (the health service answers NOT_FOUND with none).
+_WITHOUT_DETAILS = {
+    grpc.StatusCode.NOT_FOUND: "no such name on the server (for health: the service is not one it reports on)",
+    grpc.StatusCode.UNIMPLEMENTED: "the server does not offer this method (an older or another server?)",
+}
 _BY_CODE = {
     cls.code: cls
     for cls in (
@@ -98,4 +103,6 @@ def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
     """The NormServeError subclass for a failed gRPC call."""
     code = error.code()
     cls = _BY_CODE.get(code, NormServeError)
-    return cls(error.details() or "", code=code, method=method)
+    # gRPC's own connection errors end in the status of a sub-step, ": OK", which reads as a contradiction.
+    details = (error.details() or "").removesuffix(": OK")
+    return cls(details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method)

@@ -28,7 +28,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2
 
 from normserve.client import protocol
-from normserve.client.errors import NormServeError, error_from_rpc
+from normserve.client.errors import NormServeError, NotFound, error_from_rpc
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["ClientOperations", "Handle", "LayerOperations", "MethodMaker", "Operation", "Plan", "Step", "operation"]
@@ -138,7 +138,15 @@ class ClientOperations(protocol.ClientBase, _Operations):
     @operation
     def health(self, service: str = "", *, timeout: float | None = None) -> Plan[str]:
         """The server's health (``"SERVING"``, ``"NOT_SERVING"``, ...); ``service`` "" is the whole server."""
-        response = yield self._call_step("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        try:
+            response = yield self._call_step("Health/Check", health_pb2.HealthCheckRequest(service=service), timeout)
+        except NotFound as error:
+            raise NotFound(
+                f"the server reports no health for service {service!r}: ask for '' (the whole server) or "
+                f"{protocol.SERVICE_NAME!r}",
+                code=error.code,
+                method=error.method,
+            ) from None
         return protocol.health_status(response)
 
     # ------------------------------------------------------------------ layers
@@ -278,6 +286,41 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         """
         request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out, sync)
         return protocol.gradient_result((yield self._call_step("Gradient", request.message, timeout)), request)
+
+    @operation
+    def train_statistics(
+        self,
+        count: int,
+        mean: Any,
+        m2: Any,
+        *,
+        sync: protocol.SyncGroup | None = None,
+        parameters: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> Plan[protocol.TrainedStatistics]:
+        """Statistics mode: a training batch given as its statistics, folded into the running statistics
+        as :meth:`train` of the batch would (for layers with running statistics).
+
+        ``count`` values stand behind each group's ``mean`` and ``m2`` (the sum
+        of squared deviations from the mean); a group is a channel for batch
+        norm, a sample's channel for instance norm. ``parameters`` and ``sync``
+        as for :meth:`train`. Returns the statistics to normalize the batch
+        with (the whole step's under ``sync``) and the running statistics after.
+        """
+        request = protocol.train_statistics_request(self.name, count, mean, m2, sync, parameters)
+        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)))
+        self.info.version, self.info.num_batches_tracked = result.version, result.num_batches_tracked
+        self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
+        return result
+
+    @operation
+    def gradient_statistics(
+        self, count: int, sum_dy: Any, sum_dy_xmu: Any, *, sync: protocol.SyncGroup, timeout: float | None = None
+    ) -> Plan[protocol.StepSums]:
+        """Statistics mode, synchronized backward: this rank's per-channel ``sum(dy)`` and
+        ``sum(dy * (x - mean))`` (about the step's mean) summed with the other ranks' of the same step."""
+        request = protocol.gradient_statistics_request(self.name, count, sum_dy, sum_dy_xmu, sync)
+        return protocol.step_sums((yield self._call_step("GradientStatistics", request, timeout)))
 
     @operation
     def state_dict(self, *, timeout: float | None = None) -> Plan[dict[str, np.ndarray]]:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import ml_dtypes
@@ -26,6 +26,7 @@ __all__ = [
     "DEFAULT_STREAM_THRESHOLD",
     "DEFAULT_TARGET",
     "IDEMPOTENT_METHODS",
+    "SERVICE_NAME",
     "STREAMABLE_METHODS",
     "ClientBase",
     "LayerHandle",
@@ -33,23 +34,31 @@ __all__ = [
     "Request",
     "RetryPolicy",
     "SharedMemoryRegion",
+    "StepSums",
     "SyncGroup",
+    "TrainedStatistics",
     "answer_assembly",
     "as_numpy",
     "channel_credentials",
     "forward_request",
     "gradient_request",
     "gradient_result",
+    "gradient_statistics_request",
     "health_status",
     "input_tensor",
     "layer_config",
     "load_state_request",
     "output_array",
     "state_dict",
+    "step_sums",
     "train_options",
+    "train_statistics_request",
+    "trained_statistics",
 ]
 
 DEFAULT_TARGET = "localhost:50051"
+#: The gRPC service the clients call (also a name the health service reports on).
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
 #: Train/Infer/Gradient requests with at least this many tensor bytes use the streaming RPCs:
 #: on loopback they beat one large message from about 4 MB up (benchmarks/RESULTS.md).
 DEFAULT_STREAM_THRESHOLD = 4 << 20
@@ -537,6 +546,82 @@ def train_options(
         message.parameters[key].CopyFrom(codec.encode(as_numpy(value)))
     if return_running_stats:
         message.return_running_stats = True
+
+
+class TrainedStatistics(NamedTuple):
+    """A TrainStatistics answer: the statistics to normalize the batch with (per group, float64: the
+    request's own, or the synchronized step's), and the layer's running statistics and version after it."""
+
+    count: int
+    mean: np.ndarray
+    var: np.ndarray  # biased
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    num_batches_tracked: int
+    version: int
+
+
+class StepSums(NamedTuple):
+    """A synchronized backward's sums over all ranks (GradientStatistics): per channel, float64."""
+
+    count: int
+    sum_dy: np.ndarray
+    sum_dy_xmu: np.ndarray
+
+
+def _float64(values: Any, what: str) -> np.ndarray:
+    array = as_numpy(values).astype(np.float64, copy=False).reshape(-1)
+    if not array.size:
+        raise ValueError(f"{what} is empty: give one value per group")
+    return array
+
+
+def train_statistics_request(
+    name: str,
+    count: int,
+    mean: Any,
+    m2: Any,
+    sync: SyncGroup | None,
+    parameters: Mapping[str, Any] | None,
+) -> pb.TrainStatisticsRequest:
+    """A TrainStatistics request: ``count`` values behind each group's ``mean`` and ``m2`` (any array type)."""
+    statistics = pb.BatchStatistics(count=int(count), mean=_float64(mean, "mean"), m2=_float64(m2, "m2"))
+    request = pb.TrainStatisticsRequest(layer=name, statistics=statistics)
+    train_options(request, sync, parameters)
+    return request
+
+
+def trained_statistics(response: pb.TrainStatisticsResponse) -> TrainedStatistics:
+    statistics = response.statistics
+    mean, m2 = np.array(statistics.mean, dtype=np.float64), np.array(statistics.m2, dtype=np.float64)
+    running = {key: codec.decode(tensor).copy() for key, tensor in response.running_stats.items()}
+    return TrainedStatistics(
+        statistics.count,
+        mean,
+        m2 / statistics.count,
+        running["running_mean"],
+        running["running_var"],
+        response.num_batches_tracked,
+        response.version,
+    )
+
+
+def gradient_statistics_request(
+    name: str, count: int, sum_dy: Any, sum_dy_xmu: Any, sync: SyncGroup
+) -> pb.GradientStatisticsRequest:
+    return pb.GradientStatisticsRequest(
+        layer=name,
+        count=int(count),
+        sum_dy=_float64(sum_dy, "sum_dy"),
+        sum_dy_xmu=_float64(sum_dy_xmu, "sum_dy_xmu"),
+        sync=sync.message(),
+    )
+
+
+def step_sums(response: pb.GradientStatisticsResponse) -> StepSums:
+    return StepSums(
+        response.count, np.array(response.sum_dy, dtype=np.float64), np.array(response.sum_dy_xmu, dtype=np.float64)
+    )
 
 
 def gradient_request(

@@ -33,6 +33,20 @@ to the batch norm modules of each data-parallel worker: their training
 forwards and backwards become steps of that group, numbered by the module's
 own count of training forwards (:attr:`RemoteNorm.sync_step`), so every rank
 must run the same number of them, as with DistributedDataParallel.
+
+Two modes. ``mode="tensors"`` (the default) is the above: x and dy travel,
+the server computes. ``mode="statistics"`` keeps the tensors with the
+trainer, as torch.nn.SyncBatchNorm does: forward and backward run in torch
+on the tensor's own device (CPU or CUDA), and only per-channel statistics
+travel. A training forward of a layer with running statistics is one
+TrainStatistics call (it carries changed parameters, as Train does); under
+``sync_group`` the backward adds one GradientStatistics call; eval forwards
+use the mirrored running statistics locally, with no call. Kinds without
+running statistics (layer, group and RMS norm, untracked instance norm) make
+no call per step: their parameters reach the server on ``state_dict()`` or
+:meth:`RemoteNorm.sync_state`. Use statistics mode to train (the step costs
+one small round trip over local torch); tensors mode to have the server
+compute (a trainer without torch kernels for its device, or to offload).
 """
 
 from __future__ import annotations
@@ -51,6 +65,9 @@ from normserve.client.errors import FailedPrecondition, ResourceExhausted
 from normserve.client.protocol import SyncGroup
 
 __all__ = [
+    "EXISTING",
+    "MODES",
+    "ExistingLayerError",
     "RemoteBatchNorm1d",
     "RemoteBatchNorm2d",
     "RemoteBatchNorm3d",
@@ -66,6 +83,14 @@ __all__ = [
 ]
 
 _PARAMETERS = ("weight", "bias")
+#: How a module uses its server (see the module docstring).
+MODES = ("tensors", "statistics")
+#: What converting a module does with a server layer that already has a history (see RemoteNorm.from_torch).
+EXISTING = ("refuse", "adopt", "overwrite")
+
+
+class ExistingLayerError(RuntimeError):
+    """Converting a module would replace a server layer's different, trained state (see ``existing=``)."""
 
 
 @dataclass
@@ -96,8 +121,11 @@ class RemoteNorm(nn.Module):
         name: str,
         sync_group: SyncGroup | None = None,
         remote_device: str | None = None,
+        mode: str = "tensors",
         **kwargs: Any,
     ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         super().__init__()
         twin = self.torch_class(*args, **kwargs)
         for attribute in self.torch_class.__constants__:
@@ -116,6 +144,7 @@ class RemoteNorm(nn.Module):
             )
         self.client = client
         self.layer_name = name
+        self.mode = mode
         self.sync_group = sync_group
         #: Training forwards so far: the step number of the next synchronized step.
         self.sync_step = 0
@@ -126,6 +155,8 @@ class RemoteNorm(nn.Module):
         else:
             self._remember_sent()
         self.register_load_state_dict_post_hook(lambda module, _keys: module.push())
+        if mode == "statistics":  # the server sees parameters changed by local steps when the state is read
+            self.register_state_dict_pre_hook(lambda module, _prefix, _keep_vars: module.sync_state())
 
     # ------------------------------------------------------------------ config
     def _server_config(self, remote_device: str | None) -> dict[str, Any]:
@@ -179,6 +210,10 @@ class RemoteNorm(nn.Module):
             self._layer.load_state_dict(changed, strict=False)
             self._sent.update({key: value.clone() for key, value in changed.items()})
 
+    def sync_state(self) -> None:
+        """Bring the server up to date with this module (statistics mode: parameters stepped locally)."""
+        self.send_parameters()
+
     def push(self) -> None:
         """Write this module's whole state (parameters, running statistics) to the server."""
         self._layer.load_state_dict({key: value.detach() for key, value in self.state_dict().items()})
@@ -201,20 +236,53 @@ class RemoteNorm(nn.Module):
         unbatched = x.dim() == getattr(self, "_no_batch_dim", -1)
         if unbatched:
             x = x.unsqueeze(0)
-        tensors = [t for t in (x, self.weight, self.bias) if t is not None]
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if self.mode == "statistics":
+            y = self._forward_with_statistics(x)
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, self.weight, self.bias) if t is not None):
             y = _RemoteFunction.apply(self, x, self.weight, self.bias)
         else:
             y = self._forward(x, keep=False)[0]
         return y.squeeze(0) if unbatched else y
 
+    def _tracks(self) -> bool:
+        return bool(getattr(self, "track_running_stats", False))
+
+    def _next_sync(self) -> SyncGroup | None:
+        sync = None if self.sync_group is None else self.sync_group.at(self.sync_step)
+        self.sync_step += 1  # a failed step is gone for every rank: all move on
+        return sync
+
+    def _mirror(self, running: Mapping[str, np.ndarray], num_batches_tracked: int) -> None:
+        self._copy_in(running)
+        self.num_batches_tracked.fill_(num_batches_tracked)
+
+    def _forward_with_statistics(self, x: torch.Tensor) -> torch.Tensor:
+        """Statistics mode: torch computes; a training batch of a layer with running statistics sends its
+        per-group statistics (and changed parameters), and mirrors the running statistics that come back."""
+        batch = self.training or not self._tracks()  # normalize with the batch's own statistics
+        if not (self.training and self._tracks()):
+            return _LOCAL_FORWARD[self.kind](self, x, batch)  # these forwards change nothing on the server
+        sync = self._next_sync()
+        changed = self._changed_parameters()
+        exact = x.dtype in (torch.float32, torch.float64)  # else torch's own forward, statistics in float32
+        y, count, mean, m2 = _normalized(self, x if exact and sync is None else x.detach().float())
+        result = self._layer.train_statistics(count, mean, m2, sync=sync, parameters=changed)
+        self._sent.update({key: value.clone() for key, value in changed.items()})
+        self._mirror(self._layer.running_stats, result.num_batches_tracked)
+        if sync is not None:
+            return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
+        return y if exact else _LOCAL_FORWARD[self.kind](self, x, batch)
+
+    def _running(self, batch: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The running statistics a local forward normalizes with (None: the batch's own); never updated."""
+        return (None, None) if batch else (self.running_mean, self.running_var)
+
     def _forward(self, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, _Forward]:
         """y from the server; keep: have it hold x for the backward."""
         if self.training:
-            sync = None if self.sync_group is None else self.sync_group.at(self.sync_step)
-            self.sync_step += 1  # a failed step is gone for every rank: all move on
+            sync = self._next_sync()
             changed = self._changed_parameters()
-            tracks = bool(getattr(self, "track_running_stats", False))
+            tracks = self._tracks()
             train = functools.partial(self._layer.train, x, parameters=changed, sync=sync, return_running_stats=tracks)
             try:
                 y = train(keep_forward=keep)
@@ -226,8 +294,7 @@ class RemoteNorm(nn.Module):
                 y, keep = train(keep_forward=False), False
             self._sent.update({key: value.clone() for key, value in changed.items()})
             if tracks:
-                self._copy_in(self._layer.running_stats)
-                self.num_batches_tracked.fill_(self._layer.info.num_batches_tracked)
+                self._mirror(self._layer.running_stats, self._layer.info.num_batches_tracked)
             forward = _Forward(True, self._layer.forward_id if keep else None, sync)
         else:
             self.send_parameters()  # once after they changed; Infer calls never carry them
@@ -250,11 +317,36 @@ class RemoteNorm(nn.Module):
         )
 
     @classmethod
-    def from_torch(cls, module: nn.Module, client: Any, name: str, **options: Any) -> RemoteNorm:
-        """The remote twin of a torch module: same config, same Parameter objects, its state on the server."""
+    def from_torch(
+        cls, module: nn.Module, client: Any, name: str, existing: str = "refuse", **options: Any
+    ) -> RemoteNorm:
+        """The remote twin of a torch module: same config, same Parameter objects, its state on the server.
+
+        ``existing`` says what happens when the server's layer ``name`` already has a history (it was trained
+        or loaded) and its state differs from the module's: ``"refuse"`` (the default: nothing is changed,
+        :class:`ExistingLayerError` says what differs), ``"adopt"`` (the module takes the server's state: resume
+        a run) or ``"overwrite"`` (the server takes the module's). Equal states (data-parallel replicas
+        converting the same model) never conflict.
+        """
+        if existing not in EXISTING:
+            raise ValueError(f"existing must be one of {EXISTING}, got {existing!r}")
         factory = {"device": None, "dtype": _dtype_of(module)}
         remote = cls(**cls._constructor_args(module), **factory, client=client, name=name, **options)
+        server = remote.state_dict() if remote.remote.version > 1 else None  # pulled: the server's state
         _adopt(remote, module)
+        if server is not None and existing == "adopt":
+            remote._copy_in({key: value.cpu().numpy() for key, value in server.items()})
+            remote._remember_sent()
+            return remote
+        if server is not None and existing == "refuse":
+            differ = [key for key, value in module.state_dict().items() if not torch.equal(value.cpu(), server[key])]
+            if differ:
+                raise ExistingLayerError(
+                    f"the server's layer {name!r} already has a history (version {remote.remote.version}) and its "
+                    f"{', '.join(differ)} differ from the module's; nothing was changed. Pass existing='adopt' to "
+                    "continue from the server's state, existing='overwrite' to replace it with the module's, or "
+                    "another prefix"
+                )
         remote.push()
         return remote
 
@@ -281,6 +373,75 @@ class _RemoteFunction(torch.autograd.Function):
     def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
         (x,) = ctx.saved_tensors
         return (None, *ctx.module._backward(x, dy, ctx.remote_forward))
+
+
+_F = torch.nn.functional
+#: Statistics mode's local forward of each kind: torch's functional form, the running statistics read only.
+_LOCAL_FORWARD: dict[str, Callable[[Any, torch.Tensor, bool], torch.Tensor]] = {
+    "batch_norm": lambda m, x, batch: _F.batch_norm(x, *m._running(batch), m.weight, m.bias, batch, 0.0, m.eps),
+    "instance_norm": lambda m, x, batch: _F.instance_norm(x, *m._running(batch), m.weight, m.bias, batch, 0.0, m.eps),
+    "group_norm": lambda m, x, batch: _F.group_norm(x, m.num_groups, m.weight, m.bias, m.eps),
+    "layer_norm": lambda m, x, batch: _F.layer_norm(x, m.normalized_shape, m.weight, m.bias, m.eps),
+    "rms_norm": lambda m, x, batch: _F.rms_norm(x, m.normalized_shape, m.weight, m.eps),
+}
+
+
+class _SyncedStatistics(torch.autograd.Function):
+    """SyncBatchNorm's math in torch, with the step's statistics and backward sums combined by the server."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, module: RemoteNorm, x: torch.Tensor, weight: Any, bias: Any, step: Any, sync: SyncGroup
+    ) -> torch.Tensor:
+        compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        mean = torch.as_tensor(step.mean, dtype=compute, device=x.device).view(shape)
+        invstd = torch.rsqrt(torch.as_tensor(step.var, dtype=compute, device=x.device).view(shape) + module.eps)
+        y = (x.to(compute) - mean) * invstd
+        if weight is not None:
+            y = y * weight.view(shape) + bias.view(shape)
+        ctx.save_for_backward(x, weight)
+        ctx.module, ctx.sync, ctx.mean, ctx.invstd, ctx.compute = module, sync, mean, invstd, compute
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor) -> tuple[Any, ...]:
+        x, weight = ctx.saved_tensors
+        dims = [0, *range(2, x.dim())]
+        xmu, dyc = x.to(ctx.compute) - ctx.mean, dy.to(ctx.compute)
+        sum_dy, sum_dy_xmu = dyc.sum(dims), (dyc * xmu).sum(dims)
+        step = ctx.module._layer.gradient_statistics(x.numel() // x.shape[1], sum_dy, sum_dy_xmu, sync=ctx.sync)
+        mean_dy, mean_dy_xmu = (
+            torch.as_tensor(total / step.count, dtype=ctx.compute, device=x.device).view_as(ctx.mean)
+            for total in (step.sum_dy, step.sum_dy_xmu)
+        )
+        scale = ctx.invstd if weight is None else ctx.invstd * weight.view_as(ctx.mean)
+        dx = (dyc - mean_dy - xmu * ctx.invstd * ctx.invstd * mean_dy_xmu) * scale
+        # As SyncBatchNorm: this rank's own parameter gradients (DDP sums them over the ranks).
+        dweight = None if weight is None else (sum_dy_xmu * ctx.invstd.view(-1)).to(weight.dtype)
+        dbias = None if weight is None else sum_dy.to(weight.dtype)
+        return None, dx.to(x.dtype), dweight, dbias, None, None
+
+
+def _normalized(module: RemoteNorm, x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """torch's training-mode normalization of ``x`` (autograd intact) and the statistics it used: the values
+    per group, each group's mean and m2 (float64); groups are channels, or each sample's channels for
+    instance norm, in (N, C) order.
+
+    One pass: torch's batch norm also returns each group's mean and 1 / sqrt(var + eps), from which the
+    variance is recovered in float64, as torch.nn.SyncBatchNorm recovers it (torch.var_mean would be a second,
+    and on a CPU slower, pass).
+    """
+    weight, bias, view = module.weight, module.bias, x
+    if module.kind == "instance_norm":  # batch norm of (1, N * C, *spatial), as torch computes instance norm
+        n, c = x.shape[:2]
+        view = x.reshape(1, n * c, *x.shape[2:])
+        weight, bias = (None if p is None else p.repeat(n) for p in (weight, bias))
+    y, mean, invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, module.eps)
+    count = view.numel() // view.shape[1]
+    with torch.no_grad():
+        m2 = (invstd.double().pow(-2) - module.eps).clamp_min(0) * count
+    return y.reshape(x.shape), count, mean.detach().double(), m2
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:
@@ -372,7 +533,9 @@ def convert_to_remote(model: nn.Module, client: Any, prefix: str = "", **options
     Layers are named ``prefix`` + their module path (``"encoder.layers.0.norm1"``),
     keep their Parameter objects (an optimizer made before still works) and
     copy their state to the server. ``options`` go to every twin
-    (``sync_group=``, ``remote_device=``). Like ``convert_sync_batchnorm``, a
+    (``sync_group=``, ``remote_device=``, ``mode=``, ``existing=``: see
+    :meth:`RemoteNorm.from_torch`; a layer that already has a different, trained
+    state on the server is refused by default). Like ``convert_sync_batchnorm``, a
     model that is itself a normalization layer comes back converted.
     """
     return _convert(model, "", lambda module, path: _to_remote(module, client, prefix + path, options))

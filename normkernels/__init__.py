@@ -8,7 +8,7 @@
 """
 
 from normkernels.backend import Device, cuda_device_count, parse_device
-from normkernels.base import state_budget
+from normkernels.base import MAX_BATCHES_TRACKED, state_budget
 from normkernels.core import Moments, Plan, backward, forward_eval, forward_train
 from normkernels.errors import (
     ConfigError,
@@ -38,6 +38,7 @@ from normkernels.monitor import BatchReport
 
 __all__ = [
     "KINDS",
+    "MAX_BATCHES_TRACKED",
     "BatchNorm",
     "BatchReport",
     "ConfigError",

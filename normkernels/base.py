@@ -20,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from normkernels import arguments, core, fused, monitor
+from normkernels import arguments, core, distributed, fused, monitor
 from normkernels.backend import (
     Array,
     Device,
@@ -31,7 +31,7 @@ from normkernels.backend import (
     parse_device,
     to_numpy,
 )
-from normkernels.errors import NonFiniteError, ShapeError, StateDictError, StateTooLarge
+from normkernels.errors import ConfigError, NonFiniteError, ShapeError, StateDictError, StateTooLarge
 from normkernels.interfaces import MathBackend
 
 __all__ = ["MAX_BATCHES_TRACKED", "Prepared", "config_names", "config_parameters", "state_budget"]
@@ -320,6 +320,51 @@ class _NormBase:
                 x.reshape(plan.view), dy.reshape(plan.view), plan, weight, self._eps_for(dtype), dtype, stats
             )
             return dx.reshape(x.shape).astype(x.dtype, copy=False), self._grads(dweight, dbias)
+
+    def check_statistics(self, part: core.GradSums) -> core.GradSums:
+        """A batch's statistics (statistics mode) checked against this layer before anything changes, and
+        laid out as the layer's own (float64, host; backward sums zero).
+
+        ``part``: the count behind each statistic and each group's mean and
+        biased variance, groups in the order of this kind's statistics (a
+        channel's for batch norm, a sample's channel's for instance norm).
+        """
+        if not self.track_running_stats:
+            raise ConfigError(
+                f"{type(self).__name__} keeps no running statistics (track_running_stats=False): a batch's "
+                "statistics change nothing on it, so statistics mode needs no call for it"
+            )
+        mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in part.moments)
+        channels = self.param_shape[0]
+        shape = self._plan((max(1, mean.size // channels), channels, 1)).stat_shape
+        if mean.shape != var.shape or mean.size != math.prod(shape):
+            raise ShapeError(
+                f"{type(self).__name__} with {channels} channels takes one mean and one m2 per "
+                f"{'channel' if math.prod(shape) == channels else 'sample and channel'}, got {mean.size} means "
+                f"and {var.size} m2"
+            )
+        if not (np.isfinite(mean).all() and np.isfinite(var).all()) or (var < 0).any():
+            raise NonFiniteError("the statistics contain NaN, Inf or a negative m2: nothing was changed")
+        return distributed.on_host(
+            core.GradSums(part.count, core.Moments(mean.reshape(shape), var.reshape(shape)), None, None)
+        )
+
+    def track_statistics(self, total: core.GradSums, sent_by: str = "the batch") -> monitor.BatchReport:
+        """Fold a training batch given as its statistics into the running statistics, as its forward would;
+        returns the batch's monitoring report, computed from the statistics (see :meth:`check_statistics`)."""
+        mean, var = self.check_statistics(total).moments
+        if total.count < 2:
+            raise ShapeError(
+                f"{type(self).__name__} needs more than 1 value per channel to compute batch statistics; "
+                f"{sent_by} sent 1: send larger batches"
+            )
+        prior = core.Moments(self.running_mean, self.running_var)
+        with on_device(self.device):
+            moments = core.Moments(self.xp.asarray(mean), self.xp.asarray(var))
+            batch = self._after_training_batch(moments, total.count)
+            weight = 1.0 if self.weight is None else self.xp.asarray(self.weight, dtype=np.float64)
+            groups = core.Moments(*(a.reshape(-1, self.param_shape[0]) for a in moments))
+            return monitor.statistics_report(groups, weight, self._eps_for(np.dtype(np.float64)), batch, prior)
 
     def _grads(self, dweight: Array, dbias: Array) -> dict[str, Array | None]:
         """Parameter gradients in the parameters' shape and dtype (None for a missing parameter)."""

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from normkernels import arguments, core, distributed
-from normkernels.backend import Array, Device, on_device
+from normkernels import arguments, core, statistics
+from normkernels.backend import Array, Device
 from normkernels.base import _NormBase, config_names, config_parameters
 from normkernels.errors import ConfigError, ShapeError
 from normkernels.interfaces import NormLayer, SyncedNorm
+from normkernels.monitor import BatchReport
 
 __all__ = [
     "KINDS",
@@ -29,24 +29,11 @@ __all__ = [
     "LayerNorm",
     "LayerNorm2d",
     "RMSNorm",
-    "SyncedBackward",
     "config_names",
     "config_parameters",
     "make_layer",
     "synced",
 ]
-
-
-@dataclass(frozen=True)
-class SyncedBackward:
-    """A worker's backward between its sums and the combined ones."""
-
-    shape: tuple[int, ...]
-    input_dtype: np.dtype
-    plan: core.Plan
-    dtype: np.dtype
-    dyv: Array
-    centered: core.Centered
 
 
 class _ChannelNorm(_NormBase):
@@ -132,71 +119,32 @@ class BatchNorm(_TrackedNorm):
         if n * s == 1:
             raise self._one_value_error(shape, "value per channel")
 
+    # One batch split across workers (torch.nn.SyncBatchNorm): each worker
     # reduces its part, :mod:`normkernels.distributed` combines the parts, and
-    # each worker finishes its part with the totals. The running statistics
-    # are updated once per step, from the totals (:meth:`track_synced`).
-
-    def _synced_prepare(self, x: Any, dy: Any = None) -> tuple[Any, ...]:
-        return self._prepare(x, True, dy, whole_batch=False)
+    # each worker finishes its part with the totals (:mod:`normkernels.statistics`).
+    # The running statistics are updated once per step, from the totals.
 
     def synced_part(self, x: Any) -> core.GradSums:
         """This worker's part of a synchronized training forward: its count and moments (host, float64)."""
-        x, _, plan, dtype, _ = self._synced_prepare(x)
-        with on_device(self.device):
-            moments = core.moments(x.reshape(plan.view), plan, dtype)
-            self._check_finite(moments)
-        return distributed.on_host(core.GradSums(plan.count, moments, None, None))
+        return statistics.batch_statistics(self, x)
 
-    def track_synced(self, total: core.GradSums) -> None:
+    def track_synced(self, total: core.GradSums) -> BatchReport:
         """Check a synchronized step's combined statistics and fold them into the running statistics."""
-        if total.count < 2:
-            raise ShapeError(
-                f"{type(self).__name__} needs more than 1 value per channel to compute batch statistics; "
-                "all workers of the step together sent 1: send larger batches"
-            )
-        with on_device(self.device):
-            moments = core.Moments(*(self.xp.asarray(a) for a in total.moments))
-            self._after_training_batch(moments, total.count)
+        return self.track_statistics(total, sent_by="all workers of the step together")
 
     def forward_synced(self, x: Any, total: core.GradSums) -> Array:
         """Training-mode output for this worker's x, normalized with the combined statistics."""
-        x, _, plan, dtype, _ = self._synced_prepare(x)
-        with on_device(self.device):
-            stats = core.Moments(*(self.xp.asarray(a, dtype=dtype).reshape(plan.stat_shape) for a in total.moments))
-            weight, bias = self._params(plan, dtype)
-            y = self._math.forward_eval(x.reshape(plan.view), plan, stats, weight, bias, self._eps_for(dtype), dtype)
-            return y.reshape(x.shape).astype(x.dtype, copy=False)
+        return statistics.normalize(self, x, total)
 
-    def synced_grad_part(self, x: Any, dy: Any) -> tuple[core.GradSums, SyncedBackward]:
+    def synced_grad_part(self, x: Any, dy: Any) -> tuple[core.GradSums, statistics.PendingBackward]:
         """This worker's part of a synchronized training backward: its sums (host), and what finishes it."""
-        x, dy, plan, dtype, _ = self._synced_prepare(x, dy)
-        with on_device(self.device):
-            dyv = dy.reshape(plan.view)
-            centered, sums = core.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
-            self._check_finite(sums.moments)
-        return distributed.on_host(sums), SyncedBackward(x.shape, x.dtype, plan, dtype, dyv, centered)
+        return statistics.gradient_sums(self, x, dy)
 
     def backward_synced(
-        self, pending: SyncedBackward, part: core.GradSums, total: core.GradSums
+        self, pending: statistics.PendingBackward, part: core.GradSums, total: core.GradSums
     ) -> tuple[Array, dict[str, Array | None]]:
-        """This worker's dx (through the combined statistics) and its own share of dweight and dbias.
-
-        As in torch.nn.SyncBatchNorm, dweight and dbias cover this worker's
-        batch only; their sum over the workers is the whole batch's.
-        """
-        plan, dtype, xp = pending.plan, pending.dtype, self.xp
-        eps = self._eps_for(dtype)
-        with on_device(self.device):
-            centered = distributed.relative_to(pending.centered, part, total, xp, dtype)
-            totals = core.GradSums(
-                total.count, centered.moments, *(xp.asarray(a, dtype=dtype) for a in (total.sum_dy, total.sum_dy_xmu))
-            )
-            weight, _ = self._params(plan, dtype)
-            dx, _, _ = core.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
-            own_dy, own_dy_xmu = distributed.own_sums(part, total)
-            dweight = own_dy_xmu / np.sqrt(total.moments.var + eps)
-            grads = self._grads(xp.asarray(dweight), xp.asarray(own_dy))
-            return dx.reshape(pending.shape).astype(pending.input_dtype, copy=False), grads
+        """This worker's dx (through the combined statistics) and its own share of dweight and dbias."""
+        return statistics.finish_backward(self, pending, part, total)
 
 
 class InstanceNorm(_TrackedNorm):

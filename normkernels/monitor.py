@@ -28,7 +28,7 @@ from typing import NamedTuple
 from normkernels.backend import Array, array_module, dot_to, sum_to
 from normkernels.core import Moments, Plan
 
-__all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy"]
+__all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy", "statistics_report"]
 
 #: Entropy in nats of a unit-variance Gaussian.
 HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
@@ -58,6 +58,27 @@ def _second_moment(yv: Array, plan: Plan) -> Array:
     return array_module(yv).maximum(square - mean * mean, 0)  # y is normalized: no cancellation to fear
 
 
+def _shifts(eps: float, batch: Moments | None, running: Moments | None) -> tuple[float | None, float | None]:
+    if batch is None or running is None:
+        return None, None
+    xp = array_module(batch.var)
+    run_var = running.var + eps
+    mean_shift = float((xp.abs(batch.mean - running.mean) / xp.sqrt(run_var)).mean())
+    return mean_shift, float(xp.abs(xp.log((batch.var + eps) / run_var)).mean())
+
+
+def statistics_report(
+    groups: Moments, weight: Array | float, eps: float, batch: Moments | None, running: Moments | None
+) -> BatchReport:
+    """The report of a batch known only by its per-group moments (statistics mode).
+
+    Normalized, a group of variance v has variance w^2 v / (v + eps) whatever its mean and bias: the
+    output's entropy follows without the output. ``groups`` as (groups, channels), ``weight`` per channel.
+    """
+    output = weight * weight * groups.var / (groups.var + eps)
+    return BatchReport(gaussian_entropy(groups.var, eps), gaussian_entropy(output, eps), *_shifts(eps, batch, running))
+
+
 def batch_report(
     plan: Plan,
     x_moments: Moments,
@@ -71,15 +92,8 @@ def batch_report(
     ``batch`` (the per-channel statistics folded into the running ones) and
     ``running`` (the running statistics before the batch) give the shift.
     """
-    shifts: tuple[float | None, float | None] = (None, None)
-    if batch is not None and running is not None:
-        xp = array_module(batch.var)
-        run_var = running.var + eps
-        mean_shift = float((xp.abs(batch.mean - running.mean) / xp.sqrt(run_var)).mean())
-        log_var_shift = float(xp.abs(xp.log((batch.var + eps) / run_var)).mean())
-        shifts = (mean_shift, log_var_shift)
     return BatchReport(
         gaussian_entropy(x_moments.var, eps),
         gaussian_entropy(_second_moment(yv, plan), eps),
-        *shifts,
+        *_shifts(eps, batch, running),
     )

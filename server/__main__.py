@@ -6,6 +6,6 @@ nothing of :mod:`normserve.tools`.
 
 import sys
 
-from normserve.tools.cli import main
+from normserve.tools.__main__ import run
 
-sys.exit(main())
+sys.exit(run())

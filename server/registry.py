@@ -59,6 +59,8 @@ T = TypeVar("T")
 RUNNING_KEYS = ("running_mean", "running_var")
 #: The two halves of a synchronized step (the phase part of a step's key).
 TRAINING_PHASE, GRADIENT_PHASE = "training forward", "gradient"
+#: A synchronized backward in statistics mode: its ranks send sums, not tensors (they cannot meet Gradient ranks).
+GRADIENT_STATISTICS_PHASE = "gradient statistics"
 #: Batches up to this many elements compute on the event loop: their kernels take
 #: tens of microseconds, less than handing them to a kernel thread and back.
 INLINE_ELEMENTS = 1 << 14
@@ -72,7 +74,7 @@ class TrainingStats:
     last: BatchReport | None = None
 
     def after(self, report: BatchReport | None, calls: int = 1) -> TrainingStats:
-        """After ``calls`` more Trains; ``report`` None (a synchronized step) keeps the last report."""
+        """After ``calls`` more Trains; ``report`` None keeps the last report."""
         return TrainingStats(self.train_calls + calls, self.last if report is None else report)
 
 
@@ -151,6 +153,11 @@ _synced_part = _OnDevice("synced_part", 1, _left_on_device, synced=True)  # (lay
 _forward_synced = _OnDevice("forward_synced", 1, _host_array, synced=True)  # (layer, x, total)
 _synced_grad_part = _OnDevice("synced_grad_part", 2, _left_on_device, synced=True)  # (layer, x, dy) -> (part, pending)
 _backward_synced = _OnDevice("backward_synced", 0, _host_gradients, synced=True)  # (layer, pending, part, total)
+
+
+def _checked_statistics(layer: NormLayer, part: GradSums) -> GradSums:
+    """A rank's statistics, refused before it joins its step when they do not fit the layer."""
+    return synced(layer).check_statistics(part)
 
 
 def host_state(layer: NormLayer, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
@@ -500,6 +507,50 @@ class Registry:
         sync: SyncSpec,
     ) -> tuple[np.ndarray, Snapshot, str]:
         """One rank's Train of a synchronized step: its moments in, the combined statistics out."""
+        total, start, after = await self._training_step(
+            name, lambda layer: _synced_part(layer, x), parameters, sync, wait
+        )
+        y = await self._compute(_forward_synced, start.layer, x, total, elements=x.size)
+        return y, after, self._keep(name, x, keep_dtype, start)
+
+    async def train_statistics(
+        self,
+        name: str,
+        part: GradSums,
+        *,
+        wait: float | None = None,
+        parameters: Mapping[str, np.ndarray] | None = None,
+        sync: SyncSpec | None = None,
+    ) -> tuple[GradSums, Snapshot]:
+        """A training batch given as its statistics (statistics mode): folded into the running statistics as
+        its Train would; returns the statistics to normalize with (the step's, under ``sync``) and the
+        snapshot after."""
+        if sync is not None:
+            checked = functools.partial(_checked_statistics, part=part)
+            total, _, after = await self._training_step(name, checked, parameters or {}, sync, wait)
+            return total, after
+
+        async def work(entry: _Entry) -> tuple[GradSums, Snapshot]:
+            current = entry.snapshot
+            start = _with_parameters(current, parameters)
+            layer = start.layer.copy()
+            report = await self._compute(layer.track_statistics, part, elements=np.size(part.moments.var))
+            await self._publish(entry, start, layer, current.stats.after(report), parameters)
+            return part, entry.snapshot
+
+        return await self._with_lock(name, work, wait)
+
+    async def _training_step(
+        self,
+        name: str,
+        reduce: Callable[[NormLayer], GradSums],
+        parameters: Mapping[str, np.ndarray],
+        sync: SyncSpec,
+        wait: float | None,
+    ) -> tuple[GradSums, Snapshot, Snapshot]:
+        """A synchronized step's training half: this rank's ``reduce(layer)`` joined to the others', the
+        running statistics updated once from the combined statistics. Returns them, the snapshot the step
+        ran on and the one after."""
         key = sync.step_key(name, TRAINING_PHASE)
         deadline = self._deadline(wait)
 
@@ -515,19 +566,18 @@ class Registry:
                 current = entry.snapshot
                 start = _with_parameters(current, agreed)
                 layer = start.layer.copy()
-                await self._compute(synced(layer).track_synced, total)
-                await self._publish(entry, start, layer, current.stats.after(None, len(parts)), agreed)
+                report = await self._compute(synced(layer).track_synced, total, elements=np.size(total.moments.var))
+                await self._publish(entry, start, layer, current.stats.after(report, len(parts)), agreed)
                 return total, start, entry.snapshot
 
             return await self._with_lock(name, work, wait)
 
-        def reduce(layer: NormLayer) -> tuple[GradSums, Mapping[str, np.ndarray]]:
+        def joined(layer: NormLayer) -> tuple[GradSums, Mapping[str, np.ndarray]]:
             _with_parameters(Snapshot(name, layer, 0), parameters)  # refuse bad parameters before joining
-            return _synced_part(layer, x), parameters
+            return reduce(layer), parameters
 
-        _, (total, start, after) = await self._synced(key, sync, deadline, finish, reduce)
-        y = await self._compute(_forward_synced, start.layer, x, total, elements=x.size)
-        return y, after, self._keep(name, x, keep_dtype, start)
+        _, result = await self._synced(key, sync, deadline, finish, joined)
+        return result
 
     async def _synced(
         self,
@@ -646,6 +696,23 @@ class Registry:
         (part, pending), total = await self._synced(key, sync, deadline, finish, reduce, snapshot)
         dx, grads = await self._compute(_backward_synced, snapshot.layer, pending, part, total, elements=x.size)
         return dx, grads, snapshot
+
+    async def gradient_statistics(
+        self, name: str, part: GradSums, sync: SyncSpec, *, wait: float | None = None
+    ) -> GradSums:
+        """A synchronized backward's sums in statistics mode: ``part``'s summed with the step's other ranks'."""
+
+        async def finish(parts: list[GradSums], owner: _Entry) -> GradSums:
+            return distributed.add(parts)
+
+        def reduce(layer: NormLayer) -> GradSums:
+            synced(layer)  # only the kinds that synchronize have synchronized backwards
+            return part
+
+        _, total = await self._synced(
+            sync.step_key(name, GRADIENT_STATISTICS_PHASE), sync, self._deadline(wait), finish, reduce
+        )
+        return total
 
     async def set_state(
         self,

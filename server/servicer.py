@@ -28,11 +28,14 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from normkernels import MAX_BATCHES_TRACKED, NormLayer
+from normkernels.core import GradSums, Moments
 from normserve.server.errors import AnswerTooLarge, InvalidRequest, ServiceError, status_for
 from normserve.server.layer_config import check_name, describe_config
 from normserve.server.logs import shorten
 from normserve.server.registry import (
     GRADIENT_PHASE,
+    GRADIENT_STATISTICS_PHASE,
     RUNNING_KEYS,
     TRAINING_PHASE,
     Registry,
@@ -63,7 +66,12 @@ DETAILS_CHARACTERS = 4096
 INLINE_STATE_BYTES = 1 << 20
 _HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
 #: The half of a synchronized step each request type joins.
-_PHASES = {pb.TrainRequest.DESCRIPTOR.name: TRAINING_PHASE, pb.GradientRequest.DESCRIPTOR.name: GRADIENT_PHASE}
+_PHASES = {
+    pb.TrainRequest.DESCRIPTOR.name: TRAINING_PHASE,
+    pb.TrainStatisticsRequest.DESCRIPTOR.name: TRAINING_PHASE,
+    pb.GradientRequest.DESCRIPTOR.name: GRADIENT_PHASE,
+    pb.GradientStatisticsRequest.DESCRIPTOR.name: GRADIENT_STATISTICS_PHASE,
+}
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,45 @@ def _streaming(
 def _state_bytes(layer: Any, keys: tuple[str, ...]) -> int:
     """Bytes of those of the layer's state tensors ``keys`` names that it has."""
     return layer.tensor_nbytes * sum(key in layer.state_keys for key in keys)
+
+
+def _running_stats(response: Any, snapshot: Snapshot) -> None:
+    """The layer's running statistics after a training batch, into ``response.running_stats``."""
+    if snapshot.layer.track_running_stats:
+        for key, value in host_state(snapshot.layer, RUNNING_KEYS).items():
+            response.running_stats[key].CopyFrom(codec.encode(value))
+
+
+def _sums(values: Any, what: str) -> np.ndarray:
+    array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise InvalidRequest(f"{what} contains NaN or Inf")
+    return array
+
+
+def _count(count: int, what: str) -> int:
+    if not 1 <= count <= MAX_BATCHES_TRACKED:
+        raise InvalidRequest(f"{what} must be at least 1 (the values behind each statistic), got {count}")
+    return count
+
+
+def batch_statistics(message: pb.BatchStatistics) -> GradSums:
+    """A BatchStatistics message as a step's part (moments: mean and biased variance per group)."""
+    count = _count(message.count, "statistics.count")
+    if len(message.mean) != len(message.m2) or not message.mean:
+        raise InvalidRequest(
+            f"statistics must give one mean and one m2 per group, got {len(message.mean)} means and "
+            f"{len(message.m2)} m2"
+        )
+    mean, m2 = _sums(message.mean, "statistics.mean"), _sums(message.m2, "statistics.m2")
+    if (m2 < 0).any():
+        raise InvalidRequest("statistics.m2 has negative entries: a sum of squared deviations is >= 0")
+    return GradSums(count, Moments(mean, m2 / count), None, None)
+
+
+def describe_statistics(total: GradSums) -> pb.BatchStatistics:
+    mean, var = (np.asarray(a, dtype=np.float64).reshape(-1) for a in total.moments)
+    return pb.BatchStatistics(count=total.count, mean=mean, m2=var * total.count)
 
 
 def describe_stats(stats: TrainingStats) -> pb.LayerStats:
@@ -263,6 +310,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         x = await self._input(request, "x", "the input batch")
         return x, self._output_dtype(request, request.x.dtype)
 
+    async def _parameters(self, request: Any, layer: NormLayer) -> dict[str, np.ndarray]:
+        """A training request's new weight and/or bias, checked against the layer."""
+        keys = tuple(key for key in ("weight", "bias") if key in layer.state_keys)
+        return await self._state_tensors(request.parameters, layer, keys, "parameters", "the layer's weight and bias")
+
     def _output_place(
         self, request: wire.Payload, shape: tuple[int, ...], dtype: int, streamed: bool, extra_bytes: int = 0
     ) -> pb.SharedMemoryRef | None:
@@ -358,6 +410,51 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             layer=describe_layer(await self._registry.delete(request.name, wait=self._wait(context)))
         )
 
+    # ------------------------------------------------------------------ statistics mode
+    @_rpc
+    async def TrainStatistics(self, request: pb.TrainStatisticsRequest, context: Any) -> pb.TrainStatisticsResponse:
+        with self._refusing_rank(request) as sync:
+            check_name(request.layer, "layer")
+            if not request.HasField("statistics"):
+                raise InvalidRequest("statistics is required: the batch's count and each group's mean and m2")
+            part = batch_statistics(request.statistics)
+            layer = self._registry.get(request.layer).layer
+            parameters = await self._parameters(request, layer)
+        total, snapshot = await self._registry.train_statistics(
+            request.layer, part, wait=self._wait(context), parameters=parameters, sync=sync
+        )
+        response = pb.TrainStatisticsResponse(
+            statistics=describe_statistics(total),
+            version=snapshot.version,
+            num_batches_tracked=snapshot.layer.num_batches_tracked,
+        )
+        _running_stats(response, snapshot)
+        return response
+
+    @_rpc
+    async def GradientStatistics(
+        self, request: pb.GradientStatisticsRequest, context: Any
+    ) -> pb.GradientStatisticsResponse:
+        with self._refusing_rank(request) as sync:
+            check_name(request.layer, "layer")
+            if sync is None:
+                raise InvalidRequest(
+                    "sync is required: GradientStatistics combines the ranks of a synchronized step; "
+                    "without sync the backward needs no server"
+                )
+            channels = math.prod(self._registry.get(request.layer).layer.param_shape)
+            if not len(request.sum_dy) == len(request.sum_dy_xmu) == channels:
+                raise InvalidRequest(
+                    f"sum_dy and sum_dy_xmu must have one entry per channel ({channels}), got "
+                    f"{len(request.sum_dy)} and {len(request.sum_dy_xmu)}"
+                )
+            count = _count(request.count, "count")
+            part = GradSums(
+                count, Moments(None, None), _sums(request.sum_dy, "sum_dy"), _sums(request.sum_dy_xmu, "sum_dy_xmu")
+            )
+        total = await self._registry.gradient_statistics(request.layer, part, sync, wait=self._wait(context))
+        return pb.GradientStatisticsResponse(count=total.count, sum_dy=total.sum_dy, sum_dy_xmu=total.sum_dy_xmu)
+
     # ------------------------------------------------------------------ compute
     async def _train(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:
         with self._refusing_rank(request) as sync:
@@ -365,10 +462,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             layer = self._registry.get(request.layer).layer
             stats = _state_bytes(layer, RUNNING_KEYS) if request.return_running_stats else 0
             place = self._output_place(request, x.shape, out, streamed, stats)
-            keys = tuple(key for key in ("weight", "bias") if key in layer.state_keys)
-            parameters = await self._state_tensors(
-                request.parameters, layer, keys, "parameters", "the layer's weight and bias"
-            )
+            parameters = await self._parameters(request, layer)
         y, snapshot, forward_id = await self._registry.train(
             request.layer,
             x,
@@ -380,9 +474,8 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         response = pb.TrainResponse(
             version=snapshot.version, num_batches_tracked=snapshot.layer.num_batches_tracked, forward_id=forward_id
         )
-        if request.return_running_stats and snapshot.layer.track_running_stats:
-            for key, value in host_state(snapshot.layer, RUNNING_KEYS).items():
-                response.running_stats[key].CopyFrom(codec.encode(value))
+        if request.return_running_stats:
+            _running_stats(response, snapshot)
         return await self._respond(response, "y", y, out, place)
 
     async def _infer(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import zlib
+from pathlib import Path
 from typing import Any
 
 import ml_dtypes
@@ -220,6 +223,23 @@ def start_server(tmp_path):
     for proc in started:
         if proc.process.poll() is None:
             proc.kill()
+
+
+#: The cross-language test's Node.js client and its npm packages (`make test` installs them when node exists).
+NODE_CLIENT = Path(__file__).parent / "node"
+
+
+@pytest.fixture(scope="session")
+def node() -> tuple[str, dict[str, str]]:
+    """(the ``node`` executable, an environment whose ``require`` finds tests/node's npm packages); skips
+    the test, saying why, on a machine without Node.js or without those packages."""
+    executable = shutil.which("node")
+    if executable is None:
+        pytest.skip("node is not installed: the cross-language (Node.js client) tests need Node.js 18+ and npm")
+    modules = NODE_CLIENT / "node_modules"
+    if not (modules / "@grpc" / "grpc-js").is_dir():
+        pytest.skip(f"the Node.js client's npm packages are missing: run `make node-deps` (npm ci in {NODE_CLIENT})")
+    return executable, {**os.environ, "NODE_PATH": str(modules)}
 
 
 def stored(values: np.ndarray, storage: str) -> np.ndarray:

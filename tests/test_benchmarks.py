@@ -101,7 +101,17 @@ def test_training_benchmark_quick_mode(tmp_path: Path) -> None:
     report = json.loads(out.read_text())
     assert [row["case"] for row in report["rows"]] == ["mlp-256x512", "conv-32x64x16x16"]
     for row in report["rows"]:
-        assert set(row["ms"]) == {"torch", "echo", "remote", "sync x1", "sync x4"}
+        assert set(row["ms"]) == {
+            "torch",
+            "echo",
+            "small echo",
+            "remote",
+            "sync x1",
+            "sync x4",
+            "stats",
+            "stats sync x1",
+            "stats sync x4",
+        }
         assert all(ms > 0 for ms in row["ms"].values())
     assert png.read_bytes().startswith(b"\x89PNG")
 

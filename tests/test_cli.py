@@ -124,3 +124,43 @@ def test_a_bad_environment_variable_is_named(args, env, message, tmp_path) -> No
     result = normserve(*args, "--state-dir" if args == ("serve",) else "--prefix", str(tmp_path), env=env)
     assert result.returncode == 2
     assert message in result.stderr
+
+
+def test_cli_commands_print_only_their_own_messages(start_server, tmp_path) -> None:
+    """gRPC's C-core log lines stay out of CLI output unless --log-level debug; no empty or contradictory errors."""
+    proc = start_server()
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=60)
+
+    tls = run("health", "--target", proc.target, "--tls", "--timeout", "5")
+    assert tls.returncode == 1
+    assert "ssl_transport_security" not in tls.stderr
+    assert "handshake" in tls.stderr.lower()
+    assert not tls.stderr.rstrip().endswith(": OK")
+    unknown = run("health", "--target", proc.target, "--service", "foo")
+    assert unknown.returncode == 1
+    assert "no health for service 'foo'" in unknown.stderr
+    busy = ["serve", "--host", "127.0.0.1", "--port", str(proc.port), "--state-dir", str(tmp_path / "other")]
+    quiet = run(*busy)
+    assert quiet.returncode == 1
+    assert "add_port" not in quiet.stderr
+    assert "cannot listen" in quiet.stderr
+    assert "add_port" in run(*busy, "--log-level", "debug").stderr
+
+
+@pytest.mark.parametrize(
+    ("argv", "environ", "debug"),
+    [
+        ([], {}, False),
+        (["serve", "--log-level", "debug"], {}, True),
+        (["serve", "--log-level=debug"], {}, True),
+        (["health"], {"NORMSERVE_LOG_LEVEL": "DEBUG"}, True),
+        (["serve", "--log-level", "info"], {"NORMSERVE_LOG_LEVEL": "debug"}, False),  # the flag wins
+        (["serve", "--log-level"], {}, False),
+    ],
+)
+def test_debug_output_is_asked_by_the_flag_or_its_variable(argv, environ, debug) -> None:
+    from normserve.tools.__main__ import debug_asked
+
+    assert debug_asked(argv, environ) is debug

@@ -92,7 +92,8 @@ def test_layers_land_on_their_ring_owner_and_the_front_end_lists_them_all(cluste
 
 
 def test_calls_through_the_proxy_equal_direct_calls_bit_for_bit(cluster, rng) -> None:
-    """Two layers with the same state: one driven through nginx, one at its replica directly."""
+    """Two layers with the same state: one driven through nginx, one at its replica directly (Train, Infer,
+    Gradient, TrainStatistics; unary, then streamed)."""
     state = {
         "weight": rng.normal(1, 0.3, 6),
         "bias": rng.normal(0, 0.3, 6),
@@ -119,6 +120,9 @@ def test_calls_through_the_proxy_equal_direct_calls_bit_for_bit(cluster, rng) ->
                 ):
                     assert a.dtype == b.dtype
                     assert a.tobytes() == b.tobytes()
+            mean, m2 = rng.normal(size=6), rng.uniform(1, 4, 6)  # statistics mode: the batch as its statistics
+            a, b = proxied.train_statistics(40, mean, m2), local.train_statistics(40, mean, m2)
+            assert [np.asarray(v).tobytes() for v in a] == [np.asarray(v).tobytes() for v in b]
             assert proxied.version == local.version
     with NormClient(cluster.front) as front:
         a, b = front.layer("bits.proxy").state_dict(), front.layer("bits.direct").state_dict()

@@ -64,6 +64,11 @@ def tensor(*shape: int, dtype=np.float32) -> pb.Tensor:
     return codec.encode(RNG.normal(size=shape).astype(dtype))
 
 
+def statistics(count: int, groups: int) -> pb.BatchStatistics:
+    """A batch's statistics: ``count`` values behind each of ``groups`` means and m2."""
+    return pb.BatchStatistics(count=count, mean=RNG.normal(size=groups), m2=RNG.uniform(0.5, 2, groups) * count)
+
+
 @dataclass(frozen=True)
 class Seed:
     """A valid call: its method path and message (unary), or its stream parts."""
@@ -117,6 +122,16 @@ def seeds() -> list[Seed]:
             pb.GradientRequest(layer="f.ln", x=tensor(3, 4), dy=tensor(3, 4), training=False),
             pb.GradientRequest(layer="f.bn", forward_id="0" * 32, dy=tensor(4, 3), sync=sync),
             pb.GradientRequest(layer="f.bn", x=in_shm, dy=tensor(4, 3), output_shared_memory=out_shm),
+        ],
+        "TrainStatistics": [
+            pb.TrainStatisticsRequest(layer="f.bn", statistics=statistics(8, 3), parameters={"bias": tensor(3)}),
+            pb.TrainStatisticsRequest(layer="f.bn", statistics=statistics(4, 3), sync=sync),
+            pb.TrainStatisticsRequest(layer="f.in", statistics=statistics(5, 6)),
+        ],
+        "GradientStatistics": [
+            pb.GradientStatisticsRequest(
+                layer="f.bn", count=4, sum_dy=RNG.normal(size=3), sum_dy_xmu=RNG.normal(size=3), sync=sync
+            ),
         ],
         "GetState": [pb.GetStateRequest(name="f.in")],
         "SetState": [

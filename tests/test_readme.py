@@ -1,4 +1,4 @@
-"""The README's Python examples run as written (client examples against the live test server)."""
+"""The README's Python and Node.js examples run as written (client examples against the live test server)."""
 
 from __future__ import annotations
 
@@ -29,3 +29,16 @@ def test_readme_python_blocks_run(server) -> None:
             timeout=60,
         ).stdout
     )
+
+
+def test_readme_node_block_runs(server, node) -> None:
+    executable, env = node
+    (code,) = re.findall(r"```js\n(.*?)```", README.read_text(), flags=re.S)
+    code = code.replace("localhost:50051", server.target)
+    result = subprocess.run(
+        [executable, "-e", code], cwd=README.parent, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    # The answer's tensor read whole by protobuf.js: dtype, shape, then x normalized per channel.
+    assert result.stdout.startswith("FLOAT32 [ 2, 3 ] [")
+    assert result.stdout.rstrip().endswith("num_batches_tracked 1")

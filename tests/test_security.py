@@ -144,6 +144,12 @@ def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[
         "Gradient": pb.GradientRequest(layer="kept", x=x, dy=x),
         "GetState": pb.GetStateRequest(name="kept"),
         "SetState": pb.SetStateRequest(name="kept", partial=True, num_batches_tracked=7),
+        "TrainStatistics": pb.TrainStatisticsRequest(
+            layer="kept", statistics=pb.BatchStatistics(count=4, mean=[0.5, 1.0], m2=[2.0, 3.0])
+        ),
+        "GradientStatistics": pb.GradientStatisticsRequest(
+            layer="kept", count=4, sum_dy=[1.0, 2.0], sum_dy_xmu=[0.5, 0.5], sync=pb.SyncGroup(id="g", world_size=1)
+        ),
         "DeleteLayer": pb.DeleteLayerRequest(name="kept"),
         "TrainStream": pb.TrainStreamRequest(head=pb.TrainRequest(layer="kept", x=x)),
         "InferStream": pb.InferStreamRequest(head=pb.InferRequest(layer="kept", x=x)),

@@ -269,3 +269,33 @@ def test_forwards_the_server_cannot_keep_are_sent_again_by_the_backward(start_se
                 _close(p.grad, q.grad, 1e-4)
         assert calls.counts["Train"] == 2 + 4  # the 2 KB Trains were refused (keep_forward) and sent again
         assert calls.counts["Gradient"] == 4 + 1  # the evicted 512 B forward: sent again with x
+
+
+def test_converting_onto_a_trained_server_layer_is_an_explicit_choice(client, layer_name):
+    """A rerun script's fresh model must not silently replace (or silently take) a trained layer's state."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    trained = remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".")
+    for _ in range(3):
+        trained(torch.randn(8, 4)).sum().backward()
+    server_before = client.layer(layer_name + ".1").state_dict()
+    assert int(server_before["num_batches_tracked"]) == 3
+
+    with pytest.raises(remote.ExistingLayerError, match=r"running_mean.*existing='adopt'"):
+        remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".")
+    after = client.layer(layer_name + ".1").state_dict()
+    for key, value in server_before.items():
+        np.testing.assert_array_equal(after[key], value)
+
+    replica = copy.deepcopy(model)  # the trained state, as a data-parallel replica converting it would hold
+    replica[1].load_state_dict({key: torch.as_tensor(value) for key, value in server_before.items()})
+    same = remote.convert_to_remote(replica, client, prefix=layer_name + ".")
+    assert int(same[1].num_batches_tracked) == 3  # equal states never conflict
+
+    resumed = remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".", existing="adopt")
+    assert int(resumed[1].num_batches_tracked) == 3
+    np.testing.assert_array_equal(resumed[1].running_mean.numpy(), server_before["running_mean"])
+
+    remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".", existing="overwrite")
+    assert int(client.layer(layer_name + ".1").state_dict()["num_batches_tracked"]) == 0
+    with pytest.raises(ValueError, match="existing must be one of"):
+        remote.convert_to_remote(copy.deepcopy(model), client, prefix=layer_name + ".", existing="merge")

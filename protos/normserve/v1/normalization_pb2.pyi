@@ -418,3 +418,75 @@ class ListSharedMemoryResponse(_message.Message):
     REGIONS_FIELD_NUMBER: _ClassVar[int]
     regions: _containers.RepeatedCompositeFieldContainer[SharedMemoryRegion]
     def __init__(self, regions: _Optional[_Iterable[_Union[SharedMemoryRegion, _Mapping]]] = ...) -> None: ...
+
+class BatchStatistics(_message.Message):
+    __slots__ = ("count", "mean", "m2")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    M2_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    mean: _containers.RepeatedScalarFieldContainer[float]
+    m2: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, count: _Optional[int] = ..., mean: _Optional[_Iterable[float]] = ..., m2: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class TrainStatisticsRequest(_message.Message):
+    __slots__ = ("layer", "statistics", "parameters", "sync")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    statistics: BatchStatistics
+    parameters: _containers.MessageMap[str, Tensor]
+    sync: SyncGroup
+    def __init__(self, layer: _Optional[str] = ..., statistics: _Optional[_Union[BatchStatistics, _Mapping]] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
+
+class TrainStatisticsResponse(_message.Message):
+    __slots__ = ("statistics", "version", "num_batches_tracked", "running_stats")
+    class RunningStatsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_STATS_FIELD_NUMBER: _ClassVar[int]
+    statistics: BatchStatistics
+    version: int
+    num_batches_tracked: int
+    running_stats: _containers.MessageMap[str, Tensor]
+    def __init__(self, statistics: _Optional[_Union[BatchStatistics, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., running_stats: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class GradientStatisticsRequest(_message.Message):
+    __slots__ = ("layer", "count", "sum_dy", "sum_dy_xmu", "sync")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_XMU_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    count: int
+    sum_dy: _containers.RepeatedScalarFieldContainer[float]
+    sum_dy_xmu: _containers.RepeatedScalarFieldContainer[float]
+    sync: SyncGroup
+    def __init__(self, layer: _Optional[str] = ..., count: _Optional[int] = ..., sum_dy: _Optional[_Iterable[float]] = ..., sum_dy_xmu: _Optional[_Iterable[float]] = ..., sync: _Optional[_Union[SyncGroup, _Mapping]] = ...) -> None: ...
+
+class GradientStatisticsResponse(_message.Message):
+    __slots__ = ("count", "sum_dy", "sum_dy_xmu")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_FIELD_NUMBER: _ClassVar[int]
+    SUM_DY_XMU_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    sum_dy: _containers.RepeatedScalarFieldContainer[float]
+    sum_dy_xmu: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, count: _Optional[int] = ..., sum_dy: _Optional[_Iterable[float]] = ..., sum_dy_xmu: _Optional[_Iterable[float]] = ...) -> None: ...

@@ -95,6 +95,16 @@ class NormalizationStub:
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.FromString,
                 _registered_method=True)
+        self.TrainStatistics = channel.unary_unary(
+                '/normserve.v1.Normalization/TrainStatistics',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.TrainStatisticsRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.TrainStatisticsResponse.FromString,
+                _registered_method=True)
+        self.GradientStatistics = channel.unary_unary(
+                '/normserve.v1.Normalization/GradientStatistics',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.FromString,
+                _registered_method=True)
         self.RegisterSharedMemory = channel.unary_unary(
                 '/normserve.v1.Normalization/RegisterSharedMemory',
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.RegisterSharedMemoryRequest.SerializeToString,
@@ -200,6 +210,20 @@ class NormalizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TrainStatistics(self, request, context):
+        """Statistics mode (see BatchStatistics): a training batch as its
+        statistics, and a synchronized backward's sums.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GradientStatistics(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterSharedMemory(self, request, context):
         """Map a POSIX shared-memory object; registering a name again with the same
         key, offset and size is a no-op, with different ones ALREADY_EXISTS.
@@ -283,6 +307,16 @@ def add_NormalizationServicer_to_server(servicer, server):
                     servicer.GradientStream,
                     request_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.SerializeToString,
+            ),
+            'TrainStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.TrainStatistics,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.TrainStatisticsRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.TrainStatisticsResponse.SerializeToString,
+            ),
+            'GradientStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.GradientStatistics,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.SerializeToString,
             ),
             'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSharedMemory,
@@ -625,6 +659,60 @@ class Normalization:
             '/normserve.v1.Normalization/GradientStream',
             normserve_dot_v1_dot_normalization__pb2.GradientStreamRequest.SerializeToString,
             normserve_dot_v1_dot_normalization__pb2.GradientStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TrainStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/TrainStatistics',
+            normserve_dot_v1_dot_normalization__pb2.TrainStatisticsRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.TrainStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradientStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/GradientStatistics',
+            normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -8,6 +8,9 @@ what any protobuf writer produces) but moves tensor elements as buffers:
 
 * :func:`serialize` joins the small fields, serialized by protobuf, with
   each tensor's header and its elements in one ``bytes.join``: one copy.
+  Every field is written once (a tensor is one occurrence, header and
+  elements), so parsers that keep only the last occurrence of a field,
+  such as protobuf.js, read it whole.
 * :func:`parse` scans the top-level fields, hands everything but the tensor
   elements to protobuf (small), and returns the elements as memoryviews of
   the received bytes: no copy.
@@ -129,6 +132,9 @@ def _tag(number: int, wire_type: int) -> bytes:
     return _varint(number << 3 | wire_type)
 
 
+_DATA_TAG = _tag(_DATA_FIELD, _LEN)  # written in front of every tensor's elements: built once
+
+
 def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     result = shift = 0
     while pos < end:
@@ -143,7 +149,7 @@ def _read_varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
     raise WireError("malformed varint")
 
 
-def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+def _fields(buf: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """(number, wire type, where the field's encoding starts, where its value starts, where it ends) of each field."""
     pos, count = start, 0
     while pos < end:
@@ -190,14 +196,26 @@ def tensor_fields(descriptor: Descriptor) -> dict[int, FieldDescriptor]:
 
 
 def _join(message: Message, data: dict[str, Any]) -> bytes:
-    parts: list[Any] = [message.SerializeToString()]
+    # Each tensor of ``data`` goes out as ONE occurrence of its field: header, then elements. protobuf
+    # merges repeated occurrences of a message field, but protobuf.js (grpc-js) and other strict parsers
+    # keep only the last, and would read a tensor split in two as dtype DTYPE_UNSPECIFIED, shape [].
+    # So the small fields are serialized from a copy without those tensors (the copy holds no elements:
+    # they are outside the message), and each tensor's header is written in front of its elements under
+    # a length prefix counted up front: the elements are copied once, by the join, as before.
+    if not data:  # a stream's head, an answer in shared memory: nothing to take out
+        return message.SerializeToString()
+    rest = type(message)()
+    rest.CopyFrom(message)
+    fields = message.DESCRIPTOR.fields_by_name
+    parts: list[Any] = [b""]  # the small fields, once the tensors are cleared from them
     for name, elements in data.items():
-        field = message.DESCRIPTOR.fields_by_name[name]
+        rest.ClearField(name)
+        header = getattr(message, name).SerializeToString()
         size = nbytes(elements)
-        data_prefix = _tag(_DATA_FIELD, _LEN) + _varint(size)
-        # A second occurrence of a message field merges into the first (protobuf's rule), so the
-        # header serialized above and this occurrence carrying only the elements make one Tensor.
-        parts += [_tag(field.number, _LEN), _varint(len(data_prefix) + size), data_prefix, elements]
+        data_prefix = _DATA_TAG + _varint(size)
+        inner = len(header) + len(data_prefix) + size
+        parts += [_tag(fields[name].number, _LEN), _varint(inner), header, data_prefix, elements]
+    parts[0] = rest.SerializeToString()
     return b"".join(parts)
 
 
@@ -229,7 +247,7 @@ def parse(message_type: type[Message], buf: bytes | memoryview) -> Payload:
             raise WireError(f"{field.name} and {message.WhichOneof(oneof.name)} are both set; send one of them")
         header: list[Any] = []
         elements = None
-        for start, end in occurrences:  # repeated occurrences merge, as protobuf merges them
+        for start, end in occurrences:  # other writers may split a tensor: occurrences merge, as in protobuf
             for inner, inner_type, inner_start, inner_value, inner_end in _fields(buf, start, end):
                 if inner == _DATA_FIELD and inner_type == _LEN:
                     elements = view[inner_value:inner_end]
