@@ -331,6 +331,7 @@ def _normserve_rebalance(*args: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------------- the commands
 def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tmp_path, rng) -> None:
     port = free_port_block(3)
+    (tmp_path / "replica-3").mkdir()  # left by an earlier cluster of 3
     process = subprocess.Popen(
         [NORMSERVE, "cluster", "--replicas", "2", "--port", str(port), "--state-dir", str(tmp_path), "--workers", "1"],
         stdout=subprocess.PIPE,
@@ -338,9 +339,10 @@ def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tm
         text=True,
     )
     try:
-        lines = [process.stdout.readline() for _ in range(3)]
+        lines = [process.stdout.readline() for _ in range(4)]
         assert lines[0].startswith(f"normserve cluster: serving on 127.0.0.1:{port}"), "".join(lines)
-        pids = [int(re.search(r"pid (\d+)", line).group(1)) for line in lines[1:]]
+        pids = [int(re.search(r"pid (\d+)", line).group(1)) for line in lines[1:3]]
+        assert f"{tmp_path / 'replica-3'} holds the state of a replica this cluster does not run" in lines[3]
         front = f"127.0.0.1:{port}"
         with NormClient(front) as nc:
             layers = [nc.create_layer(f"cli.{i}", "batch_norm", num_features=4) for i in range(8)]

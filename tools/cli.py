@@ -550,6 +550,12 @@ def _cluster(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[st
             f"log {replica.log_path}",
             flush=True,
         )
+    for folder in cluster.left_behind():
+        print(
+            f"  warning: {folder} holds the state of a replica this cluster does not run, so its layers are not "
+            "served: run `normserve serve --state-dir` on it and `normserve rebalance --drain` its address",
+            flush=True,
+        )
     code = cluster.supervise(stop)
     print("normserve cluster: stopping nginx, then the replicas (they drain in-flight calls)", flush=True)
     clean = cluster.stop(grace=grace + 10)

@@ -16,6 +16,7 @@ then run ``normserve rebalance --replicas ...`` (tools.rebalance).
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import socket
 import subprocess
@@ -119,6 +120,14 @@ class Cluster:
     def addresses(self) -> list[str]:
         """The replicas' own addresses, as nginx's upstream (and so the ring) names them."""
         return [replica.address for replica in self.replicas]
+
+    def left_behind(self) -> list[Path]:
+        """State folders of replicas beyond this cluster's (from a larger one before): their layers are served
+        by no one until a replica runs on them and ``normserve rebalance --drain`` moves the layers."""
+        indexes = (
+            int(m.group(1)) for p in self.state_dir.glob("replica-*") if (m := re.fullmatch(r"replica-(\d+)", p.name))
+        )
+        return [self.state_dir / f"replica-{i}" for i in sorted(indexes) if i > len(self.replicas)]
 
     def __enter__(self) -> Cluster:
         return self
