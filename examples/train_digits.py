@@ -118,6 +118,7 @@ def plot(results: dict[str, dict[str, list[float]]], path: Path, depth: int) -> 
     ax_acc.legend(loc="lower right", fontsize="small")
     fig.suptitle(f"digits, {depth} sigmoid hidden layers, plain SGD: batch norm on a normserve server vs none")
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
 
 
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--depth", type=int, default=10, help="hidden layers (at least 8)")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--quick", action="store_true", help="2 epochs of 8 layers: a smoke run")
-    parser.add_argument("--plot", type=Path, default=Path("digits.png"), help="PNG of the curves")
+    parser.add_argument(
+        "--plot",
+        type=Path,
+        default=Path(__file__).parent / "out" / "digits.png",
+        help="PNG of the curves (default: examples/out/; --plot examples/digits.png refreshes the docs' image)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.depth, args.epochs = 8, 2

@@ -74,7 +74,7 @@ def parse_device(spec: str | Device | None) -> Device:
         if cupy is None:
             raise DeviceError(
                 f"device {device} needs CuPy, which is not installed: "
-                "install the gpu extra (pip install 'normserve[gpu]') or use device='cpu'"
+                "install the gpu extra (from the clone: pip install -e '.[gpu]') or use device='cpu'"
             )
         count = cuda_device_count()
         if device.index >= count:

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
 import socket
 import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 from serverproc import NORMSERVE, ServerProcess, env_variables
@@ -85,7 +89,39 @@ def test_every_flag_names_its_environment_variable(command) -> None:
     text = " ".join(normserve(command, "--help").stdout.split())  # undo the help's line wrapping
     flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z-]*[a-z])", text)) - {"--help"}
     assert len(flags) >= 4
-    assert env_variables(command) == {env_name(flag) for flag in flags}
+    names = env_variables(command)
+    assert len(names) == len(flags)
+    for flag in flags:  # serve's and the shared client flags plain, a command's own flags under its name
+        assert names & {env_name(flag), env_name(flag, command)}, flag
+
+
+def _commands() -> dict[str, Any]:
+    from normserve.tools.cli import _parser
+
+    (subparsers,) = (a for a in _parser({})._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(subparsers.choices)
+
+
+def test_every_environment_variable_means_one_thing() -> None:
+    """Two commands reading one variable read it the same way (NORMSERVE_JSON was once a flag and a path)."""
+    meanings: dict[str, set[tuple]] = {}
+    for parser in _commands().values():
+        for action in parser._actions:
+            found = re.search(r"\[env (NORMSERVE_[A-Z_]+)\]", action.help or "")
+            if found:
+                meaning = (type(action).__name__, action.type, tuple(action.choices or ()), action.nargs)
+                meanings.setdefault(found[1], set()).add(meaning)
+    assert len(meanings) > 40
+    assert {name: kinds for name, kinds in meanings.items() if len(kinds) > 1} == {}
+
+
+def test_every_default_is_shown_once() -> None:
+    for command, parser in _commands().items():
+        for action in parser._actions:
+            text = action.help or ""
+            assert text.count("(default") <= 1, (command, action.option_strings)
+            if action.default not in (None, "", (), False, argparse.SUPPRESS) and action.option_strings:
+                assert "(default" in text, (command, action.option_strings)
 
 
 def test_environment_configures_the_server_and_flags_win(tmp_path) -> None:
@@ -117,7 +153,7 @@ def test_environment_configures_the_server_and_flags_win(tmp_path) -> None:
         (("serve",), {"NORMSERVE_PORT": "fifty"}, "NORMSERVE_PORT='fifty': invalid literal for int()"),
         (("serve",), {"NORMSERVE_MAX_LAYERS": "0"}, "NORMSERVE_MAX_LAYERS='0': must be > 0"),
         (("serve",), {"NORMSERVE_SYNC": "sometimes"}, "NORMSERVE_SYNC='sometimes': choose from full, normal"),
-        (("layers",), {"NORMSERVE_JSON": "maybe"}, "NORMSERVE_JSON='maybe': expected one of 1, true"),
+        (("layers",), {"NORMSERVE_LAYERS_JSON": "maybe"}, "NORMSERVE_LAYERS_JSON='maybe': expected one of 1, true"),
     ],
 )
 def test_a_bad_environment_variable_is_named(args, env, message, tmp_path) -> None:
@@ -164,3 +200,16 @@ def test_debug_output_is_asked_by_the_flag_or_its_variable(argv, environ, debug)
     from normserve.tools.__main__ import debug_asked
 
     assert debug_asked(argv, environ) is debug
+
+
+def test_default_outputs_land_in_folders_git_ignores(tmp_path) -> None:
+    """`normserve bench` and the example write into named folders, ignored here, not loose files in the cwd."""
+    root = Path(__file__).resolve().parents[1]
+    bench = {a.dest: a.default for a in _commands()["bench"]._actions}
+    example = subprocess.run(
+        [sys.executable, str(root / "examples" / "train_digits.py"), "--help"], capture_output=True, text=True
+    )
+    assert "examples/out/" in " ".join(example.stdout.split())
+    for path in (bench["json"], bench["plot"], Path("examples/out/digits.png")):
+        assert len(Path(path).parts) > 1, path
+        assert subprocess.run(["git", "-C", str(root), "check-ignore", "-q", str(path)]).returncode == 0, path

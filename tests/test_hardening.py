@@ -611,7 +611,7 @@ def _peak_bytes(proc: ServerProcess) -> int:
 
 
 def test_memory_under_load_stays_within_the_documented_bound(start_server, rng) -> None:
-    """README, Limits: a call pins at most about PER_CALL x --max-tensor-bytes; calls in progress are at most
+    """docs/service.md, Limits: a call pins at most about PER_CALL x --max-tensor-bytes; calls in progress are at most
     --max-concurrent-rpcs; kept forwards at most --forward-cache-bytes. Sixteen clients sending the largest
     tensors allowed (unary and streamed, Train with kept forwards, Infer, Gradient) stay under the sum."""
     tensor_bytes, calls, forwards = 8 * MiB, 4, 16 * MiB
@@ -657,7 +657,7 @@ def test_memory_under_load_stays_within_the_documented_bound(start_server, rng) 
     assert_alive(proc)
 
 
-#: The README's factor: a call holds its request (up to two tensors) as gRPC received it and as Python
+#: docs/service.md's factor: a call holds its request (up to two tensors) as gRPC received it and as Python
 #: reads it, float32 copies of half-precision inputs, its output in the compute and the wire dtype, the
 #: kernels' temporaries, and the answer as gRPC sends it.
 PER_CALL = 16

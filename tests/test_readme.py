@@ -1,4 +1,5 @@
-"""The README's Python and Node.js examples run as written (client examples against the live test server)."""
+"""The README's and the docs pages' examples run as written (client examples against the live test server),
+and every relative link in them leads to a file of the repository."""
 
 from __future__ import annotations
 
@@ -7,19 +8,25 @@ import subprocess
 import sys
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 
-def test_readme_python_blocks_run(server) -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
-    assert len(blocks) >= 2, "README has lost its quick start or its normkernels example"
-    client_blocks = [code for code in blocks if "NormClient(" in code]
-    assert client_blocks, "README has no client example"
-    for code in blocks:
+def _blocks(language: str) -> list[tuple[Path, str]]:
+    return [(page, code) for page in PAGES for code in re.findall(rf"```{language}\n(.*?)```", page.read_text(), re.S)]
+
+
+def test_readme_and_docs_python_blocks_run(server) -> None:
+    blocks = _blocks("python")
+    readme = [code for page, code in blocks if page == README]
+    assert len(readme) >= 2, "the README has lost its quick start or its PyTorch example"
+    assert any("NormClient(" in code for code in readme), "the README has no client example"
+    for page, code in blocks:
         code = code.replace("localhost:50051", server.target)  # the snippet's target is the test server
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert "num_batches_tracked" in result.stdout
+        assert result.returncode == 0, f"{page.name}: {result.stderr}"
+        assert "num_batches_tracked" in result.stdout, page.name
     assert (
         "encoder.bn1"
         in subprocess.run(
@@ -31,14 +38,22 @@ def test_readme_python_blocks_run(server) -> None:
     )
 
 
-def test_readme_node_block_runs(server, node) -> None:
+def test_docs_node_block_runs(server, node) -> None:
     executable, env = node
-    (code,) = re.findall(r"```js\n(.*?)```", README.read_text(), flags=re.S)
+    ((page, code),) = _blocks("js")
     code = code.replace("localhost:50051", server.target)
-    result = subprocess.run(
-        [executable, "-e", code], cwd=README.parent, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
+    result = subprocess.run([executable, "-e", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"{page.name}: {result.stderr}"
     # The answer's tensor read whole by protobuf.js: dtype, shape, then x normalized per channel.
     assert result.stdout.startswith("FLOAT32 [ 2, 3 ] [")
     assert result.stdout.rstrip().endswith("num_batches_tracked 1")
+
+
+def test_relative_links_lead_to_files() -> None:
+    for page in [*PAGES, ROOT / "SECURITY.md", ROOT / "deploy" / "nginx" / "README.md"]:
+        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text()):
+            assert (page.parent / target).exists(), f"{page.relative_to(ROOT)} links to {target}, which is missing"
+
+
+def test_the_front_page_stays_short() -> None:
+    assert README.read_text().count("\n") <= 200, "move detail into docs/ (the README is the five-minute read)"

@@ -49,6 +49,8 @@ from normserve.client.protocol import DEFAULT_STREAM_THRESHOLD
 __all__ = ["Echo", "alternate", "echo_server", "main", "normserve_server", "running", "start_process"]
 
 CHANNELS = 64
+#: Where `normserve bench` writes its report when not told: one folder, named for it (and ignored by git here).
+OUTPUT = Path("normserve-bench")
 CHUNK = 1 << 20
 SIZES = [(4 << 10, 300), (64 << 10, 150), (1 << 20, 40), (4 << 20, 16), (16 << 20, 8), (64 << 20, 4)]
 QUICK = [(4 << 10, 20), (64 << 10, 10)]
@@ -360,8 +362,8 @@ def add_arguments(add: Callable[..., Any]) -> None:
     """The bench's flags, through ``add`` (a parser's ``add_argument``, or the CLI's env-aware one)."""
     add("--target", help="a running server HOST:PORT on this host (default: start one here)")
     add("--quick", action="store_true", help="4 KB and 64 KB only, few repeats (a smoke test)")
-    add("--json", type=Path, default=Path("normserve-bench.json"), help="where to write the JSON")
-    add("--plot", type=Path, default=Path("normserve-bench.png"), help="where to write the PNG")
+    add("--json", type=Path, default=OUTPUT / "bench.json", help="where to write the JSON")
+    add("--plot", type=Path, default=OUTPUT / "bench.png", help="where to write the PNG")
     add("--concurrency-seconds", type=_seconds, default=3.0, help="length of each throughput run")
 
 
@@ -397,6 +399,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "summary": summary,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
     plot(rows, args.plot)
     print(f"wrote {args.json} and {args.plot}")

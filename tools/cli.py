@@ -34,9 +34,15 @@ _LOG_LEVELS = ("debug", "info", "warning", "error")
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
 
-def env_name(flag: str) -> str:
-    """The environment variable of a flag: ``--max-layers`` -> ``NORMSERVE_MAX_LAYERS``."""
-    return ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+def env_name(flag: str, command: str = "") -> str:
+    """The environment variable of a flag: ``--max-layers`` -> ``NORMSERVE_MAX_LAYERS``.
+
+    ``serve``'s flags and the client flags that every client command shares (``--target``, ``--tls``, ...)
+    are unqualified; another command's own flags carry its name (``layers --json`` ->
+    ``NORMSERVE_LAYERS_JSON``), so that each variable means one thing whichever command reads it.
+    """
+    scope = command.replace("-", "_").upper() + "_" if command else ""
+    return ENV_PREFIX + scope + flag.lstrip("-").replace("-", "_").upper()
 
 
 class BadEnvironment(ValueError):
@@ -76,13 +82,17 @@ def _peers(text: str) -> tuple[str, ...]:
 class _Options:
     """Adds flags to a parser, each with its environment variable as the default when set."""
 
-    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    def __init__(self, parser: argparse.ArgumentParser, environ: Mapping[str, str], command: str = "") -> None:
         self.parser = parser
         self.environ = environ
+        self.command = command  # qualifies the variables of the command's own flags (see env_name)
 
     def add(self, flag: str, **kwargs: Any) -> None:
-        name = env_name(flag)
-        kwargs["help"] = f"{kwargs.get('help', '')} [env {name}]".strip()
+        name = env_name(flag, self.command)
+        help_text = kwargs.get("help", "")
+        if "(default" not in help_text and kwargs.get("default") not in (None, "", (), False):
+            help_text += f" (default: {kwargs['default']})"  # each default shown once, by one rule
+        kwargs["help"] = f"{help_text} [env {name}]".strip()
         if name in self.environ:
             kwargs["default"] = self._from_env(name, self.environ[name], kwargs)
         self.parser.add_argument(flag, **kwargs)
@@ -253,20 +263,19 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         help="run the gRPC server",
         description="Run the gRPC server until SIGTERM/SIGINT; layer state persists in --state-dir. "
         "Every flag can also be set by the environment variable shown in brackets; flags win.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     _serve_options(_Options(serve, environ).add, ServerOptions())
 
     bench = commands.add_parser(
         "bench",
-        help="time the service against a bare gRPC echo (needs normserve[bench])",
+        help="time the service against a bare gRPC echo (needs the bench extra)",
         description="Time Train/Infer/Gradient over bytes, streams and shared memory against a bare gRPC "
         "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table, "
         "write JSON and a PNG plot. Without --target it starts a server of its own.",
     )
     from normserve.tools.bench import add_arguments as bench_options
 
-    bench_options(_Options(bench, environ).add)
+    bench_options(_Options(bench, environ, "bench").add)
 
     _cluster_parser(commands, environ)
     _rebalance_parser(commands, environ)
@@ -277,20 +286,20 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         "hashing of x-normserve-layer, and a gRPC server in front) for a conf.d folder; deploy/nginx/normserve.conf "
         "is its output for the compose file's replicas.",
     )
-    add = _Options(nginx, environ).add
+    add = _Options(nginx, environ, "nginx-config").add
     add("--replicas", type=_replica_list, required=True, help="the replicas' HOST:PORT, comma-separated")
     add("--listen", type=_listen, default="50051", help="nginx's listen address: PORT or HOST:PORT")
     add("--proxy-timeout", **_PROXY_TIMEOUT)
 
     for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
-        options = _Options(command, environ)
-        _client_options(options.add, environ)
+        _client_options(_Options(command, environ).add, environ)
+        own = _Options(command, environ, name).add
         if name == "health":
-            options.add("--service", default="", help="service to check; empty (default) means the whole server")
+            own("--service", default="", help="service to check; empty (default) means the whole server")
         else:
-            options.add("--prefix", default="", help="only names starting with this")
-            options.add("--json", action="store_true", help="one JSON object per layer")
+            own("--prefix", default="", help="only names starting with this")
+            own("--json", action="store_true", help="one JSON object per layer")
     return parser
 
 
@@ -305,9 +314,8 @@ def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
         "of its name (deploy/nginx/README.md). Waits until all are SERVING; restarts a replica that dies; SIGTERM "
         "stops nginx, then drains and stops the replicas. Any other flag is a `normserve serve` flag and goes to "
         "every replica (e.g. --workers 1 --sync normal). Needs nginx (apt-get install nginx-light).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = _Options(cluster, environ).add
+    add = _Options(cluster, environ, "cluster").add
     add("--replicas", type=_number(int, 1, maximum=MAX_REPLICAS), default=2, help="replicas to run")
     add("--port", type=_number(int, 1, maximum=65534), default=50051, help="nginx's port; replica i uses PORT+i")
     add("--host", default="127.0.0.1", help="nginx's address (0.0.0.0 or :: for all); replicas listen on 127.0.0.1")
@@ -346,7 +354,7 @@ def _rebalance_parser(commands: Any, environ: Mapping[str, str]) -> None:
         "Safe to rerun; never overwrites a copy that took Trains of its own (reported as CONFLICT). Exits 1 "
         "when a layer could not be moved.",
     )
-    add = _Options(rebalance, environ).add
+    add = _Options(rebalance, environ, "rebalance").add
     which = rebalance.add_mutually_exclusive_group(required=True)
     which.add_argument(
         "--replicas",
@@ -385,7 +393,7 @@ def _bench(args: argparse.Namespace) -> int:
 
         bench.run(args)
     except ImportError as exc:
-        print(f"normserve bench needs {exc.name}: pip install 'normserve[bench]'", file=sys.stderr)
+        print(f"normserve bench needs {exc.name}: from the clone, pip install -e '.[bench]'", file=sys.stderr)
         return 2
     return 0
 
