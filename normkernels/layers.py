@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from normkernels import core, distributed, fused, monitor
+from normkernels import compiled, core, distributed, fused, monitor
 from normkernels.backend import (
     PARAM_DTYPES,
     Array,
@@ -125,8 +125,9 @@ class _NormBase:
         self.device = parse_device(device)
         self.dtype = _param_dtype(dtype)
         self.xp = namespace(self.device)
-        # The math: generic array code (NumPy; CuPy with NORMKERNELS_FUSED=0) or the fused CUDA kernels.
-        self._math = fused if self.device.kind == "cuda" and fused.enabled() else core
+        # The math: the compiled CPU kernels (NumPy with NORMKERNELS_CPU=numpy), the fused CUDA kernels,
+        # or generic CuPy code (NORMKERNELS_FUSED=0).
+        self._math = compiled.backend() if self.device.kind == "cpu" else fused if fused.enabled() else core
         self._has = {"weight": bool(weight), "bias": bool(weight and bias)}
         self.weight: Array | None = None
         self.bias: Array | None = None
@@ -355,7 +356,7 @@ class _NormBase:
         """This worker's part of a synchronized training forward: its count and moments (host, float64)."""
         x, _, plan, dtype, _ = self._synced_prepare(x)
         with on_device(self.device):
-            moments = core.moments(x.reshape(plan.view), plan, dtype)
+            moments = self._math.moments(x.reshape(plan.view), plan, dtype)
             self._check_finite(moments)
         return distributed.on_host(core.GradSums(plan.count, moments, None, None))
 
@@ -384,7 +385,7 @@ class _NormBase:
         x, dy, plan, dtype, _ = self._synced_prepare(x, dy)
         with on_device(self.device):
             dyv = dy.reshape(plan.view)
-            centered, sums = core.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
+            centered, sums = self._math.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
             self._check_finite(sums.moments)
         return distributed.on_host(sums), SyncedBackward(x.shape, x.dtype, plan, dtype, dyv, centered)
 
@@ -404,7 +405,7 @@ class _NormBase:
                 total.count, centered.moments, *(xp.asarray(a, dtype=dtype) for a in (total.sum_dy, total.sum_dy_xmu))
             )
             weight, _ = self._params(plan, dtype)
-            dx, _, _ = core.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
+            dx, _, _ = self._math.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
             own_dy, own_dy_xmu = distributed.own_sums(part, total)
             dweight = own_dy_xmu / np.sqrt(total.moments.var + eps)
             grads = self._grads(xp.asarray(dweight), xp.asarray(own_dy))
