@@ -208,30 +208,37 @@ class WarmUp(NamedTuple):
     threads: int
 
 
+def configure_numba() -> None:
+    """Where numba caches (:func:`cache_dir`) and which threading layer it starts: before any kernel exists.
+
+    :mod:`normkernels.cpu_kernels` calls it first thing, so the kernels are configured however they are imported.
+    """
+    import numba
+
+    numba.config.CACHE_DIR = str(cache_dir())
+    # Numba's default layer (workqueue) aborts the process when parallel kernels are called from
+    # several threads at once, as the server's kernel threads do: pin a thread-safe one. TBB comes
+    # from pip (the `tbb` dependency); GNU OpenMP from the system where no TBB wheel exists.
+    forced = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
+    if forced in ("tbb", "omp"):
+        numba.config.THREADING_LAYER = forced
+    else:
+        numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "omp"
+
+
 def kernels() -> ModuleType | None:
-    """:mod:`normkernels.cpu_kernels`, numba configured first; None when numba is unusable (logged once)."""
+    """:mod:`normkernels.cpu_kernels` (numba configured); None when numba is not importable (logged once)."""
     global _kernels, _failure
     if _kernels is not None or _failure is not None:
         return _kernels
     with _lock:
         if _kernels is None and _failure is None:
             try:
-                import numba
-            except ImportError as exc:  # the documented fallback: NumPy core
+                from normkernels import cpu_kernels
+            except ImportError as exc:  # numba missing: the documented fallback is the NumPy core
                 _failure = f"numba is not importable ({exc})"
                 log.warning("compiled CPU kernels are off: %s; CPU layers run on NumPy", _failure)
                 return None
-            numba.config.CACHE_DIR = str(cache_dir())
-            # Numba's default layer (workqueue) aborts the process when parallel kernels are called from
-            # several threads at once, as the server's kernel threads do: pin a thread-safe one. TBB comes
-            # from pip (the `tbb` dependency); GNU OpenMP from the system where no TBB wheel exists.
-            forced = os.environ.get("NUMBA_THREADING_LAYER", "").strip().lower()
-            if forced in ("tbb", "omp"):
-                numba.config.THREADING_LAYER = forced
-            else:
-                numba.config.THREADING_LAYER = "tbb" if _load_tbb() else "omp"
-            from normkernels import cpu_kernels
-
             _kernels = cpu_kernels
     return _kernels
 

@@ -6,11 +6,11 @@ CPU: ``x`` is ``lines`` contiguous lines of ``K`` elements, and element
 ``(line % pmod) * pmul + (k // pdiv if pdiv else 0)`` (a
 :class:`normkernels.fused.IndexMap`). One set of kernels serves every kind.
 
-Import this module only through :func:`normkernels.compiled.kernels`, which
-configures numba first (threading layer, cache directory). Nothing compiles
-at import: :func:`normkernels.compiled.warm_up` compiles (or loads from the
-cache) the signatures in :data:`SIGNATURES`, then turns compilation off, so a
-call can never compile.
+Importing it configures numba first (:func:`normkernels.compiled.configure_numba`:
+threading layer, cache folder). Nothing compiles at import:
+:func:`normkernels.compiled.warm_up` compiles (or loads from the cache) the
+signatures in :data:`SIGNATURES`, then turns compilation off, so a call can
+never compile.
 
 Numerics: every kernel computes in the dtype of its arrays (float32 or
 float64; the caller converts float16). Statistics use a two-pass in cache:
@@ -27,6 +27,10 @@ import numba
 import numpy as np
 from numba import prange, types
 from numba.extending import overload
+
+from normkernels import compiled
+
+compiled.configure_numba()  # cache folder and threading layer, before the first kernel is defined
 
 __all__ = ["FASTMATH", "KERNELS", "SEGMENT", "SIGNATURES"]
 
@@ -160,14 +164,27 @@ def _line_moments(x):
 
 
 @_helper
+def _mean_square(x):
+    """sum(x * x) / n (float64), a segment at a time: no cancellation to fear, and Inf stays Inf."""
+    total = 0.0
+    for s0 in range(0, x.size, SEGMENT):
+        xs = x[s0 : min(s0 + SEGMENT, x.size)]
+        q = _zero_of(x)
+        for i in range(xs.size):
+            q += xs[i] * xs[i]
+        total += np.float64(q)
+    return total / x.size
+
+
+@_helper
 def _line_stats(x, center, eps):
     """A line's mean (0 without centering), variance (mean square without centering) and 1/sqrt(var + eps)."""
     z = _zero_of(x)
-    mean, m2 = _line_moments(x)
-    var = m2 / x.size
-    if not center:
-        var = var + mean * mean
-        mean = 0.0
+    if center:
+        mean, m2 = _line_moments(x)
+        var = m2 / x.size
+    else:
+        mean, var = 0.0, _mean_square(x)
     v = _as(z, var)
     return _as(z, mean), v, _as(z, 1) / np.sqrt(v + eps)
 

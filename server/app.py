@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from normkernels import parse_device
+from normkernels import compiled, parse_device
 from normserve.server.interceptors import GuardCalls, RequireToken
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
@@ -66,6 +66,7 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     finish, and the store is checkpointed and closed.
     """
     device = str(parse_device(options.device))
+    compiled.warm_up()  # every CPU kernel compiled or loaded from its cache now: none compiles inside a request
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store = StateStore(options.state_dir, options.sqlite_synchronous)

@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 
 import normkernels as nk
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 TOL = {"float32": {"rtol": 2e-4, "atol": 2e-5}, "float64": {"rtol": 1e-9, "atol": 1e-11}}
 momenta = st.one_of(st.none(), st.sampled_from([0.0, 0.1, 1.0]), st.floats(0.01, 0.99))
 eps_values = st.sampled_from([1e-5, 1e-3, 0.1])
