@@ -390,18 +390,22 @@ class CpuLauncher:
             k.reduce_cols(x, g, int(has_g), A, B, K, R, width, parts, out, chunks)
         return out
 
-    def normalize(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
-        _kernels.normalize(
-            x.reshape(-1),
-            y.reshape(-1),
-            *g[:8],
+    @staticmethod
+    def _statistics(g: _Lines, o: dict[str, Any], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray, Any, np.ndarray]:
+        """The elementwise kernels' mean, var, eps and weight arguments."""
+        return (
             _vector(o.get("mean"), g.smod, 0.0, dtype),
             _vector(o["var"], g.smod, 1.0, dtype),
             dtype.type(o["eps"]),
             _vector(o.get("weight"), g.params, 1.0, dtype),
-            _vector(o.get("bias"), g.params, 0.0, dtype),
-            _chunks(g.lines, 2 * x.nbytes, self.sm_count),
+        )
+
+    def normalize(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
+        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        stats = self._statistics(g, o, dtype)
+        bias = _vector(o.get("bias"), g.params, 0.0, dtype)
+        _kernels.normalize(
+            x.reshape(-1), y.reshape(-1), *g[:8], *stats, bias, _chunks(g.lines, 2 * x.nbytes, self.sm_count)
         )
 
     def grad_input(self, x: Array, dy: Array, dx: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
@@ -411,10 +415,7 @@ class CpuLauncher:
             dy.reshape(-1),
             dx.reshape(-1),
             *g[:8],
-            _vector(o.get("mean"), g.smod, 0.0, dtype),
-            _vector(o["var"], g.smod, 1.0, dtype),
-            dtype.type(o["eps"]),
-            _vector(o.get("weight"), g.params, 1.0, dtype),
+            *self._statistics(g, o, dtype),
             _vector(o.get("c1"), g.smod, 0.0, dtype),
             _vector(o.get("c2"), g.smod, 0.0, dtype),
             int(o.get("c2") is not None),  # training: the statistics are the batch's own

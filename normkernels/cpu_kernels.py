@@ -107,27 +107,14 @@ def _segment(x):
 
 @_helper
 def _segment_co(x, g):
-    """As :func:`_segment`, plus sum(g) and the co-moment sum((x - mean) * g)."""
-    z = _zero_of(x)
-    n = _as(z, x.size)
-    sx = z
-    sg = z
+    """As :func:`_segment`, plus sum(g) and the co-moment sum((x - mean) * g) (a third pass, still in cache)."""
+    mean, m2 = _segment(x)
+    sg = _zero_of(x)
+    co = _zero_of(x)
     for i in range(x.size):
-        sx += x[i]
         sg += g[i]
-    m = sx / n
-    c = z
-    q = z
-    cg = z
-    for i in range(x.size):
-        d = x[i] - m
-        c += d
-        q += d * d
-        cg += d * g[i]
-    m2 = q - c * c / n
-    if m2 < z:
-        m2 = z
-    return m + c / n, m2, sg, cg - c / n * sg
+        co += (x[i] - mean) * g[i]
+    return mean, m2, sg, co
 
 
 @_helper
