@@ -97,7 +97,7 @@ def wanted() -> bool:
 
 def enabled() -> bool:
     """Whether CPU layers run on the compiled kernels: wanted, and numba imports and starts its threads."""
-    return wanted() and kernels() is not None
+    return wanted() and kernels() is not None and _failure is None
 
 
 def backend() -> ModuleType:

@@ -434,6 +434,9 @@ def _backward_lines(x, dy, dx, l0, l1, K, pmod, pmul, pdiv, w, eps, center, dw, 
         m, _, r = _line_stats(xs, center, eps)
         base = (line % pmod) * pmul
         sg, sgx = _line_grad_sums(xs, dys, m, r, pdiv, w[base:], dw[base:], db[base:])
+        if center and n == 1:  # one value per statistic: dx is 0 (NaN from NaN or Inf), exactly, not up to rounding
+            dxs[0] = (xs[0] - m) * dys[0] * r
+            continue
         # dx = r * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - m) * r
         q = -r * r * r * sgx / _as(r, n)
         cst = -r * sg / _as(r, n) if center else _as(r, 0)
