@@ -20,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
 
-from normkernels import arguments, core, distributed, fused, monitor
+from normkernels import arguments, compiled, core, distributed, fused, monitor
 from normkernels.backend import (
     Array,
     Device,
@@ -100,8 +100,11 @@ class _NormBase:
         self.device = parse_device(device)
         self.dtype = arguments.param_dtype(dtype)
         self.xp = namespace(self.device)
-        # The math: generic array code (NumPy; CuPy with NORMKERNELS_FUSED=0) or the fused CUDA kernels.
-        self._math: MathBackend = fused if self.device.kind == "cuda" and fused.enabled() else core
+        # The math: the compiled CPU kernels (NumPy with NORMKERNELS_CPU=numpy), the fused CUDA kernels,
+        # or generic CuPy code (NORMKERNELS_FUSED=0).
+        self._math: MathBackend = (
+            compiled.backend() if self.device.kind == "cpu" else fused if fused.enabled() else core
+        )
         self._has = {"weight": bool(weight), "bias": bool(weight and bias)}
         self._bias_given = bool(bias)
         self.weight: Array | None = None

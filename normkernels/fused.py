@@ -413,15 +413,13 @@ def forward_train(
             var_out=var,
         )
     else:
-        mean, var = launcher.reduce("moments", geo.stats, xv, dtype=dtype)
-        if not plan.center:
-            var = var + mean * mean  # RMS norm normalizes by the mean square
+        mean, var = batch_moments(launcher, geo, plan, xv, dtype)
         launcher.normalize(
             xv,
             y,
             geo.elementwise,
             geo.train_map,
-            mean=mean if plan.center else None,
+            mean=mean,
             var=var,
             eps=eps,
             weight=w,
@@ -515,6 +513,51 @@ def backward(
     return dx, dweight, dbias
 
 
+def batch_moments(
+    launcher: Launcher, geo: Geometry, plan: core.Plan, xv: Array, dtype: np.dtype
+) -> tuple[Array | None, Array]:
+    """One reduction pass: per statistic (flat) the mean and the variance; RMS norm: None and the mean square."""
+    mean, var = launcher.reduce("moments", geo.stats, xv, dtype=dtype)
+    if not plan.center:
+        return None, var + mean * mean
+    return mean, var
+
+
+def cell_sums(
+    launcher: Launcher, geo: Geometry, plan: core.Plan, xv: Array, dyv: Array, dtype: np.dtype
+) -> tuple[Array, Array, Array, Array]:
+    """One pass over x and dy for the folding kinds (batch, instance, group norm).
+
+    Returns the mean and variance per statistic (``plan.stat_shape``), and per
+    cell of ``plan.joint_shape`` (constant in both statistic and parameter,
+    a channel of one group, say; every cell of a statistic holds the same
+    count) sum(dy) and sum(dy * (x - mean)).
+    """
+    joint, stat = plan.joint_shape, plan.stat_shape
+    mean_c, var_c, sum_dy, co = launcher.reduce("comoments", geo.cells, xv, dyv, dtype=dtype).reshape(4, *joint)
+    per_stat = math.prod(joint) // math.prod(stat)
+    mean = sum_to(mean_c, stat) / per_stat
+    var = sum_to(var_c + (mean_c - mean) ** 2, stat) / per_stat if per_stat > 1 else var_c
+    # sum(dy * (x - mean)) over a cell, from its own co-moment about the cell's mean.
+    return mean, var, sum_dy, co + (mean_c - mean) * sum_dy
+
+
+def grad_coefficients(
+    plan: core.Plan, var: Array, sum_dy: Array, sum_dy_xmu: Array, weight: Array | None, eps: float, count: int
+) -> tuple[Array, Array, Array, Array]:
+    """The grad_input kernel's c1, c2 (flat, per statistic), dweight and dbias (``plan.param_shape``).
+
+    From the statistics' variance and the per-cell sums of :func:`cell_sums`;
+    ``count`` elements stand behind each statistic.
+    """
+    stat = plan.stat_shape
+    sum_dy_xhat = core.rstd(var, eps) * sum_dy_xmu
+    weighted = (lambda a: a) if weight is None else (lambda a: a * weight)
+    c1 = sum_to(weighted(sum_dy), stat) / count
+    c2 = sum_to(weighted(sum_dy_xhat), stat) / count
+    return c1.reshape(-1), c2.reshape(-1), sum_to(sum_dy_xhat, plan.param_shape), sum_to(sum_dy, plan.param_shape)
+
+
 def _folded_coefficients(
     launcher: Launcher,
     geo: Geometry,
@@ -525,30 +568,10 @@ def _folded_coefficients(
     eps: float,
     dtype: np.dtype,
 ) -> tuple[Array, ...]:
-    """Batch, instance and group norm: one pass gives per-cell moments and co-moments, the rest is per cell.
-
-    A cell is constant in both statistic and parameter (a channel of one
-    group, say); every cell of a statistic holds the same count.
-    """
-    joint, stat = plan.joint_shape, plan.stat_shape
-    mean_c, var_c, sum_dy, co = launcher.reduce("comoments", geo.cells, xv, dyv, dtype=dtype).reshape(4, *joint)
-    per_stat = math.prod(joint) // math.prod(stat)
-    mean = sum_to(mean_c, stat) / per_stat
-    var = sum_to(var_c + (mean_c - mean) ** 2, stat) / per_stat if per_stat > 1 else var_c
-    # sum(dy * (x - mean)) over a cell, from its own co-moment about the cell's mean.
-    sum_dy_xhat = core.rstd(var, eps) * (co + (mean_c - mean) * sum_dy)
-    n = plan.count
-    weighted = (lambda a: a) if weight is None else (lambda a: a * weight)
-    c1 = sum_to(weighted(sum_dy), stat) / n
-    c2 = sum_to(weighted(sum_dy_xhat), stat) / n
-    return (
-        mean.reshape(-1),
-        var.reshape(-1),
-        c1.reshape(-1),
-        c2.reshape(-1),
-        sum_to(sum_dy_xhat, plan.param_shape),
-        sum_to(sum_dy, plan.param_shape),
-    )
+    """Batch, instance and group norm: one pass gives per-cell moments and co-moments, the rest is per cell."""
+    mean, var, sum_dy, sum_dy_xmu = cell_sums(launcher, geo, plan, xv, dyv, dtype)
+    c1, c2, dweight, dbias = grad_coefficients(plan, var, sum_dy, sum_dy_xmu, weight, eps, plan.count)
+    return mean.reshape(-1), var.reshape(-1), c1, c2, dweight, dbias
 
 
 def _row_coefficients(
@@ -587,3 +610,9 @@ def _constant_stats_param_grads(
     running_mean = 0.0 if stats.mean is None else stats.mean.astype(dtype, copy=False).reshape(shape)
     rstd = core.rstd(stats.var.astype(dtype, copy=False).reshape(shape), eps)
     return rstd * (co + (mean_c - running_mean) * sum_dy), sum_dy
+
+
+# Synchronized batch norm's passes (the layer takes them from its math module) run on the generic code.
+moments = core.moments
+grad_sums = core.grad_sums
+grad_input = core.grad_input

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import numpy as np
 
 from normkernels.backend import Array, Device
-from normkernels.core import GradSums, Moments, Plan
+from normkernels.core import Centered, GradSums, Moments, Plan
 from normkernels.monitor import BatchReport
 
 if TYPE_CHECKING:
@@ -66,7 +66,9 @@ class SyncedNorm(NormLayer, Protocol):
 
 
 class MathBackend(Protocol):
-    """The kernels a layer runs, on views shaped by a :class:`~normkernels.core.Plan`."""
+    """The kernels a layer runs, on views shaped by a :class:`~normkernels.core.Plan`: the generic array code
+    (:mod:`normkernels.core`), the compiled CPU kernels (:mod:`normkernels.compiled`) and the fused CUDA
+    kernels (:mod:`normkernels.fused`)."""
 
     def forward_train(
         self, xv: Array, plan: Plan, weight: Array | None, bias: Array | None, eps: float, dtype: np.dtype
@@ -92,4 +94,24 @@ class MathBackend(Protocol):
         eps: float,
         dtype: np.dtype,
         stats: Moments | None = None,
+    ) -> tuple[Array, Array, Array]: ...
+
+    # The pieces of a step whose statistics are combined elsewhere (normkernels.statistics).
+    def moments(self, xv: Array, plan: Plan, dtype: np.dtype) -> Moments: ...
+
+    def grad_sums(
+        self, xv: Array, dyv: Array, plan: Plan, dtype: np.dtype, stats: Moments | None = None
+    ) -> tuple[Centered, GradSums]: ...
+
+    def grad_input(
+        self,
+        centered: Centered,
+        dyv: Array,
+        plan: Plan,
+        weight: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        sums: GradSums,
+        training: bool,
+        out: Array | None = None,
     ) -> tuple[Array, Array, Array]: ...

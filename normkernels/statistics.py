@@ -47,7 +47,7 @@ def batch_statistics(layer: _NormBase, x: Any) -> core.GradSums:
     """
     x, _, plan, dtype, _ = layer._prepare(x, True, whole_batch=False)
     with on_device(layer.device):
-        moments = core.moments(x.reshape(plan.view), plan, dtype)
+        moments = layer._math.moments(x.reshape(plan.view), plan, dtype)
         layer._check_finite(moments)
     return distributed.on_host(core.GradSums(plan.count, moments, None, None))
 
@@ -70,7 +70,7 @@ def gradient_sums(layer: _NormBase, x: Any, dy: Any) -> tuple[core.GradSums, Pen
     x, dy, plan, dtype, _ = layer._prepare(x, True, dy, whole_batch=False)
     with on_device(layer.device):
         dyv = dy.reshape(plan.view)
-        centered, sums = core.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
+        centered, sums = layer._math.grad_sums(x.reshape(plan.view), dyv, plan, dtype)
         layer._check_finite(sums.moments)
     return distributed.on_host(sums), PendingBackward(x.shape, x.dtype, plan, dtype, dyv, centered)
 
@@ -91,7 +91,7 @@ def finish_backward(
             total.count, centered.moments, *(xp.asarray(a, dtype=dtype) for a in (total.sum_dy, total.sum_dy_xmu))
         )
         weight, _ = layer._params(plan, dtype)
-        dx, _, _ = core.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
+        dx, _, _ = layer._math.grad_input(centered, pending.dyv, plan, weight, eps, dtype, totals, training=True)
         own_dy, own_dy_xmu = distributed.own_sums(part, total)
         dweight = sum_to(own_dy_xmu * core.rstd(total.moments.var, eps), plan.param_shape)
         grads = layer._grads(xp.asarray(dweight), xp.asarray(sum_to(own_dy, plan.param_shape)))

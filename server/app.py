@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from normkernels import parse_device
+from normkernels import compiled, parse_device
 from normserve.server.cluster_views import ClusterViews
 from normserve.server.interceptors import GuardCalls, RequireToken
 from normserve.server.memory import Trimmer
@@ -113,6 +113,7 @@ def _build(options: ServerOptions) -> _Assembled:
             "--peers calls the peers in plaintext, so it cannot go with --tls-cert: terminate TLS at the proxy "
             "and keep the replicas on a private network (deploy/nginx/README.md)"
         )
+    compiled.warm_up()  # every CPU kernel compiled or loaded from its cache now: none compiles inside a request
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import normkernels as nk
+from normkernels import compiled, core
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -174,6 +175,20 @@ def reference_report(layer: nk.NormLayer, x: np.ndarray, y: np.ndarray, prior: d
         report["mean_shift"] = float(np.mean(np.abs(mean_b - prior["running_mean"]) / np.sqrt(run_var)))
         report["log_var_shift"] = float(np.mean(np.abs(np.log((var_b + layer.eps) / run_var))))
     return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels() -> None:
+    """Compile (or load) the CPU kernels once, first: the servers the tests start then load them from the cache."""
+    compiled.warm_up()
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_math(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a kernel test on both CPU paths: the compiled kernels and the NumPy core (NORMKERNELS_CPU)."""
+    monkeypatch.setenv("NORMKERNELS_CPU", request.param)
+    assert compiled.backend() is (compiled if request.param == "numba" else core)  # numba is a dependency
+    return request.param
 
 
 @pytest.fixture

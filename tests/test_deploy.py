@@ -23,6 +23,7 @@ from serverproc import NORMSERVE, ServerProcess, env_variables
 from test_observability import free_port, scrape
 
 import normkernels as nk
+from normkernels import compiled
 from normserve.client import NormClient
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,6 +75,8 @@ def container(service: str, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
         "NORMSERVE_PORT": str(free_port()),
         "NORMSERVE_METRICS_PORT": str(free_port()),
         "NORMSERVE_STATE_DIR": str(tmp_path / "state"),
+        # The image's kernel cache holds kernels compiled at build time; here the test session's does.
+        "NORMKERNELS_CACHE_DIR": str(compiled.cache_dir()),
     }
     return argv, env
 

@@ -10,6 +10,9 @@ import torch
 import normkernels as nk
 from normkernels import distributed
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 SPLITS = [(3, 5, 1), (1, 1), (2,), (7, 2, 4, 1)]
 
 

@@ -8,6 +8,9 @@ from conftest import randomize, snapshot
 
 import normkernels as nk
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 
 @pytest.fixture
 def layers(rng) -> dict[str, nk.NormLayer]:

@@ -8,6 +8,9 @@ from conftest import clone, input_shape, randomize
 
 import normkernels as nk
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 CONFIGS = [
     ("batch_norm", {"num_features": 3}, (2,)),
     ("batch_norm", {"num_features": 4}, ()),

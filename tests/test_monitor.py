@@ -11,6 +11,9 @@ from conftest import randomize, reference_report, snapshot
 import normkernels as nk
 from normkernels.monitor import HALF_LOG_2PI_E
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 CASES = [
     ("batch_norm", {"num_features": 4}, (6, 4, 5)),
     ("batch_norm", {"num_features": 3, "biased_running_var": True, "momentum": None}, (5, 3, 2, 3)),

@@ -9,6 +9,9 @@ from conftest import input_shape, randomize, reference_forward, snapshot
 import normkernels as nk
 from normkernels.backend import dot_to, sum_to
 
+# Every test runs on the compiled CPU kernels and on the NumPy core.
+pytestmark = pytest.mark.usefixtures("cpu_math")
+
 LAYERS = [
     lambda: nk.BatchNorm(4),
     lambda: nk.InstanceNorm(4, affine=True, track_running_stats=True),
