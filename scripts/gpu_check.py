@@ -46,6 +46,7 @@ CARRIED = (
     "protobuf==7.36.2",
     "grpcio-health-checking==1.85.1",
     "grpcio-reflection==1.85.1",
+    "tbb==2023.2.0",  # numba's thread-safe threading layer for the compiled CPU kernels (not in the image)
 )
 #: The distributions the GPU tests rely on that the GPU machine's Python already
 #: holds (its image lists them; torch there is a CUDA 13 build, CuPy is
@@ -63,6 +64,8 @@ DEVICE_PROVIDES = (
     "hypothesis",
     "sortedcontainers",
     "torch",
+    "numba",
+    "llvmlite",
     "filelock",
     "typing_extensions",
     "sympy",
