@@ -61,7 +61,10 @@ def normalize(layer: _NormBase, x: Any, statistics: core.GradSums) -> Array:
         )
         weight, bias = layer._params(plan, dtype)
         eps = layer._eps_for(dtype)
-        y = layer._math.forward_eval(x.reshape(plan.view), plan, core.Moments(*moments), weight, bias, eps, dtype)
+        # The compiled and fused eval kernels index statistics as they index running statistics, per
+        # parameter: statistics of another shape (per sample, per row) take the generic code.
+        math = layer._math if plan.stat_shape == plan.param_shape else core
+        y = math.forward_eval(x.reshape(plan.view), plan, core.Moments(*moments), weight, bias, eps, dtype)
         return y.reshape(x.shape).astype(x.dtype, copy=False)
 
 
