@@ -310,7 +310,8 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         request = protocol.train_statistics_request(self.name, count, mean, m2, sync, parameters)
         result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)))
         self.info.version, self.info.num_batches_tracked = result.version, result.num_batches_tracked
-        self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
+        if result.running_mean is not None:
+            self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
         return result
 
     @operation

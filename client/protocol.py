@@ -555,8 +555,8 @@ class TrainedStatistics(NamedTuple):
     count: int
     mean: np.ndarray
     var: np.ndarray  # biased
-    running_mean: np.ndarray
-    running_var: np.ndarray
+    running_mean: np.ndarray | None  # None: the layer keeps no running statistics (a synchronized batch norm)
+    running_var: np.ndarray | None
     num_batches_tracked: int
     version: int
 
@@ -599,8 +599,8 @@ def trained_statistics(response: pb.TrainStatisticsResponse) -> TrainedStatistic
         statistics.count,
         mean,
         m2 / statistics.count,
-        running["running_mean"],
-        running["running_var"],
+        running.get("running_mean"),
+        running.get("running_var"),
         response.num_batches_tracked,
         response.version,
     )

@@ -257,18 +257,23 @@ class RemoteNorm(nn.Module):
         self.num_batches_tracked.fill_(num_batches_tracked)
 
     def _forward_with_statistics(self, x: torch.Tensor) -> torch.Tensor:
-        """Statistics mode: torch computes; a training batch of a layer with running statistics sends its
-        per-group statistics (and changed parameters), and mirrors the running statistics that come back."""
+        """Statistics mode: torch computes. A training batch of a layer with running statistics, or of a
+        synchronized batch norm, sends its per-group statistics (and changed parameters); the running
+        statistics that come back are mirrored."""
         batch = self.training or not self._tracks()  # normalize with the batch's own statistics
-        if not (self.training and self._tracks()):
+        synchronized = self.training and self.sync_group is not None
+        if not (self.training and self._tracks()) and not synchronized:
             return _LOCAL_FORWARD[self.kind](self, x, batch)  # these forwards change nothing on the server
         sync = self._next_sync()
         changed = self._changed_parameters()
         exact = x.dtype in (torch.float32, torch.float64)  # else torch's own forward, statistics in float32
-        y, count, mean, m2 = _normalized(self, x if exact and sync is None else x.detach().float())
+        values = x if exact else x.detach().float()
+        y, count, mean, m2 = _normalized(self, values.detach() if synchronized else values)
         result = self._layer.train_statistics(count, mean, m2, sync=sync, parameters=changed)
         self._sent.update({key: value.clone() for key, value in changed.items()})
-        self._mirror(self._layer.running_stats, result.num_batches_tracked)
+        if result.running_mean is not None:  # this module's own answer, not a handle other modules may share
+            running = {"running_mean": result.running_mean, "running_var": result.running_var}
+            self._mirror(running, result.num_batches_tracked)
         if sync is not None:
             return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
         return y if exact else _LOCAL_FORWARD[self.kind](self, x, batch)
@@ -410,6 +415,11 @@ class _SyncedStatistics(torch.autograd.Function):
         dims = [0, *range(2, x.dim())]
         xmu, dyc = x.to(ctx.compute) - ctx.mean, dy.to(ctx.compute)
         sum_dy, sum_dy_xmu = dyc.sum(dims), (dyc * xmu).sum(dims)
+        # As SyncBatchNorm: this rank's own parameter gradients (DDP sums them over the ranks).
+        dweight = None if weight is None else (sum_dy_xmu * ctx.invstd.view(-1)).to(weight.dtype)
+        dbias = None if weight is None else sum_dy.to(weight.dtype)
+        if not ctx.needs_input_grad[1]:  # no dx wanted (frozen inputs): no rank asks for the combined sums
+            return None, None, dweight, dbias, None, None
         step = ctx.module._layer.gradient_statistics(x.numel() // x.shape[1], sum_dy, sum_dy_xmu, sync=ctx.sync)
         mean_dy, mean_dy_xmu = (
             torch.as_tensor(total / step.count, dtype=ctx.compute, device=x.device).view_as(ctx.mean)
@@ -417,9 +427,6 @@ class _SyncedStatistics(torch.autograd.Function):
         )
         scale = ctx.invstd if weight is None else ctx.invstd * weight.view_as(ctx.mean)
         dx = (dyc - mean_dy - xmu * ctx.invstd * ctx.invstd * mean_dy_xmu) * scale
-        # As SyncBatchNorm: this rank's own parameter gradients (DDP sums them over the ranks).
-        dweight = None if weight is None else (sum_dy_xmu * ctx.invstd.view(-1)).to(weight.dtype)
-        dbias = None if weight is None else sum_dy.to(weight.dtype)
         return None, dx.to(x.dtype), dweight, dbias, None, None
 
 
@@ -440,8 +447,10 @@ def _normalized(module: RemoteNorm, x: torch.Tensor) -> tuple[torch.Tensor, int,
     y, mean, invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, module.eps)
     count = view.numel() // view.shape[1]
     with torch.no_grad():
-        m2 = (invstd.double().pow(-2) - module.eps).clamp_min(0) * count
-    return y.reshape(x.shape), count, mean.detach().double(), m2
+        var = (invstd.double().pow(-2) - module.eps).clamp_min(0)
+        if bool((var < module.eps).any()):  # invstd no longer carries the variance's digits: compute it
+            var = torch.var_mean(view.detach().double(), dim=[0, *range(2, view.dim())], correction=0)[0]
+    return y.reshape(x.shape), count, mean.detach().double(), var * count
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:

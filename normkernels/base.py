@@ -324,15 +324,17 @@ class _NormBase:
             )
             return dx.reshape(x.shape).astype(x.dtype, copy=False), self._grads(dweight, dbias)
 
-    def check_statistics(self, part: core.GradSums) -> core.GradSums:
+    def check_statistics(self, part: core.GradSums, synchronized: bool = False) -> core.GradSums:
         """A batch's statistics (statistics mode) checked against this layer before anything changes, and
         laid out as the layer's own (float64, host; backward sums zero).
 
         ``part``: the count behind each statistic and each group's mean and
         biased variance, groups in the order of this kind's statistics (a
         channel's for batch norm, a sample's channel's for instance norm).
+        Alone, they are only useful to a layer with running statistics;
+        ``synchronized`` parts are combined first, which any batch norm needs.
         """
-        if not self.track_running_stats:
+        if not (self.track_running_stats or synchronized):
             raise ConfigError(
                 f"{type(self).__name__} keeps no running statistics (track_running_stats=False): a batch's "
                 "statistics change nothing on it, so statistics mode needs no call for it"
@@ -352,10 +354,12 @@ class _NormBase:
             core.GradSums(part.count, core.Moments(mean.reshape(shape), var.reshape(shape)), None, None)
         )
 
-    def track_statistics(self, total: core.GradSums, sent_by: str = "the batch") -> monitor.BatchReport:
-        """Fold a training batch given as its statistics into the running statistics, as its forward would;
-        returns the batch's monitoring report, computed from the statistics (see :meth:`check_statistics`)."""
-        mean, var = self.check_statistics(total).moments
+    def track_statistics(self, total: core.GradSums, sent_by: str = "") -> monitor.BatchReport:
+        """Fold a training batch given as its statistics into the running statistics (if the layer keeps
+        them), as its forward would; returns the batch's monitoring report, computed from the statistics
+        (see :meth:`check_statistics`). ``sent_by`` names the ranks of a synchronized step."""
+        mean, var = self.check_statistics(total, synchronized=bool(sent_by)).moments
+        sent_by = sent_by or "the batch"
         if total.count < 2:
             raise ShapeError(
                 f"{type(self).__name__} needs more than 1 value per channel to compute batch statistics; "

@@ -157,7 +157,7 @@ _backward_synced = _OnDevice("backward_synced", 0, _host_gradients, synced=True)
 
 def _checked_statistics(layer: NormLayer, part: GradSums) -> GradSums:
     """A rank's statistics, refused before it joins its step when they do not fit the layer."""
-    return synced(layer).check_statistics(part)
+    return synced(layer).check_statistics(part, synchronized=True)
 
 
 def host_state(layer: NormLayer, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:

@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from normkernels import MAX_BATCHES_TRACKED, NormLayer
+from normkernels import NormLayer
 from normkernels.core import GradSums, Moments
 from normserve.server.errors import AnswerTooLarge, InvalidRequest, ServiceError, status_for
 from normserve.server.layer_config import check_name, describe_config
@@ -162,9 +162,14 @@ def _sums(values: Any, what: str) -> np.ndarray:
     return array
 
 
+#: Values one rank's statistics may stand for (2**40: terabytes of batch): exact as float64, and a step's sum
+#: over up to 2**16 ranks (--max-world-size's ceiling) still fits the answer's uint64.
+MAX_STATISTICS_COUNT = 2**40
+
+
 def _count(count: int, what: str) -> int:
-    if not 1 <= count <= MAX_BATCHES_TRACKED:
-        raise InvalidRequest(f"{what} must be at least 1 (the values behind each statistic), got {count}")
+    if not 1 <= count <= MAX_STATISTICS_COUNT:
+        raise InvalidRequest(f"{what} (the values behind each statistic) must be in [1, 2**40], got {count}")
     return count
 
 

@@ -331,3 +331,62 @@ def test_sync_batch_norm_in_statistics_mode_matches_torch_on_the_whole_batch(ser
         for answer in answers:
             torch.testing.assert_close(answer[4], twin.running_var, rtol=1e-5, atol=1e-6)
         twin.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sync_batch_norm_without_running_statistics_in_statistics_mode(server, client, layer_name, dtype) -> None:
+    """Untracked batch norm still shares its batch statistics (as torch's SyncBatchNorm); float64 stays float64."""
+    channels, sizes = 3, (4, 2)
+    twin = torch.nn.BatchNorm1d(channels, track_running_stats=False, dtype=dtype)
+    torch.manual_seed(7)
+    xs = [torch.randn(n, channels, 5, dtype=dtype) * 3 + 1 for n in sizes]
+    dys = [torch.randn(n, channels, 5, dtype=dtype) for n in sizes]
+    group = SyncGroup(layer_name, world_size=len(sizes), rank=0)
+
+    def work(nc: NormClient, rank: int):
+        module = RemoteBatchNorm1d(
+            channels,
+            track_running_stats=False,
+            dtype=dtype,
+            client=nc,
+            name=layer_name,
+            mode="statistics",
+            sync_group=SyncGroup(group.id, len(sizes), rank),
+        )
+        x = xs[rank].clone().requires_grad_()
+        y = module(x)
+        y.backward(dys[rank])
+        return y.detach(), x.grad
+
+    answers = _ranks(server.target, len(sizes), work)
+    x = torch.cat(xs).requires_grad_()
+    y = twin(x)
+    y.backward(torch.cat(dys))
+    tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(torch.cat([a[0] for a in answers]), y.detach(), **tol)
+    torch.testing.assert_close(torch.cat([a[1] for a in answers]), x.grad, **tol)
+
+
+def test_a_synchronized_backward_without_input_gradients_makes_no_call(server, client, layer_name) -> None:
+    """Frozen inputs (no dx wanted): like SyncBatchNorm, no rank combines backward sums, and none waits."""
+    group = SyncGroup(layer_name, world_size=2, rank=0)
+    xs = [torch.randn(3, 2, 4), torch.randn(5, 2, 4)]
+
+    def work(nc: NormClient, rank: int):
+        module = RemoteBatchNorm1d(
+            2, client=nc, name=layer_name, mode="statistics", sync_group=SyncGroup(group.id, 2, rank)
+        )
+        module(xs[rank]).square().sum().backward()
+        return module.weight.grad.clone()
+
+    grads = _ranks(server.target, 2, work)
+    twin = torch.nn.BatchNorm1d(2)
+    twin(torch.cat(xs)).square().sum().backward()
+    torch.testing.assert_close(grads[0] + grads[1], twin.weight.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_counts_beyond_any_batch_are_refused(client, layer_name) -> None:
+    bn = client.create_layer(layer_name, "batch_norm", num_features=2)
+    with pytest.raises(InvalidArgument, match=r"in \[1, 2\*\*40\]"):
+        bn.train_statistics(2**41, [0.0, 0.0], [1.0, 1.0])
+    assert bn.refresh().version == 1
