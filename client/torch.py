@@ -145,7 +145,9 @@ class RemoteNorm(nn.Module):
         self.client = client
         self.layer_name = name
         self.mode = mode
-        self.sync_group = sync_group
+        # Only batch norm shares statistics across workers (as convert_sync_batchnorm converts only it): the
+        # other kinds normalize each sample alone, so a group given to a whole model applies to its batch norms.
+        self.sync_group = sync_group if self.kind == "batch_norm" else None
         #: Training forwards so far: the step number of the next synchronized step.
         self.sync_step = 0
         self._sent: dict[str, torch.Tensor] = {}  # parameter values the server holds (as last sent or read)

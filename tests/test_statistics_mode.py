@@ -390,3 +390,14 @@ def test_counts_beyond_any_batch_are_refused(client, layer_name) -> None:
     with pytest.raises(InvalidArgument, match=r"in \[1, 2\*\*40\]"):
         bn.train_statistics(2**41, [0.0, 0.0], [1.0, 1.0])
     assert bn.refresh().version == 1
+
+
+@pytest.mark.parametrize("mode", ["tensors", "statistics"])
+def test_a_sync_group_given_to_a_whole_model_applies_to_its_batch_norms(client, layer_name, mode) -> None:
+    group = SyncGroup(f"{layer_name}-{mode}", world_size=1, rank=0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.BatchNorm1d(6), torch.nn.LayerNorm(6))
+    remote = convert_to_remote(model, client, prefix=f"{layer_name}.{mode}.", mode=mode, sync_group=group)
+    assert remote[1].sync_group == group
+    assert remote[2].sync_group is None
+    remote(torch.randn(5, 4)).sum().backward()  # the layer norm trains as ever; the batch norm in the group
+    assert remote[1].sync_step == 1
