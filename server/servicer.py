@@ -163,7 +163,7 @@ def _sums(values: Any, what: str) -> np.ndarray:
 
 
 #: Values one rank's statistics may stand for (2**40: terabytes of batch): exact as float64, and a step's sum
-#: over up to 2**16 ranks (--max-world-size's ceiling) still fits the answer's uint64.
+#: over up to 2**20 ranks (--max-world-size's ceiling) still fits the answer's uint64.
 MAX_STATISTICS_COUNT = 2**40
 
 

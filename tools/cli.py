@@ -198,7 +198,7 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     )
     add(
         "--max-world-size",
-        type=_number(int, 1, maximum=1 << 16),
+        type=_number(int, 1, maximum=1 << 20),
         default=defaults.max_world_size,
         help="most ranks in one synchronized step (SyncGroup.world_size)",
     )
