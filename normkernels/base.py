@@ -354,12 +354,12 @@ class _NormBase:
             core.GradSums(part.count, core.Moments(mean.reshape(shape), var.reshape(shape)), None, None)
         )
 
-    def track_statistics(self, total: core.GradSums, sent_by: str = "") -> monitor.BatchReport:
+    def track_statistics(self, total: core.GradSums, synchronized: bool = False) -> monitor.BatchReport:
         """Fold a training batch given as its statistics into the running statistics (if the layer keeps
         them), as its forward would; returns the batch's monitoring report, computed from the statistics
-        (see :meth:`check_statistics`). ``sent_by`` names the ranks of a synchronized step."""
-        mean, var = self.check_statistics(total, synchronized=bool(sent_by)).moments
-        sent_by = sent_by or "the batch"
+        (see :meth:`check_statistics`). ``synchronized``: ``total`` combines the ranks of a step."""
+        mean, var = self.check_statistics(total, synchronized).moments
+        sent_by = "all workers of the step together" if synchronized else "the batch"
         if total.count < 2:
             raise ShapeError(
                 f"{type(self).__name__} needs more than 1 value per channel to compute batch statistics; "

@@ -130,7 +130,7 @@ class BatchNorm(_TrackedNorm):
 
     def track_synced(self, total: core.GradSums) -> BatchReport:
         """Check a synchronized step's combined statistics and fold them into the running statistics."""
-        return self.track_statistics(total, sent_by="all workers of the step together")
+        return self.track_statistics(total, synchronized=True)
 
     def forward_synced(self, x: Any, total: core.GradSums) -> Array:
         """Training-mode output for this worker's x, normalized with the combined statistics."""

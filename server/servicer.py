@@ -174,16 +174,10 @@ def _count(count: int, what: str) -> int:
 
 
 def batch_statistics(message: pb.BatchStatistics) -> GradSums:
-    """A BatchStatistics message as a step's part (moments: mean and biased variance per group)."""
+    """A BatchStatistics message as a step's part (moments: mean and biased variance per group); the layer
+    checks the groups against itself (``check_statistics``) before anything changes."""
     count = _count(message.count, "statistics.count")
-    if len(message.mean) != len(message.m2) or not message.mean:
-        raise InvalidRequest(
-            f"statistics must give one mean and one m2 per group, got {len(message.mean)} means and "
-            f"{len(message.m2)} m2"
-        )
-    mean, m2 = _sums(message.mean, "statistics.mean"), _sums(message.m2, "statistics.m2")
-    if (m2 < 0).any():
-        raise InvalidRequest("statistics.m2 has negative entries: a sum of squared deviations is >= 0")
+    mean, m2 = (np.asarray(values, dtype=np.float64) for values in (message.mean, message.m2))
     return GradSums(count, Moments(mean, m2 / count), None, None)
 
 
