@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,18 +19,26 @@ from grpc_reflection.v1alpha import reflection
 
 from normkernels import compiled, parse_device
 from normserve.server.cluster_views import ClusterViews
-from normserve.server.interceptors import GuardCalls, RequireToken
+from normserve.server.interceptors import GuardCalls, RequireToken, UntilReady
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
 from normserve.server.security import TlsFiles, TokenSet
 from normserve.server.servicer import SERVICE_NAME, Limits, NormalizationServicer
 from normserve.server.shared_memory import SharedMemoryRegions
-from normserve.server.store import StateStore
+from normserve.server.store import DEFAULT_KEEP_VERSIONS, StateStore
 
-__all__ = ["SERVICE_NAME", "ServerOptions", "run"]
+__all__ = ["LIVENESS_SERVICE", "SERVICE_NAME", "ServerOptions", "run"]
 
 log = logging.getLogger("normserve")
+#: The health service that answers SERVING as soon as the server listens (liveness: the process is up), while
+#: "" and SERVICE_NAME (readiness) answer NOT_SERVING until the kernels are warm, as Triton's /v2/health/live
+#: and /v2/health/ready.
+LIVENESS_SERVICE = "liveness"
+_WARMING_UP = (
+    "the server is starting: its CPU kernels are compiling (a first start on a machine takes minutes, later "
+    "starts about a second); health answers NOT_SERVING until it is ready. Retry, or wait for SERVING"
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,7 @@ class ServerOptions:
     max_layers: int = 10_000
     max_layer_state_bytes: int = 64 << 20  # parameters and running statistics of one layer
     max_state_bytes: int = 4 << 30  # of all layers together
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # states of each layer kept to read or roll back to, the current one too
     max_concurrent_rpcs: int | None = None  # None: no limit; more answer RESOURCE_EXHAUSTED
     grace_period: float = 30.0
     sqlite_synchronous: str = "FULL"
@@ -79,11 +92,12 @@ class _Assembled:
     trimmer: Trimmer
     token_auth: bool
     views: ClusterViews | None  # None: no peers, every call answered for this server alone
+    gate: UntilReady  # refuses layer calls until the kernels are warm
 
 
 def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Registry, int]:
     """The store under ``state_dir``, and a registry holding every layer it could restore (how many: the int)."""
-    store = StateStore(options.state_dir, options.sqlite_synchronous)
+    store = StateStore(options.state_dir, options.sqlite_synchronous, options.keep_versions)
     registry = Registry(
         store,
         default_device=device,
@@ -113,7 +127,6 @@ def _build(options: ServerOptions) -> _Assembled:
             "--peers calls the peers in plaintext, so it cannot go with --tls-cert: terminate TLS at the proxy "
             "and keep the replicas on a private network (deploy/nginx/README.md)"
         )
-    compiled.warm_up()  # every CPU kernel compiled or loaded from its cache now: none compiles inside a request
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)
@@ -125,6 +138,8 @@ def _build(options: ServerOptions) -> _Assembled:
     ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
+    gate = UntilReady((SERVICE_NAME,), _WARMING_UP)
+    interceptors.append(gate)
     views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
     if views is not None:  # innermost: only calls that passed the guards and the token check fan out
         interceptors.append(views)
@@ -161,6 +176,7 @@ def _build(options: ServerOptions) -> _Assembled:
         trimmer=trimmer,
         token_auth=tokens is not None,
         views=views,
+        gate=gate,
     )
 
 
@@ -191,9 +207,10 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
 
+    await assembled.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", SERVICE_NAME):  # ready once the kernels are warm (_become_ready)
+        await assembled.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await assembled.server.start()
-    for service in ("", SERVICE_NAME):
-        await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
     security = "plaintext" if options.tls is None else options.tls.describe()
     log.info(
         "normserve listening on %s (%s%s, device %s, %d layer(s) restored from %s)",
@@ -221,6 +238,48 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
         )
 
 
+def _in_daemon_thread(work: Callable[[], object]) -> asyncio.Future:
+    """``work()`` on a thread of its own, as a future of the running loop. A daemon thread: a server told to
+    stop while it works (compiling kernels, minutes) exits without waiting for it."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="normserve-warm-up", daemon=True).start()
+    return future
+
+
+async def _become_ready(assembled: _Assembled) -> None:
+    """Warm the CPU kernels (compiled, or loaded from numba's cache: none compiles inside a request), then
+    open the layer calls and turn health SERVING."""
+    log.info(
+        "warming up the CPU kernels: health answers NOT_SERVING (%r: SERVING) and layer calls UNAVAILABLE "
+        "until they are ready",
+        LIVENESS_SERVICE,
+    )
+    started = time.perf_counter()
+    await _in_daemon_thread(compiled.warm_up)
+    assembled.gate.ready()
+    for service in ("", SERVICE_NAME):
+        await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready: SERVING (kernels warm after %.1f s)", time.perf_counter() - started)
+
+
 async def _shutdown(assembled: _Assembled) -> None:
     """Health turns NOT_SERVING, the server stops accepting calls and gives in-flight ones ``grace_period``
     seconds, started writes finish, and the store is checkpointed and closed."""
@@ -243,6 +302,12 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
     stop = stop or asyncio.Event()
     await _listen(assembled, stop)
     trimming = asyncio.ensure_future(assembled.trimmer.run())
+    warming = asyncio.ensure_future(_become_ready(assembled))
+    warming.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
     trimming.cancel()
+    failure = warming.exception() if warming.done() and not warming.cancelled() else None
+    warming.cancel()
     await _shutdown(assembled)
+    if failure is not None:
+        raise failure  # the kernels could not be readied: the server stops, saying why

@@ -29,6 +29,7 @@ __all__ = [
     "SyncAborted",
     "SyncTimeout",
     "TooManyLayers",
+    "VersionNotKept",
     "WaitTimeout",
     "status_for",
 ]
@@ -49,6 +50,18 @@ class LayerNotFound(ServiceError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no layer named {name!r}; create it with CreateLayer (ListLayers shows what exists)")
+
+
+class VersionNotKept(ServiceError):
+    """A version of a layer the server does not keep (any more, or yet)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, name: str, version: int, oldest: int, current: int) -> None:
+        super().__init__(
+            f"layer {name!r} has no version {version}: the server keeps versions {oldest} to {current} "
+            "(the last --keep-versions; GetLayer's oldest_version and version)"
+        )
 
 
 class LayerExists(ServiceError):

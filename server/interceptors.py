@@ -46,7 +46,7 @@ from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
 from normserve.v1.routing import LAYER_HEADER, layer_of
 
-__all__ = ["GuardCalls", "Malformed", "RequireToken", "same_kind"]
+__all__ = ["GuardCalls", "Malformed", "RequireToken", "UntilReady", "same_kind"]
 
 access_log = logging.getLogger("normserve.access")
 
@@ -59,6 +59,9 @@ _KINDS = {
 #: Health checks are exempt from authentication: load balancers and container
 #: health checks carry no token.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+#: Failures that are a normal answer, not a problem: logged at INFO, not WARNING. NOT_FOUND is how a client
+#: probes for a layer before it creates it.
+_QUIET_FAILURES = {grpc.StatusCode.NOT_FOUND: logging.INFO}
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:
@@ -125,6 +128,31 @@ class RequireToken(grpc.aio.ServerInterceptor):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
 
         return same_kind(handler, deny)
+
+
+class UntilReady(grpc.aio.ServerInterceptor):
+    """UNAVAILABLE, saying why, for the calls of ``services`` until :meth:`ready`; other services (health,
+    reflection) answer at once. The server listens while it warms up, and a client retries UNAVAILABLE."""
+
+    def __init__(self, services: tuple[str, ...], why: str) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
+        self._why: str | None = why
+
+    def ready(self) -> None:
+        self._why = None
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        why = self._why
+        if why is None or handler is None or not details.method.startswith(self._prefixes):
+            return handler
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
+
+        return same_kind(handler, refuse)
 
 
 class _Call:
@@ -250,7 +278,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     """Runs every call safely (see the module doc), counts, times and logs it.
 
     Metrics by method and code; successful calls log at debug level, failed
-    ones at warning with the layer, the code and the message the client got.
+    ones at warning (NOT_FOUND: info) with the layer, the code and the message the client got.
     ``idle_seconds`` bounds how long a stream may wait on a silent peer;
     ``moved(bytes)`` hears how many bytes each call received and sent.
     """
@@ -319,7 +347,8 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         if self._metrics is not None:
             self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent)
         failed = code != grpc.StatusCode.OK
-        if not access_log.isEnabledFor(logging.WARNING if failed else logging.DEBUG):
+        level = _QUIET_FAILURES.get(code, logging.WARNING) if failed else logging.DEBUG
+        if not access_log.isEnabledFor(level):
             return  # the usual case of a successful call: no log line to build
         fields = {
             "method": call.method,
@@ -332,7 +361,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         }
         if failed:
             fields["details"] = details
-            access_log.warning("%s failed: %s", call.method, code.name, extra={"fields": fields})
+            access_log.log(level, "%s failed: %s", call.method, code.name, extra={"fields": fields})
         else:
             access_log.debug("%s ok", call.method, extra={"fields": fields})
 

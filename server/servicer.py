@@ -203,6 +203,7 @@ def describe_layer(snapshot: Snapshot | Unrestorable) -> pb.Layer:
             version=snapshot.version,
             num_batches_tracked=snapshot.num_batches_tracked,
             restore_error=snapshot.error,
+            oldest_version=snapshot.version,
         )
     layer = snapshot.layer
     return pb.Layer(
@@ -213,6 +214,7 @@ def describe_layer(snapshot: Snapshot | Unrestorable) -> pb.Layer:
         param_shape=layer.param_shape,
         state_keys=layer.state_keys,
         stats=describe_stats(snapshot.stats),
+        oldest_version=snapshot.oldest_kept,
     )
 
 
@@ -521,22 +523,23 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     # ------------------------------------------------------------------ state
     @_rpc
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.LayerState:
-        snapshot = self._registry.get(request.name)
-        nbytes = snapshot.layer.state_nbytes
+        layer = self._registry.get(request.name).layer
+        nbytes = layer.state_nbytes
         if nbytes + ANSWER_OVERHEAD_BYTES > self._limits.max_message_bytes:
             raise AnswerTooLarge(
                 f"layer {request.name!r} has {nbytes} bytes of state, more than one message may carry "
                 f"(--max-message-bytes {self._limits.max_message_bytes}); raise that limit to read it"
             )
+        kept = await self._registry.state_at(request.name, request.version if request.HasField("version") else None)
 
         def encode() -> pb.LayerState:
             state = pb.LayerState(
-                name=snapshot.name,
-                version=snapshot.version,
-                tensors={key: codec.encode(value) for key, value in host_state(snapshot.layer).items()},
+                name=request.name,
+                version=kept.version,
+                tensors={key: codec.encode(value) for key, value in kept.tensors.items()},
             )
-            if "num_batches_tracked" in snapshot.layer.state_keys:
-                state.num_batches_tracked = snapshot.layer.num_batches_tracked
+            if "num_batches_tracked" in layer.state_keys:
+                state.num_batches_tracked = kept.num_batches_tracked
             return state
 
         return encode() if nbytes <= INLINE_STATE_BYTES else await asyncio.to_thread(encode)
@@ -557,6 +560,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             partial=request.partial,
             wait=self._wait(context),
         )
+        return describe_layer(snapshot)
+
+    @_rpc
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.Layer:
+        snapshot = await self._registry.rollback(check_name(request.name), request.version, wait=self._wait(context))
         return describe_layer(snapshot)
 
     # ------------------------------------------------------------------ shared memory

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_one_log_line_per_call_and_warnings_name_layer_and_code(observed) -> Non
     assert "layer=logged " in infer[0]
     assert "code=OK" in infer[0]
     (failed,) = proc.log_lines("layer=logged-missing")
-    assert "WARNING" in failed
+    assert " INFO " in failed  # a probe for a layer before creating it is no warning
     assert "GetLayer failed: NOT_FOUND" in failed
     assert "code=NOT_FOUND" in failed
     assert "details=\"no layer named 'logged-missing'" in failed
@@ -170,12 +171,29 @@ def test_json_logs_carry_the_fields(tmp_path) -> None:
     finally:
         assert proc.stop() == 0
     entries = [json.loads(line) for line in proc.log().splitlines()]  # every line is one JSON object
+    for entry in entries:  # ISO 8601 with the time zone's offset: comparable across hosts and zones
+        stamp = datetime.fromisoformat(entry["time"])
+        assert stamp.utcoffset() is not None, entry["time"]
+        assert abs(stamp - datetime.now(timezone.utc)) < timedelta(hours=1)
+    assert {e["logger"].partition(".")[0] for e in entries} <= {"normserve", "normkernels"}  # no library's debug
     (failed,) = [e for e in entries if e.get("method") == "Train"]
-    assert failed["level"] == "WARNING"
+    assert failed["level"] == "INFO"  # NOT_FOUND: below WARNING
     assert failed["layer"] == "absent"
     assert failed["code"] == "NOT_FOUND"
     assert failed["bytes_in"] > 0
     assert any(e["message"].startswith("normserve listening on") for e in entries)
+
+
+def test_library_debug_lines_only_when_asked(tmp_path) -> None:
+    proc = ServerProcess(tmp_path / "state", "--log-level", "debug", "--debug-libraries").start()
+    try:
+        with NormClient(proc.target) as nc:
+            nc.create_layer("asked", "rms_norm", normalized_shape=3)
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert " DEBUG asyncio: Using selector" in log  # the event loop's own debug line
+    assert " DEBUG normserve.access: CreateLayer ok" in log
 
 
 def test_metrics_port_zero_serves_no_metrics(server) -> None:

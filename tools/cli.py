@@ -124,6 +124,13 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         default=defaults.sqlite_synchronous.lower(),
         help="SQLite synchronous mode: full survives power loss; normal survives a killed process only",
     )
+    add(
+        "--keep-versions",
+        type=_positive_int,
+        default=defaults.keep_versions,
+        help="states of each layer kept in --state-dir, the current one included, to read (GetState version) "
+        "and roll back to (normserve rollback)",
+    )
     # Limits
     add("--max-layers", type=_positive_int, default=defaults.max_layers, help="most layers the server holds")
     add(
@@ -237,6 +244,11 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     add("--metrics-host", help="address of the metrics endpoint (default: --host)")
     add("--log-level", choices=_LOG_LEVELS, default="info", help="log verbosity (debug logs every call)")
     add("--log-format", choices=logs.FORMATS, default="text", help="log lines as text or JSON (to stderr)")
+    add(
+        "--debug-libraries",
+        action="store_true",
+        help="with --log-level debug, the debug lines of asyncio, gRPC (its C core too) and numba as well",
+    )
 
 
 def _client_options(add: Callable[..., None], environ: Mapping[str, str]) -> None:
@@ -300,7 +312,20 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         else:
             own("--prefix", default="", help="only names starting with this")
             own("--json", action="store_true", help="one JSON object per layer")
+    _rollback_parser(commands, environ)
     return parser
+
+
+def _rollback_parser(commands: Any, environ: Mapping[str, str]) -> None:
+    text = "make a kept version's state a layer's state again (as a new version)"
+    rollback = commands.add_parser("rollback", help=text, description=text[0].upper() + text[1:] + ".")
+    _client_options(_Options(rollback, environ).add, environ)
+    rollback.add_argument("name", help="the layer's name")
+    rollback.add_argument(
+        "version",
+        type=_positive_int,
+        help="the version to go back to: one of the last --keep-versions the server keeps",
+    )
 
 
 def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -417,6 +442,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         ),
         max_layer_state_bytes=args.max_layer_state_bytes,
         max_state_bytes=args.max_state_bytes,
+        keep_versions=args.keep_versions,
         max_layers=args.max_layers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_period=args.grace_period,
@@ -437,7 +463,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
 
 
 def _serve(options: ServerOptions, args: argparse.Namespace) -> int:
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level, args.log_format, args.debug_libraries)
     try:
         asyncio.run(run(options))
     except Exception as exc:  # startup failures: one clear line, not a traceback
@@ -504,6 +530,15 @@ def _layers(args: argparse.Namespace) -> int:
                 f"{layer.name}\t{layer.kind}\t{shape}\t{config.device}\tversion={layer.version}"
                 f"\tbatches={layer.info.num_batches_tracked}"
             )
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    layer = _ask(args, lambda client: client.rollback_layer(args.name, args.version))
+    print(
+        f"{layer.name}: version {layer.version} holds the state of version {args.version} "
+        f"(kept: {layer.oldest_version} to {layer.version})"
+    )
     return 0
 
 
@@ -624,6 +659,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return {
         "health": _health,
         "layers": _layers,
+        "rollback": _rollback,
         "bench": _bench,
         "rebalance": _rebalance,
         "nginx-config": _nginx_config,
