@@ -70,7 +70,8 @@ def test_a_bad_batch_is_rolled_back_and_the_rollback_survives_a_restart(tmp_path
             [NORMSERVE, "rollback", "bn", "1", "--target", proc.target], capture_output=True, text=True, timeout=60
         )
         assert missing.returncode == 1
-        assert "NOT_FOUND" in missing.stderr and "keeps versions 4 to 7" in missing.stderr
+        assert "NOT_FOUND" in missing.stderr
+        assert "keeps versions 4 to 7" in missing.stderr
     finally:
         proc.stop()
 
