@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from normserve.server.errors import status_details
 from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
@@ -150,7 +151,8 @@ class UntilReady(grpc.aio.ServerInterceptor):
             return handler
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, why)
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, why, status_details(code, why, "WARMING_UP"))
 
         return same_kind(handler, refuse)
 
@@ -268,9 +270,11 @@ class _GuardedContext:
         """``request``, counted; a Malformed one, or one its routing header does not name, aborts the call with
         INVALID_ARGUMENT (unary calls and every message of a stream come through here)."""
         self._call.saw_request(request)
-        problem = request.reason if isinstance(request, Malformed) else self._call.misrouted(request)
+        malformed = isinstance(request, Malformed)
+        problem = request.reason if malformed else self._call.misrouted(request)
         if problem is not None:
-            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await self.abort(code, problem, status_details(code, problem, "MALFORMED" if malformed else "MISROUTED"))
         return request
 
 
