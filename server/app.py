@@ -130,7 +130,12 @@ def _build(options: ServerOptions) -> _Assembled:
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)
-    metrics = Metrics(registry.list) if options.metrics_port else None
+    gauges = {
+        "normserve_forward_cache_bytes": lambda: registry.forwards.held_bytes,
+        "normserve_state_bytes": lambda: registry.state_bytes,
+        "normserve_state_store_bytes": store.disk_bytes,
+    }
+    metrics = Metrics(registry.list, gauges) if options.metrics_port else None
     trimmer = Trimmer()
     # outermost: guards and sees every call, refusals included
     interceptors: list[grpc.aio.ServerInterceptor] = [

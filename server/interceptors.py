@@ -41,6 +41,7 @@ from typing import Any
 
 import grpc
 
+from normserve.server import phases
 from normserve.server.errors import status_details
 from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
@@ -160,11 +161,12 @@ class UntilReady(grpc.aio.ServerInterceptor):
 class _Call:
     """What one call did, taken while the call runs (never read from its context after it ended)."""
 
-    __slots__ = ("layer", "method", "peer", "received", "routed", "sent", "service", "start")
+    __slots__ = ("layer", "method", "peer", "phases", "received", "routed", "sent", "service", "start")
 
     def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, _, self.method = full_method.lstrip("/").rpartition("/")
         self.start = time.perf_counter()
+        self.phases = phases.start_call()  # where the call's time goes (the registry fills it in)
         self.peer = context.peer()
         self.received = self.sent = 0
         self.layer = ""
@@ -307,6 +309,8 @@ class GuardCalls(grpc.aio.ServerInterceptor):
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call, error, response = _Call(method, context), None, None
+            if self._metrics is not None:
+                self._metrics.begin(call.service, call.method)
             guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))
             try:
                 if streams_in:
@@ -349,7 +353,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         if self._moved is not None:
             self._moved(call.received + call.sent)
         if self._metrics is not None:
-            self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent)
+            self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent, call.phases)
         failed = code != grpc.StatusCode.OK
         level = _QUIET_FAILURES.get(code, logging.WARNING) if failed else logging.DEBUG
         if not access_log.isEnabledFor(level):

@@ -25,6 +25,7 @@ version, so versions only grow and ``expected_version`` stays meaningful.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -38,7 +39,7 @@ from normkernels import NormLayer, StateTooLarge, distributed, synced
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
-from normserve.server import device_io
+from normserve.server import device_io, phases
 from normserve.server.errors import (
     ForwardTooLarge,
     InvalidRequest,
@@ -294,17 +295,20 @@ class Registry:
         return None if wait is None else asyncio.get_running_loop().time() + wait
 
     @staticmethod
-    async def _within(awaitable: Awaitable[T], deadline: float | None, what: str) -> T:
-        """Await ``awaitable`` until the loop-time ``deadline``; WaitTimeout after it."""
-        if deadline is None:
-            return await awaitable
-        try:
-            return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
-        except asyncio.TimeoutError:
+    async def _within(awaitable: Awaitable[T], deadline: float | None, what: str, phase: str | None = "queue") -> T:
+        """Await ``awaitable`` until the loop-time ``deadline``; WaitTimeout after it. The wait counts as
+        ``phase`` of the call (:mod:`~normserve.server.phases`; None: the caller counts it)."""
+        with contextlib.nullcontext() if phase is None else phases.timed(phase):
+            if deadline is None:
+                return await awaitable
+            try:
+                return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                pass
             raise WaitTimeout(
                 f"gave up waiting for {what}; nothing was changed. Retry, give the call a longer deadline, "
                 "or start the server with a longer --default-deadline"
-            ) from None
+            )
 
     async def _compute(
         self, fn: Callable[..., T], *args: Any, deadline: float | None = None, elements: int | None = None
@@ -315,13 +319,20 @@ class Registry:
         nothing takes one: reads, and building a layer before it is published).
         """
         if elements is not None and elements <= INLINE_ELEMENTS:
-            return fn(*args)
-        future = asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
-        return await self._within(future, deadline, "the kernel threads (the server is busy or the work large)")
+            with phases.timed("compute"):
+                return fn(*args)
+        return await phases.run_in(
+            self._kernels,
+            functools.partial(fn, *args),
+            "compute",
+            lambda future: self._within(
+                future, deadline, "the kernel threads (the server is busy or the work large)", phase=None
+            ),
+        )
 
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the store's thread (reads too: they queue behind the writes before them)."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
+        return await phases.run_in(self._writer, functools.partial(fn, *args), "store")
 
     @property
     def keep_versions(self) -> int:
@@ -642,7 +653,7 @@ class Registry:
             sync,
             (owner, part),
             finish_one_layer,
-            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key.group!r}"),
+            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key.group!r}", phase="sync"),
         )
         return part, result
 

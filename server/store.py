@@ -258,6 +258,14 @@ class StateStore:
         )
         return KeptVersion(version, row[0], {key: _array(dtype, shape, data) for key, dtype, shape, data in rows})
 
+    def disk_bytes(self) -> int:
+        """Bytes of the database and its WAL on disk (any thread may ask)."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
     # ----------------------------------------------------------------- writes
     def create_layer(
         self, name: str, config: bytes, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
