@@ -18,6 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import compiled, parse_device
+from normserve.server import layers_file
 from normserve.server.cluster_views import ClusterViews
 from normserve.server.interceptors import GuardCalls, RequireToken, UntilReady
 from normserve.server.memory import Trimmer
@@ -53,6 +54,7 @@ class ServerOptions:
     max_layer_state_bytes: int = 64 << 20  # parameters and running statistics of one layer
     max_state_bytes: int = 4 << 30  # of all layers together
     keep_versions: int = DEFAULT_KEEP_VERSIONS  # states of each layer kept to read or roll back to, the current one too
+    layers_file: Path | None = None  # JSON of the layers to create at start (server.layers_file)
     max_concurrent_rpcs: int | None = None  # None: no limit; more answer RESOURCE_EXHAUSTED
     grace_period: float = 30.0
     sqlite_synchronous: str = "FULL"
@@ -303,7 +305,14 @@ async def _shutdown(assembled: _Assembled) -> None:
 
 async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None:
     """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
+    declared = None if options.layers_file is None else layers_file.read(options.layers_file)
     assembled = _build(options)
+    if declared is not None:
+        try:
+            await layers_file.apply(assembled.registry, declared, options.layers_file)
+        except BaseException:
+            await assembled.registry.close()
+            raise
     stop = stop or asyncio.Event()
     await _listen(assembled, stop)
     trimming = asyncio.ensure_future(assembled.trimmer.run())

@@ -125,6 +125,11 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         help="SQLite synchronous mode: full survives power loss; normal survives a killed process only",
     )
     add(
+        "--layers-file",
+        type=Path,
+        help="JSON file of layers to create at start, idempotently (docs/service.md: declarative layers)",
+    )
+    add(
         "--keep-versions",
         type=_positive_int,
         default=defaults.keep_versions,
@@ -443,6 +448,7 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_layer_state_bytes=args.max_layer_state_bytes,
         max_state_bytes=args.max_state_bytes,
         keep_versions=args.keep_versions,
+        layers_file=args.layers_file,
         max_layers=args.max_layers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_period=args.grace_period,
