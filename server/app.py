@@ -187,8 +187,9 @@ def _build(options: ServerOptions) -> _Assembled:
     )
 
 
-async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
-    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT set ``stop``, and start serving.
+async def _listen(assembled: _Assembled, stop: asyncio.Event) -> str:
+    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT set ``stop``, and start serving; returns the
+    address it listens on.
 
     A port that cannot be bound closes the registry (and so the store) before the error goes up.
     """
@@ -219,9 +220,10 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
         await assembled.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await assembled.server.start()
     security = "plaintext" if options.tls is None else options.tls.describe()
+    listening = _address(options.host, port)
     log.info(
         "normserve listening on %s (%s%s, device %s, %d layer(s) restored from %s)",
-        _address(options.host, port),
+        listening,
         security,
         " + token auth" if assembled.token_auth else "",
         assembled.device,
@@ -243,6 +245,7 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
             "shared memory on: every client that may call this server can read and write the shared-memory "
             "objects this server's user can open; allow only trusted clients on this host"
         )
+    return listening
 
 
 def _in_daemon_thread(work: Callable[[], object]) -> asyncio.Future:
@@ -271,7 +274,7 @@ def _in_daemon_thread(work: Callable[[], object]) -> asyncio.Future:
     return future
 
 
-async def _become_ready(assembled: _Assembled) -> None:
+async def _become_ready(assembled: _Assembled, listening: str) -> None:
     """Warm the CPU kernels (compiled, or loaded from numba's cache: none compiles inside a request), then
     open the layer calls and turn health SERVING."""
     log.info(
@@ -284,7 +287,7 @@ async def _become_ready(assembled: _Assembled) -> None:
     assembled.gate.ready()
     for service in ("", SERVICE_NAME):
         await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("ready: SERVING (kernels warm after %.1f s)", time.perf_counter() - started)
+    log.info("ready: SERVING on %s (kernels warm after %.1f s)", listening, time.perf_counter() - started)
 
 
 async def _shutdown(assembled: _Assembled) -> None:
@@ -314,9 +317,9 @@ async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None
             await assembled.registry.close()
             raise
     stop = stop or asyncio.Event()
-    await _listen(assembled, stop)
+    listening = await _listen(assembled, stop)
     trimming = asyncio.ensure_future(assembled.trimmer.run())
-    warming = asyncio.ensure_future(_become_ready(assembled))
+    warming = asyncio.ensure_future(_become_ready(assembled, listening))
     warming.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
     trimming.cancel()
