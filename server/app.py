@@ -38,7 +38,7 @@ log = logging.getLogger("normserve")
 LIVENESS_SERVICE = "liveness"
 _WARMING_UP = (
     "the server is starting: its CPU kernels are compiling (a first start on a machine takes minutes, later "
-    "starts about a second); health answers NOT_SERVING until it is ready. Retry, or wait for SERVING"
+    "starts a few seconds); health answers NOT_SERVING until it is ready. Retry, or wait for SERVING"
 )
 
 
