@@ -329,7 +329,7 @@ def _rollback_parser(commands: Any, environ: Mapping[str, str]) -> None:
     rollback.add_argument(
         "version",
         type=_positive_int,
-        help="the version to go back to: one of the last --keep-versions the server keeps",
+        help="the version to go back to: one of those the server keeps (the layer's oldest_version to version)",
     )
 
 
