@@ -7,6 +7,10 @@
 * ``normkernels.fused`` run on a NumPy emulation of the kernels
   (tests/kernel_emulator.py) equals a float64 reference: splits, column
   layouts, merges, and the per-statistic math of forward and backward.
+* The same case matrix runs on the real kernel source, compiled for the CPU
+  (tests/cudasim: each CUDA thread a fiber, true barriers and warp
+  shuffles) and launched through ``fused.CudaLauncher``'s own marshalling,
+  with the threads of each block in several orders between barriers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import shutil
 import subprocess
 
+import cudasim
 import numpy as np
 import pytest
 from conftest import core_float64, randomize, stored, stored_values
@@ -43,6 +48,26 @@ CASES = [
     ("rms_norm", {"normalized_shape": [8], "elementwise_affine": False}, (33, 8)),
 ]
 SM_COUNTS = (1, 3, 132)
+#: What runs the kernels: the NumPy emulation, or the .cu itself on the CPU with the threads in an order.
+LAUNCHERS = ["emulator", *(f"cpu-{order}" for order in cudasim.ORDERS)]
+HAVE_CXX = cudasim.compiler() is not None
+
+
+def make_launcher(name: str, sm_count: int, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch):
+    """A launcher for ``name`` (see LAUNCHERS); the CPU-CUDA ones poison every output and scratch buffer."""
+    if name == "emulator":
+        return NumpyLauncher(sm_count)
+    if not HAVE_CXX:
+        pytest.skip(f"the CUDA kernels on the CPU need a C++20 compiler: {cudasim.INSTALL_HINT}")
+    monkeypatch.setattr(fused, "poison_outputs", True)
+    return cudasim.sim_launcher(sm_count, order=name.removeprefix("cpu-"), seed=int(rng.integers(2**32)))
+
+
+def launched(launcher) -> list[str]:
+    """The kernels a launcher ran, by their names in the .cu (``nk_`` and the dtype suffixes dropped)."""
+    if isinstance(launcher, NumpyLauncher):
+        return launcher.launches
+    return [name.removeprefix("nk_") for name in launcher._module.launched]
 
 
 def _plan(kind: str, config: dict, shape: tuple[int, ...]) -> core.Plan:
@@ -145,10 +170,20 @@ STORAGE = {
 }
 
 
+@pytest.mark.parametrize("launcher_name", LAUNCHERS)
 @pytest.mark.parametrize("sm_count", SM_COUNTS)
 @pytest.mark.parametrize("storage", list(STORAGE))
 @pytest.mark.parametrize(("kind", "config", "shape"), CASES)
-def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, storage, sm_count, rng) -> None:
+def test_fused_math_on_kernels_matches_float64(
+    kind, config, shape, storage, sm_count, launcher_name, rng, monkeypatch
+) -> None:
+    check_fused_math(
+        kind, config, shape, storage, lambda: make_launcher(launcher_name, sm_count, rng, monkeypatch), rng
+    )
+
+
+def check_fused_math(kind, config, shape, storage, new_launcher, rng) -> None:
+    """fused's training and eval passes on ``new_launcher()``'s kernels equal core's float64 math."""
     _, acc, tol = STORAGE[storage]
     acc = np.dtype(acc)
     layer = nk.make_layer(kind, **config, dtype=acc)
@@ -160,7 +195,7 @@ def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, sto
     eps = layer._eps_for(acc)
     xv, dyv = x.reshape(plan.view), dy.reshape(plan.view)
     for training in (True, False) if layer.track_running_stats else (True,):
-        launcher = NumpyLauncher(sm_count)
+        launcher = new_launcher()
         y_ref, stats_ref, (dx_ref, dw_ref, db_ref) = core_float64(layer, plan, x, dy, training)
         if training:
             y, stats = fused.forward_train(xv, plan, weight, bias, eps, acc, launcher=launcher)
@@ -186,8 +221,9 @@ def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, sto
             assert got.shape == plan.param_shape
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * count)
         # Both passes ran on the kernels, not on core's fallback.
-        assert "grad_input" in launcher.launches
-        assert "normalize" in launcher.launches or "forward_lines" in launcher.launches
+        names = " ".join(launched(launcher))
+        assert "grad_input" in names
+        assert "normalize" in names or "forward_lines" in names
 
 
 def test_backward_is_one_reduction_and_one_elementwise_pass_for_folding_kinds(rng) -> None:
