@@ -249,3 +249,64 @@ def test_statistics_survive_a_large_mean(rng) -> None:
     _, stats = fused.forward_train(x, plan, None, None, 1e-5, np.dtype(np.float32), launcher=NumpyLauncher(7))
     want = x.astype(np.float64).var(axis=(0, 2))
     np.testing.assert_allclose(stats.var.reshape(-1), want, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- the kernels on the CPU
+# Shapes at the edges of the launch geometry, in the half-precision storages.
+EDGE_CASES = [
+    ("layer_norm", {"normalized_shape": [257]}, (3, 257)),  # lines one past a multiple of the block
+    ("layer_norm", {"normalized_shape": [3]}, (70, 3)),  # lines shorter than a warp; blocks walk several lines
+    ("rms_norm", {"normalized_shape": [4097]}, (2, 4097)),  # few long lines: split reductions, line-mode passes
+    ("batch_norm", {"num_features": 33}, (31, 33)),  # columns with a partial last warp
+    ("batch_norm", {"num_features": 3}, (1, 3, 1000)),  # one sample
+    ("group_norm", {"num_groups": 5, "num_channels": 5}, (7, 5, 33)),
+    ("instance_norm", {"num_features": 3}, (2, 3, 2)),  # lines of two
+]
+
+
+@pytest.mark.parametrize("order", cudasim.ORDERS)
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("kind", "config", "shape"), EDGE_CASES)
+def test_half_precision_edge_shapes_on_the_kernels(kind, config, shape, storage, order, rng, monkeypatch) -> None:
+    check_fused_math(kind, config, shape, storage, lambda: make_launcher(f"cpu-{order}", 1, rng, monkeypatch), rng)
+
+
+@pytest.mark.parametrize("order", cudasim.ORDERS)
+@pytest.mark.parametrize(("kind", "config", "shape"), [CASES[0], CASES[4], CASES[8], CASES[11]])
+def test_blocks_that_walk_more_groups_than_grid_y(kind, config, shape, order, rng, monkeypatch) -> None:
+    """Past 65,535 groups a block reduces several in turn (block_reduce's trailing barrier keeps them apart),
+    and elementwise blocks walk several lines: the same loops, reached here with grid.y capped at 2."""
+    monkeypatch.setattr(fused, "_GRID_Y_MAX", 2)
+    fused.geometry.cache_clear()
+    try:
+        geo = fused.geometry(_plan(kind, config, shape), 3)
+        assert max(r.B for r in (geo.stats, geo.cells, geo.params) if not r.columns) > 2
+        check_fused_math(
+            kind, config, shape, "float32", lambda: make_launcher(f"cpu-{order}", 3, rng, monkeypatch), rng
+        )
+    finally:
+        fused.geometry.cache_clear()
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_the_fallback_to_core_reads_half_precision_values(storage, rng) -> None:
+    """Shapes no geometry fits run on core: on bfloat16's values, not its uint16 bit patterns; outputs as stored."""
+    layer = nk.make_layer("layer_norm", normalized_shape=[1], dtype=np.float32)
+    randomize(layer, rng)
+    plan = layer._plan((5, 1))
+    assert fused.geometry(plan, 3) is None
+    x, dy = stored(rng.normal(-1.3, 2.0, (5, 1)), storage), stored(rng.normal(size=(5, 1)), storage)
+    weight, bias = layer._params(plan, np.dtype(np.float32))
+    launcher = NumpyLauncher(3)
+    y, stats = fused.forward_train(x, plan, weight, bias, 1e-5, np.dtype(np.float32), launcher=launcher)
+    dx, dw, db = fused.backward(x, dy, plan, weight, 1e-5, np.dtype(np.float32), launcher=launcher)
+    assert launcher.launches == []
+    y_ref, stats_ref, (dx_ref, dw_ref, db_ref) = core_float64(layer, plan, x, dy, True)
+    np.testing.assert_allclose(stats.mean, stats_ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(stats.mean.reshape(-1), stored_values(x).reshape(-1), rtol=1e-6)  # one element each
+    assert y.dtype == x.dtype
+    assert dx.dtype == x.dtype
+    np.testing.assert_allclose(stored_values(y), y_ref, atol=1e-2)
+    np.testing.assert_allclose(stored_values(dx), dx_ref, atol=1e-2)
+    np.testing.assert_allclose(dw, dw_ref, atol=1e-4)
+    np.testing.assert_allclose(db, db_ref, atol=1e-4)

@@ -191,7 +191,7 @@ class _Guarded:
         return start
 
     def owner(self, address: int) -> str:
-        for name, start, nbytes, mapped in self.regions:
+        for name, start, nbytes, _ in self.regions:
             if start + nbytes <= address < start + nbytes + 4096:
                 return f" (just past the end of argument {name!r}, {nbytes} bytes)"
         return " (a null pointer)" if address < 4096 else ""
@@ -276,12 +276,15 @@ def _poisoned_empty(shape: Any, dtype: Any = np.float64) -> np.ndarray:
     return out
 
 
-def sim_launcher(sm_count: int, order: str = "fifo", seed: int = 0, flavor: str | None = None) -> Any:
+def sim_launcher(
+    sm_count: int, order: str = "fifo", seed: int = 0, flavor: str | None = None, source: str | None = None
+) -> Any:
     """A :class:`normkernels.fused.CudaLauncher` whose kernels run on the CPU; only its construction differs.
 
     Its marshalling (which kernel, grid, block and arguments each launch
     gets) is the project's own; its ``cupy`` is NumPy with poisoned
-    ``empty`` and its module is a :class:`SimModule` of ``cuda.source()``.
+    ``empty`` and its module is a :class:`SimModule` of ``cuda.source()``
+    (or of ``source``: a changed copy, to show what the tests catch).
     """
     from normkernels import cuda, fused
 
@@ -289,7 +292,8 @@ def sim_launcher(sm_count: int, order: str = "fifo", seed: int = 0, flavor: str 
     launcher._cupy = SimpleNamespace(empty=_poisoned_empty)
     launcher.device_id = 0
     launcher.sm_count = sm_count
-    launcher._module = SimModule(cuda.source(), name=_source_name(), order=order, seed=seed, flavor=flavor)
+    code = cuda.source() if source is None else source
+    launcher._module = SimModule(code, name=_source_name(), order=order, seed=seed, flavor=flavor)
     launcher._functions = {}
     return launcher
 

@@ -67,6 +67,7 @@ _DTYPES = {
     "double": "float64",
     "long long": "int64",
     "int": "int32",
+    "unsigned short": "uint16",
     "unsigned int": "uint32",
     "unsigned long long": "uint64",
 }
