@@ -159,8 +159,10 @@ struct Launch {
 #endif
 #if NKSIM_TSAN
     void* tsan_scheduler = nullptr;
-    char launch_token = 0, end_token = 0, barrier_token = 0;
-    char warp_tokens[32]{};
+    // Happens-before as a GPU gives it: launch -> threads -> end; a barrier's arrivals -> its departures
+    // (one token per barrier parity, so a thread already past the next barrier passes nothing back).
+    char launch_token = 0, end_token = 0, barrier_tokens[2]{};
+    uint64_t barrier_generation = 0;
 #endif
 };
 
@@ -332,7 +334,7 @@ NKSIM_RUNTIME bool run_block() {
         if (done == g.nthreads) break;
         if (at_barrier == g.nthreads) {  // every thread at the same barrier: release it
 #if NKSIM_TSAN
-            __tsan_acquire(&g.barrier_token);  // (on behalf of each thread: see syncthreads)
+            ++g.barrier_generation;
 #endif
             for (int i = 0; i < g.nthreads; ++i) {
                 g.threads[i].state = State::ready;
@@ -356,11 +358,12 @@ NKSIM_RUNTIME void syncthreads(int line) {
     t->state = State::barrier;
     t->line = line;
 #if NKSIM_TSAN
-    __tsan_release(&g.barrier_token);
+    char* token = &g.barrier_tokens[g.barrier_generation & 1];
+    __tsan_release(token);
 #endif
     to_scheduler();
 #if NKSIM_TSAN
-    __tsan_acquire(&g.barrier_token);
+    __tsan_acquire(token);
 #endif
 }
 
@@ -396,9 +399,6 @@ NKSIM_RUNTIME uint64_t shuffle(int line, unsigned mask, uint64_t value, int delt
     t->width = width;
     t->state = State::shuffle;
     t->line = line;
-#if NKSIM_TSAN
-    __tsan_release(&g.warp_tokens[w]);
-#endif
     if (W.arrived == mask) {  // the last lane in: every lane's result, then all continue
         for (int l = 0; l < 32; ++l) {
             if (!(mask >> l & 1u)) continue;
@@ -416,10 +416,7 @@ NKSIM_RUNTIME uint64_t shuffle(int line, unsigned mask, uint64_t value, int delt
         }
         W.arrived = 0;
     }
-    to_scheduler();
-#if NKSIM_TSAN
-    __tsan_acquire(&g.warp_tokens[w]);
-#endif
+    to_scheduler();  // (no happens-before between lanes: a shuffle orders no memory, __syncwarp would)
     return t->result;
 }
 
@@ -444,7 +441,7 @@ template <typename T> struct SharedSlot {
     alignas(T) unsigned char bytes[sizeof(T)];
     uint64_t epoch;
 
-    T& get() {
+    NKSIM_RUNTIME T& get() {
         const uint64_t now = block_epoch();
         if (epoch != now) {
 #if NKSIM_TSAN
