@@ -31,7 +31,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <mutex>
 #include <random>
 #include <type_traits>
@@ -145,7 +144,9 @@ struct Launch {
     std::mt19937_64 rng;
     std::vector<Thread> threads;
     std::vector<unsigned char*> stacks;  // a pool, reused by every launch
-    std::deque<int> ready;
+    std::vector<int> ready_storage;
+    int* ready = nullptr;  // a ring of the ready threads (raw: the runtime's accesses stay uninstrumented)
+    int ready_head = 0, ready_count = 0;
     Warp warps[32]{};
     int nthreads = 0;
     uint64_t epoch = 0;  // one per block: __shared__ variables are fresh garbage in each
@@ -159,7 +160,8 @@ struct Launch {
 #endif
 #if NKSIM_TSAN
     void* tsan_scheduler = nullptr;
-    // Happens-before as a GPU gives it: launch -> threads -> end; a barrier's arrivals -> its departures
+    // Happens-before as a GPU gives it: launch -> threads -> end (and block -> next block, as their
+    // __shared__ storage is one here); a barrier's arrivals -> its departures
     // (one token per barrier parity, so a thread already past the next barrier passes nothing back).
     char launch_token = 0, end_token = 0, barrier_tokens[2]{};
     uint64_t barrier_generation = 0;
@@ -264,19 +266,22 @@ NKSIM_RUNTIME bool start_thread(Thread& t) {
 }
 
 // ----------------------------------------------------------------- scheduling
+NKSIM_RUNTIME void make_ready(int i) {
+    g.ready[(g.ready_head + g.ready_count++) % g.nthreads] = i;
+}
+
 NKSIM_RUNTIME int pick() {
     int i;
     if (g.order == Order::fifo) {
-        i = g.ready.front();
-        g.ready.pop_front();
+        i = g.ready[g.ready_head];
+        g.ready_head = (g.ready_head + 1) % g.nthreads;
+        --g.ready_count;
     } else if (g.order == Order::lifo) {
-        i = g.ready.back();
-        g.ready.pop_back();
+        i = g.ready[(g.ready_head + --g.ready_count) % g.nthreads];
     } else {
-        const size_t j = (size_t)(g.rng() % g.ready.size());
-        i = g.ready[j];
-        g.ready[j] = g.ready.back();
-        g.ready.pop_back();
+        int* slot = &g.ready[(g.ready_head + (int)(g.rng() % (uint64_t)g.ready_count)) % g.nthreads];
+        i = *slot;
+        *slot = g.ready[(g.ready_head + --g.ready_count) % g.nthreads];
     }
     return i;
 }
@@ -307,7 +312,7 @@ NKSIM_RUNTIME void describe_waits(const char* what) {
 // Run one block to its end; false on a deadlock or an error the kernel code raised.
 NKSIM_RUNTIME bool run_block() {
     ++g.epoch;
-    g.ready.clear();
+    g.ready_head = g.ready_count = 0;
     for (auto& w : g.warps) w = Warp{};
     for (int i = 0; i < g.nthreads; ++i) {
         Thread& t = g.threads[i];
@@ -316,11 +321,11 @@ NKSIM_RUNTIME bool run_block() {
             fail("out of memory for thread stacks");
             return false;
         }
-        g.ready.push_back(i);
+        make_ready(i);
     }
     bool ok = true;
     for (;;) {
-        while (!g.ready.empty() && !g.failed) resume(pick());
+        while (g.ready_count && !g.failed) resume(pick());
         if (g.failed) {
             ok = false;
             break;
@@ -338,7 +343,7 @@ NKSIM_RUNTIME bool run_block() {
 #endif
             for (int i = 0; i < g.nthreads; ++i) {
                 g.threads[i].state = State::ready;
-                g.ready.push_back(i);
+                make_ready(i);
             }
             continue;
         }
@@ -412,7 +417,7 @@ NKSIM_RUNTIME uint64_t shuffle(int line, unsigned mask, uint64_t value, int delt
                 u.result = g.threads[w * 32 + src].value;
             }
             u.state = State::ready;
-            g.ready.push_back(w * 32 + l);
+            make_ready(w * 32 + l);
         }
         W.arrived = 0;
     }
@@ -508,6 +513,8 @@ extern "C" __attribute__((visibility("default"))) NKSIM_UNSANITIZED int nksim_la
     g.rng.seed(seed);
     g.nthreads = (int)threads;
     g.threads.assign(g.nthreads, Thread{});
+    g.ready_storage.assign(g.nthreads, 0);
+    g.ready = g.ready_storage.data();
     for (int i = 0; i < g.nthreads; ++i) {
         Thread& t = g.threads[i];
         t.linear = i;
@@ -550,6 +557,11 @@ extern "C" __attribute__((visibility("default"))) NKSIM_UNSANITIZED int nksim_la
                 rc = 1;
                 break;
             }
+#if NKSIM_TSAN
+            // Each block's __shared__ storage is the same memory here, not on a GPU: order the blocks.
+            __tsan_acquire(&g.end_token);
+            __tsan_release(&g.launch_token);
+#endif
         }
     }
 #if NKSIM_TSAN
