@@ -18,9 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import compiled, parse_device
-from normserve.server import layers_file
+from normserve.server import layers_file, transport
 from normserve.server.cluster_views import ClusterViews
-from normserve.server.interceptors import GuardCalls, RequireToken, UntilReady
+from normserve.server.interceptors import CallSlots, GuardCalls, RequireToken, UntilReady
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
@@ -68,6 +68,9 @@ class ServerOptions:
     max_world_size: int = 1024  # ranks of one synchronized step
     max_connection_age: float = 1800.0  # seconds before a client connection is asked to reconnect (GOAWAY) ...
     max_connection_age_grace: float = 300.0  # ... and then closed, ending what is still open on it
+    max_connection_idle: float = 300.0  # seconds a connection without calls stays open
+    max_connections: int | None = None  # None: what the open-files limit leaves (transport.connection_budget)
+    compression: bool = False  # accept gzip/deflate requests (gRPC inflates them before any check)
     # The other replicas of a layer-sharded cluster, for the whole-cluster views the proxy asks for (cluster_views)
     peers: tuple[str, ...] = ()
     peer_timeout: float = 2.0  # seconds each fan-out call to a peer may take
@@ -129,6 +132,7 @@ def _build(options: ServerOptions) -> _Assembled:
             "--peers calls the peers in plaintext, so it cannot go with --tls-cert: terminate TLS at the proxy "
             "and keep the replicas on a private network (deploy/nginx/README.md)"
         )
+    descriptors = transport.raise_descriptor_limit()
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)
@@ -141,7 +145,13 @@ def _build(options: ServerOptions) -> _Assembled:
     trimmer = Trimmer()
     # outermost: guards and sees every call, refusals included
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        GuardCalls(metrics, options.limits.default_deadline, trimmer.moved)
+        GuardCalls(
+            metrics,
+            options.limits.default_deadline,
+            trimmer.moved,
+            max_message_bytes=options.limits.max_message_bytes,
+            slots=CallSlots(options.max_concurrent_rpcs),  # counted there so that health never waits for one
+        )
     ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
@@ -150,18 +160,15 @@ def _build(options: ServerOptions) -> _Assembled:
     views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
     if views is not None:  # innermost: only calls that passed the guards and the token check fan out
         interceptors.append(views)
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", options.limits.max_message_bytes),
-            ("grpc.max_send_message_length", options.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
-            # No call outlives its connection: one whose client stopped reading cannot hold its slot forever.
-            ("grpc.max_connection_age_ms", int(options.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(options.max_connection_age_grace * 1000)),
-        ],
+    settings = transport.server_settings(
+        max_message_bytes=options.limits.max_message_bytes,
+        max_connection_age=options.max_connection_age,
+        max_connection_age_grace=options.max_connection_age_grace,
+        max_connection_idle=options.max_connection_idle,
+        max_connections=options.max_connections or transport.connection_budget(descriptors),
+        compression=options.compression,
     )
+    server = grpc.aio.server(interceptors=interceptors, options=[(s.option, s.value) for s in settings])
     shared_memory = SharedMemoryRegions(enabled=options.shared_memory)
     server.add_generic_rpc_handlers([NormalizationServicer(registry, options.limits, shared_memory).generic_handler()])
     health_servicer = health.aio.HealthServicer()
@@ -188,7 +195,7 @@ def _build(options: ServerOptions) -> _Assembled:
 
 
 async def _listen(assembled: _Assembled, stop: asyncio.Event) -> str:
-    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT set ``stop``, and start serving; returns the
+    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT/SIGHUP set ``stop``, and start serving; returns the
     address it listens on.
 
     A port that cannot be bound closes the registry (and so the store) before the error goes up.
@@ -212,8 +219,9 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> str:
         raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc} (--metrics-port)") from None
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # SIGHUP too: a closed terminal or ssh session shuts down as gracefully as a deployment's SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, _stopping, stop, signal.Signals(signum).name)
 
     await assembled.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
     for service in ("", SERVICE_NAME):  # ready once the kernels are warm (_become_ready)
@@ -290,6 +298,11 @@ async def _become_ready(assembled: _Assembled, listening: str) -> None:
     log.info("ready: SERVING on %s (kernels warm after %.1f s)", listening, time.perf_counter() - started)
 
 
+def _stopping(stop: asyncio.Event, signame: str) -> None:
+    log.info("%s received", signame)
+    stop.set()
+
+
 async def _shutdown(assembled: _Assembled) -> None:
     """Health turns NOT_SERVING, the server stops accepting calls and gives in-flight ones ``grace_period``
     seconds, started writes finish, and the store is checkpointed and closed."""
@@ -307,7 +320,7 @@ async def _shutdown(assembled: _Assembled) -> None:
 
 
 async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
+    """Serve until SIGTERM/SIGINT/SIGHUP (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
     declared = None if options.layers_file is None else layers_file.read(options.layers_file)
     assembled = _build(options)
     if declared is not None:

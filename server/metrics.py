@@ -6,6 +6,11 @@ nothing is global and several servers can live in one process (tests).
 Layer metrics come from a collector that reads the registry of layers when
 Prometheus scrapes: a deleted layer's series disappear by themselves. The
 endpoint answers ``/metrics`` and 404 elsewhere.
+
+The endpoint is served by :class:`_MetricsServer`, not prometheus_client's
+own: that one gives every connection a thread with no timeout, so silent
+connections each kept a thread and a descriptor for as long as they stayed
+open (400 connections: 412 threads).
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import socket
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
+from socketserver import ThreadingMixIn
 from typing import Any
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 import numpy as np
@@ -33,7 +39,6 @@ from prometheus_client import (
     make_wsgi_app,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.registry import Collector
 
 __all__ = ["LATENCY_BUCKETS", "Metrics"]
@@ -68,6 +73,46 @@ def _version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+#: Connections the metrics endpoint serves at once (one thread each); more are closed at once.
+METRICS_CONNECTIONS = 8
+#: Seconds a metrics connection may stay silent (while sending its request or taking the answer).
+METRICS_TIMEOUT = 5.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT  # socketserver applies it to the connection's socket
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not logged."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread per connection, at most METRICS_CONNECTIONS of them, each connection timed out."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # busy: closed now, not queued behind silent connections
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _LayerCollector(Collector):
@@ -196,10 +241,8 @@ class Metrics:
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"not found: the metrics are at /metrics\n"]
 
-        class Server(ThreadingWSGIServer):
-            address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-
-        self._http = make_server(host, port, app, Server, handler_class=_QuietHandler)
+        server_class = type("_Server", (_MetricsServer,), {"address_family": _family(host)})
+        self._http = make_server(host, port, app, server_class, _QuietHandler)
         threading.Thread(target=self._http.serve_forever, name="normserve-metrics", daemon=True).start()
         return self._http.server_address[1]
 
@@ -210,8 +253,5 @@ class Metrics:
             self._http = None
 
 
-class _QuietHandler(WSGIRequestHandler):
-    """No line on stderr per scrape."""
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET

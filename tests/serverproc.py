@@ -120,6 +120,13 @@ class ServerProcess:
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
 
+    def rss(self) -> int:
+        """Bytes the server process holds in memory now."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
     def kill(self) -> int:
         """SIGKILL: the crash the store must survive."""
         self.process.kill()

@@ -180,7 +180,7 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         "--grace-period",
         type=_number(float, 0),
         default=defaults.grace_period,
-        help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
+        help="seconds in-flight calls get to finish on SIGTERM/SIGINT/SIGHUP",
     )
     add(
         "--forward-cache-bytes",
@@ -207,6 +207,25 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         type=_number(float, 0, maximum=(2**31 - 1) // 1000),
         default=defaults.max_connection_age_grace,
         help="seconds calls on an aged connection get to finish before it is closed",
+    )
+    add(
+        "--max-connection-idle",
+        type=_connection_seconds,
+        default=defaults.max_connection_idle,
+        help="seconds a client connection without calls stays open (clients reconnect by themselves)",
+    )
+    add(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        help="client connections open at once; more are closed as they arrive (default: what the open-files "
+        "limit leaves, at most 4096)",
+    )
+    add(
+        "--allow-compression",
+        action="store_true",
+        help="accept gzip/deflate-compressed requests; gRPC inflates them (up to --max-message-bytes) before "
+        "any check, the token's included, so only with trusted clients",
     )
     add(
         "--max-world-size",
@@ -278,7 +297,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server",
-        description="Run the gRPC server until SIGTERM/SIGINT; layer state persists in --state-dir. "
+        description="Run the gRPC server until SIGTERM/SIGINT/SIGHUP; layer state persists in --state-dir. "
         "Every flag can also be set by the environment variable shown in brackets; flags win.",
     )
     _serve_options(_Options(serve, environ).add, ServerOptions())
@@ -463,6 +482,9 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_world_size=args.max_world_size,
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
+        max_connection_idle=args.max_connection_idle,
+        max_connections=args.max_connections,
+        compression=args.allow_compression,
         peers=args.peers,
         peer_timeout=args.peer_timeout,
     )
