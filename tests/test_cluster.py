@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import re
 import signal
@@ -17,10 +18,11 @@ import subprocess
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 from serverproc import NORMSERVE
-from test_replicas import refuses_misrouted_calls
+from test_replicas import calls_about, refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
 from normserve.client import AsyncNormClient, NormClient, NotFound, RetryPolicy, Unavailable
@@ -28,6 +30,8 @@ from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
 from normserve.v1 import codec
+from normserve.v1 import normalization_pb2 as pb
+from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 try:
     find_nginx()
@@ -142,6 +146,35 @@ def test_a_call_whose_routing_header_names_another_layer_is_refused_through_the_
     with NormClient(cluster.front) as nc:
         assert nc.layer("route.a").info.num_batches_tracked == 1  # the one accepted Train
         assert nc.layer("route.b").info.num_batches_tracked == 0
+
+
+def test_a_layer_call_without_the_routing_header_is_refused_through_the_proxy(cluster, rng) -> None:
+    """nginx sends a call without x-normserve-layer to any replica: that replica refuses it, so a CreateLayer
+    cannot start a second copy of a layer on a replica that does not own it (it did, before)."""
+    x = codec.encode(batch(rng))
+    with grpc.insecure_channel(cluster.front) as channel:
+        stub = pb_grpc.NormalizationStub(channel)
+        config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=4)
+        calls = {
+            "CreateLayer": lambda: stub.CreateLayer(pb.CreateLayerRequest(name="headless", config=config)),
+            **{method: functools.partial(call, ()) for method, call in calls_about(stub, "headless", x).items()},
+        }
+        for _ in range(3):  # nginx picks any replica each time: none may act
+            for method, call in calls.items():
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                assert "without the x-normserve-layer header" in refused.value.details(), method
+    assert not any(on_replicas(cluster, "headless").values())
+    with NormClient(cluster.front) as nc:  # with the header (the Python client's), the layer lands on its owner
+        nc.create_layer("headless", "batch_norm", num_features=4).train(batch(rng))
+    owner = Ring(cluster.addresses).owner("headless")
+    assert {address: names for address, names in on_replicas(cluster, "headless").items() if names} == {
+        owner: ["headless"]
+    }
+    with grpc.insecure_channel(owner) as channel:  # a direct call carries no mark and needs no header
+        layer = pb_grpc.NormalizationStub(channel).GetLayer(pb.GetLayerRequest(name="headless"))
+    assert layer.num_batches_tracked == 1
 
 
 def test_the_asyncio_client_routes_by_layer_too(cluster, rng) -> None:

@@ -10,7 +10,9 @@ proxy may send them to any replica.
 
 A server refuses (INVALID_ARGUMENT) a call whose header names another layer
 than its request does, so a misrouted call never acts on another replica's
-copy of a layer.
+copy of a layer; and a call about a layer without the header that came
+through the proxy (marked ``x-normserve-view: cluster``, below), which the
+proxy sent to any replica.
 
 ``x-normserve-view: cluster`` is set by the proxy, never by clients: it
 asks a replica for the whole cluster's view of ListLayers and health (the

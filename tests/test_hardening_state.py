@@ -1,0 +1,60 @@
+"""Issue 25's findings about state and resources, each against the real server: a failed synchronized step
+with a huge step number (6), and shared-memory registrations that ran the server out of descriptors (11)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from normserve.v1 import codec
+from normserve.v1 import normalization_pb2 as pb
+from normserve.v1 import normalization_pb2_grpc as pb_grpc
+
+SYNC_TIMEOUT = 1.0
+
+
+def _train(stub, layer: str, x: np.ndarray, step: int, rank: int = 0, world_size: int = 2, **request) -> grpc.Future:
+    sync = pb.SyncGroup(id="job", world_size=world_size, rank=rank, step=step)
+    return stub.Train.future(pb.TrainRequest(layer=layer, x=codec.encode(x), sync=sync, **request), timeout=60)
+
+
+def _status(future: grpc.Future) -> grpc.StatusCode:
+    try:
+        future.result()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_a_failed_step_with_any_number_leaves_later_steps_open(start_server, rng) -> None:
+    """Finding 6: one rank alone at sync.step 2**64-1 timed out, changed nothing, and yet closed every later
+    step (0, 1, 10**9) of its group on that layer until restart. Now step numbers are bounded (< 2**63) and
+    only a step that gathered all its ranks and committed moves the group's mark."""
+    proc = start_server("--sync-timeout", str(SYNC_TIMEOUT))
+    x = [rng.normal(size=(6, 3)).astype(np.float32) for _ in range(2)]
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.NormalizationStub(channel)
+        stub.CreateLayer(pb.CreateLayerRequest(name="bn", config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3)))
+        with pytest.raises(grpc.RpcError) as refused:
+            _train(stub, "bn", x[0], 2**64 - 1).result()
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "2**63" in refused.value.details()
+        started = time.monotonic()
+        assert _status(_train(stub, "bn", x[0], 2**63 - 1)) == grpc.StatusCode.DEADLINE_EXCEEDED  # rank 1 never came
+        assert time.monotonic() - started >= SYNC_TIMEOUT
+        # a step that gathered both ranks but failed to commit (the ranks disagree on the weight) moves nothing
+        weights = [codec.encode(rng.normal(size=3).astype(np.float32)) for _ in range(2)]
+        disagreeing = [_train(stub, "bn", x[r], 10**9, rank=r, parameters={"weight": weights[r]}) for r in range(2)]
+        assert [_status(f) for f in disagreeing] == [grpc.StatusCode.INVALID_ARGUMENT] * 2
+        assert stub.GetLayer(pb.GetLayerRequest(name="bn")).version == 1
+        for step in (0, 3):  # later (and lower) steps run
+            ranks = [_train(stub, "bn", x[r], step, rank=r) for r in range(2)]
+            assert [_status(f) for f in ranks] == [grpc.StatusCode.OK] * 2
+        assert stub.GetLayer(pb.GetLayerRequest(name="bn")).num_batches_tracked == 2
+        with pytest.raises(grpc.RpcError) as closed:  # a committed step does move the mark: steps go forward
+            _train(stub, "bn", x[0], 2).result()
+        assert closed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step 3 of the group has finished already" in closed.value.details()
