@@ -11,6 +11,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "MalformedAnswer",
     "NormServeError",
     "NotFound",
     "ResourceExhausted",
@@ -75,6 +76,15 @@ class DataLoss(NormServeError):
     """The layer's stored state could not be restored by the server; delete it and create it again."""
 
     code = grpc.StatusCode.DATA_LOSS
+
+
+class MalformedAnswer(NormServeError):
+    """The server's answer does not fit the request: it does not decode, names an unknown value, or
+    describes tensors other than the ones asked for (another shape, dtype or size). A broken or hostile
+    server, or one of a version this client does not know; nothing of the answer is returned. Checked
+    before the answer's tensors are allocated, so a lying answer costs no more memory than a true one."""
+
+    code = grpc.StatusCode.INTERNAL
 
 
 #: What a status without details means here (the health service answers NOT_FOUND with none).

@@ -163,8 +163,17 @@ class ClientOperations(protocol.ClientBase, _Operations):
 
     @operation
     def list_layers(self, prefix: str = "", *, timeout: float | None = None) -> Plan[list[Handle]]:
-        response = yield self._call_step("ListLayers", pb.ListLayersRequest(prefix=prefix), timeout)
-        return [self._handle(self, info) for info in response.layers]
+        """Every layer (whose name starts with ``prefix``), sorted by name: the server's pages, asked one
+        after another (``timeout`` applies to each)."""
+        layers: list[Handle] = []
+        token = ""
+        while True:
+            request = pb.ListLayersRequest(prefix=prefix, page_token=token)
+            response = yield self._call_step("ListLayers", request, timeout)
+            layers += [self._handle(self, info) for info in response.layers]
+            token = protocol.next_page(token, response)
+            if not token:
+                return layers
 
     @operation
     def delete_layer(self, name: str, *, timeout: float | None = None) -> Plan[pb.Layer]:

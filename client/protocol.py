@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from normserve.client.errors import MalformedAnswer
 from normserve.v1 import codec, kinds, routing, wire
 from normserve.v1 import normalization_pb2 as pb
 
@@ -485,6 +486,22 @@ def _received(response: wire.Payload, field: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------- requests and results
+def next_page(token: str, response: pb.ListLayersResponse) -> str:
+    """The ListLayers page token to ask with next after asking with ``token`` ("" when the list is done).
+
+    A server's tokens grow from page to page and come with at least one layer: one that would have the
+    client page forever is a MalformedAnswer.
+    """
+    following = response.next_page_token
+    if following and (following <= token or not response.layers):
+        raise MalformedAnswer(
+            f"the server answered page_token {token[:64]!r} with next_page_token {following[:64]!r} and "
+            f"{len(response.layers)} layer(s): its pages would never end",
+            method="ListLayers",
+        )
+    return following
+
+
 def health_status(response: health_pb2.HealthCheckResponse) -> str:
     """``"SERVING"``, ``"NOT_SERVING"``, ... from a health check answer."""
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)

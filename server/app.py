@@ -125,7 +125,9 @@ def _build(options: ServerOptions) -> _Assembled:
     ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
-    views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
+    views = (
+        ClusterViews(options.peers, options.peer_timeout, options.limits.max_message_bytes) if options.peers else None
+    )
     if views is not None:  # innermost: only calls that passed the guards and the token check fan out
         interceptors.append(views)
     server = grpc.aio.server(

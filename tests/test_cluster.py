@@ -22,6 +22,7 @@ import grpc
 import numpy as np
 import pytest
 from serverproc import NORMSERVE
+from test_hardening_state import stored_layers
 from test_replicas import calls_about, refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
@@ -175,6 +176,30 @@ def test_a_layer_call_without_the_routing_header_is_refused_through_the_proxy(cl
     with grpc.insecure_channel(owner) as channel:  # a direct call carries no mark and needs no header
         layer = pb_grpc.NormalizationStub(channel).GetLayer(pb.GetLayerRequest(name="headless"))
     assert layer.num_batches_tracked == 1
+
+
+def test_the_cluster_lists_more_than_4_mib_of_layers_a_page_at_a_time(tmp_path) -> None:
+    """Issue 25, finding 4: past ~4 MiB of layers the cluster view answered UNAVAILABLE (peer channels kept
+    gRPC's 4 MiB receive limit) and a replica's own list failed at send time. Now ListLayers pages (at most
+    1000 layers, within one message), replicas merge their pages, and list_layers() walks them all."""
+    names = {i: [f"r{i}.{j:05d}." + "n" * 240 for j in range(8000)] for i in (1, 2)}
+    for i, replica_names in names.items():
+        stored_layers(tmp_path / f"replica-{i}", replica_names)
+    with start_cluster(2, tmp_path) as cluster:
+        with grpc.insecure_channel(cluster.front) as channel:  # gRPC's default 4 MiB receive limit
+            first = pb_grpc.NormalizationStub(channel).ListLayers(pb.ListLayersRequest(), timeout=60)
+        assert [layer.name for layer in first.layers] == names[1][:1000]
+        assert first.next_page_token
+        with NormClient(cluster.front, timeout=60) as nc:
+            listed = nc.list_layers()
+            assert [layer.name for layer in listed] == names[1] + names[2]
+            assert sum(layer.info.ByteSize() for layer in listed) > 4 << 20
+            assert [layer.name for layer in nc.list_layers("r2.0799")] == names[2][7990:8000]
+        shown = subprocess.run(
+            [NORMSERVE, "layers", "--target", cluster.front, "--timeout", "60"], capture_output=True, text=True
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert len(shown.stdout.splitlines()) == 16000
 
 
 def test_the_asyncio_client_routes_by_layer_too(cluster, rng) -> None:

@@ -1,19 +1,54 @@
-"""Issue 25's findings about state and resources, each against the real server: a failed synchronized step
-with a huge step number (6), and shared-memory registrations that ran the server out of descriptors (11)."""
+"""Issue 25's findings about state and resources, each against the real server: a list of layers larger than
+a message (4), a failed synchronized step with a huge step number (6), and shared-memory registrations that
+ran the server out of descriptors (11)."""
 
 from __future__ import annotations
 
+import sqlite3
 import time
 
 import grpc
 import numpy as np
 import pytest
 
+from normserve.client import NormClient
+from normserve.server.store import DATABASE_NAME, StateStore
 from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 SYNC_TIMEOUT = 1.0
+
+
+def stored_layers(state_dir, names: list[str]) -> None:
+    """A replica's state dir holding ``names`` (RMSNorm layers without parameters), written straight into its
+    SQLite file: far faster than that many CreateLayers."""
+    StateStore(state_dir, "NORMAL").close()  # the schema
+    config = pb.LayerConfig(kind=pb.RMS_NORM, normalized_shape=[4], affine=False).SerializeToString()
+    db = sqlite3.connect(state_dir / DATABASE_NAME)
+    with db:
+        db.executemany("INSERT INTO layers VALUES (?, ?, 1, 0)", [(name, config) for name in names])
+    db.close()
+
+
+def test_a_list_larger_than_a_message_is_answered_in_pages_that_fit(start_server, tmp_path) -> None:
+    """Finding 4: a replica's own ListLayers over --max-message-bytes failed at send time, after the work."""
+    names = [f"layer.{j:04d}." + "n" * 200 for j in range(3000)]  # about 0.8 MB of descriptions
+    stored_layers(tmp_path / "state", names)
+    proc = start_server("--max-message-bytes", str(128 << 10))
+    with grpc.insecure_channel(proc.target) as channel:
+        stub = pb_grpc.NormalizationStub(channel)
+        first = stub.ListLayers(pb.ListLayersRequest(page_size=5000))
+        assert 0 < len(first.layers) < 1000  # cut to fit the message, not at the page size
+        assert first.ByteSize() <= 128 << 10
+        assert first.next_page_token == first.layers[-1].name
+        second = stub.ListLayers(pb.ListLayersRequest(page_size=3, page_token=first.next_page_token))
+        assert [layer.name for layer in second.layers] == names[len(first.layers) : len(first.layers) + 3]
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ListLayers(pb.ListLayersRequest(page_token="no\nsuch"))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with NormClient(proc.target) as nc:
+        assert [layer.name for layer in nc.list_layers()] == names
 
 
 def _train(stub, layer: str, x: np.ndarray, step: int, rank: int = 0, world_size: int = 2, **request) -> grpc.Future:
