@@ -567,7 +567,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: Any
     ) -> pb.SharedMemoryRegion:
-        region = await self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        region = await self._shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size, client=context.peer()
+        )
         return region.describe()
 
     @_rpc

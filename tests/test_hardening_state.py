@@ -93,3 +93,49 @@ def test_a_failed_step_with_any_number_leaves_later_steps_open(start_server, rng
             _train(stub, "bn", x[0], 2).result()
         assert closed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "step 3 of the group has finished already" in closed.value.details()
+
+
+def _register(stub, name: str, key: str) -> grpc.StatusCode:
+    try:
+        stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=4096), timeout=10)
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+def test_shared_memory_registrations_are_bounded_and_leave_descriptors_for_connections(tmp_path) -> None:
+    """Finding 11: one 4 KiB object registered under 1006 names took the server to its 1024-descriptor limit;
+    from then on new connections (health checks too) timed out. Registrations are now bounded in all, per
+    client (connection), and by the descriptors left under RLIMIT_NOFILE (here 400, soft and hard)."""
+    from multiprocessing import shared_memory
+
+    from serverproc import NORMSERVE, ServerProcess, wait_serving
+
+    state = tmp_path / "state"
+    serve = [NORMSERVE, "serve", "--port", "0", "--state-dir", str(state), "--shared-memory", "--workers", "1"]
+    per_client = ["--max-shared-memory-regions-per-client", "50"]
+    proc = ServerProcess(state, command=["prlimit", "--nofile=400:400", "--", *serve, *per_client]).start()
+    shm = shared_memory.SharedMemory(create=True, size=4096)
+    # a connection of its own each (channels in one process share one by default): a client each
+    channels = [grpc.insecure_channel(proc.target, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)]
+    try:
+        stubs = [pb_grpc.NormalizationStub(channel) for channel in channels]
+        codes = [_register(stubs[0], f"a{i}", shm.name) for i in range(51)]
+        assert codes == [grpc.StatusCode.OK] * 50 + [grpc.StatusCode.RESOURCE_EXHAUSTED]  # one client's share
+        registered = 50
+        for i, stub in enumerate(stubs[1:]):  # more clients, until the descriptors kept for connections are reached
+            codes = [_register(stub, f"c{i}.{j}", shm.name) for j in range(50)]
+            registered += codes.count(grpc.StatusCode.OK)
+            if grpc.StatusCode.RESOURCE_EXHAUSTED in codes:
+                break
+        assert 50 < registered < 400 - 100, registered  # stopped with a quarter of 400 (at least 256) still free
+        for _ in range(50):  # new connections, as load balancers' health checks open them, are still served
+            wait_serving(proc.target, timeout=10)
+        stubs[0].UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest())
+        assert _register(stubs[0], "again", shm.name) == grpc.StatusCode.OK
+    finally:
+        for channel in channels:
+            channel.close()
+        shm.close()
+        shm.unlink()
+        assert proc.stop() == 0, proc.log()
