@@ -109,10 +109,16 @@ _BY_CODE = {
 }
 
 
+#: What gRPC reports (as INTERNAL) when the client's own parser refused the answer's bytes.
+_UNPARSED_ANSWER = "Exception deserializing response!"
+
+
 def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
     """The NormServeError subclass for a failed gRPC call."""
     code = error.code()
     cls = _BY_CODE.get(code, NormServeError)
     # gRPC's own connection errors end in the status of a sub-step, ": OK", which reads as a contradiction.
     details = (error.details() or "").removesuffix(": OK")
+    if code == grpc.StatusCode.INTERNAL and details == _UNPARSED_ANSWER:  # the answer, not the server, failed
+        return MalformedAnswer("the server's answer is not a valid message of its type", method=method)
     return cls(details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method)

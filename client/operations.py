@@ -127,11 +127,14 @@ class ClientOperations(protocol.ClientBase, _Operations):
             send = functools.partial(self._rpc(method), request, **options)
         for attempt in itertools.count():
             try:
-                return (yield send)
+                response = yield send
             except grpc.RpcError as error:
                 backoffs = self.retry.backoffs(method)  # worked out after a failure only: off the hot path
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
                     raise error_from_rpc(error, method) from None
+            else:
+                protocol.check_answer(method, request, response)  # before anything of it is used
+                return response
             yield functools.partial(self._sleep, backoffs[attempt])
         raise AssertionError("unreachable")
 
@@ -294,7 +297,8 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         (training mode only); dweight and dbias are then this rank's own share.
         """
         request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out, sync)
-        return protocol.gradient_result((yield self._call_step("Gradient", request.message, timeout)), request)
+        response = yield self._call_step("Gradient", request.message, timeout)
+        return protocol.gradient_result(response, request, self.info)
 
     @operation
     def train_statistics(
@@ -317,7 +321,7 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         with (the whole step's under ``sync``) and the running statistics after.
         """
         request = protocol.train_statistics_request(self.name, count, mean, m2, sync, parameters)
-        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)))
+        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)), self.info)
         self.info.version, self.info.num_batches_tracked = result.version, result.num_batches_tracked
         if result.running_mean is not None:
             self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
@@ -335,7 +339,8 @@ class LayerOperations(protocol.LayerHandle, _Operations):
     @operation
     def state_dict(self, *, timeout: float | None = None) -> Plan[dict[str, np.ndarray]]:
         """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array)."""
-        return protocol.state_dict((yield self._call_step("GetState", pb.GetStateRequest(name=self.name), timeout)))
+        state = yield self._call_step("GetState", pb.GetStateRequest(name=self.name), timeout)
+        return protocol.state_dict(state, self.info)
 
     @operation
     def load_state_dict(

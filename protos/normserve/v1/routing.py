@@ -21,12 +21,15 @@ replica asks its ``--peers``, without the header, and merges their answers).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["LAYER_HEADER", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of"]
+__all__ = ["LAYER_HEADER", "NAME_PATTERN", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of"]
 
+#: Layer names (and sync group ids): what a header may carry and logs show, PyTorch module paths included.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
 LAYER_HEADER = "x-normserve-layer"
 VIEW_HEADER = "x-normserve-view"
 VIEW_CLUSTER = "cluster"
