@@ -63,7 +63,7 @@ class AsyncNormClient(operations.ClientOperations, make_method=_async_method):
         await self.close()
 
     async def _stream(self, rpc: Any, request: Any, **kwargs: Any) -> Any:
-        assembly = protocol.answer_assembly()
+        assembly = protocol.AnswerAssembly(request)
         async for part in rpc(self._stream_parts(request), **kwargs):
             assembly.take(part)
         return assembly.result()

@@ -77,7 +77,7 @@ class NormClient(operations.ClientOperations, make_method=_blocking_method):
         self.close()
 
     def _stream(self, rpc: Any, request: Any, **kwargs: Any) -> Any:
-        assembly = protocol.answer_assembly()
+        assembly = protocol.AnswerAssembly(request)
         for part in rpc(self._stream_parts(request), **kwargs):
             assembly.take(part)
         return assembly.result()

@@ -17,6 +17,7 @@ __all__ = [
     "DeadlineExceeded",
     "FailedPrecondition",
     "InvalidArgument",
+    "MalformedAnswer",
     "NormServeError",
     "NotFound",
     "ResourceExhausted",
@@ -94,6 +95,15 @@ class DataLoss(NormServeError):
     code = grpc.StatusCode.DATA_LOSS
 
 
+class MalformedAnswer(NormServeError):
+    """The server's answer does not fit the request: it does not decode, names an unknown value, or
+    describes tensors other than the ones asked for (another shape, dtype or size). A broken or hostile
+    server, or one of a version this client does not know; nothing of the answer is returned. Checked
+    before the answer's tensors are allocated, so a lying answer costs no more memory than a true one."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
 #: What a status without details means here (the health service answers NOT_FOUND with none).
 _WITHOUT_DETAILS = {
     grpc.StatusCode.NOT_FOUND: "no such name on the server (for health: the service is not one it reports on)",
@@ -114,6 +124,10 @@ _BY_CODE = {
         DataLoss,
     )
 }
+
+
+#: What gRPC reports (as INTERNAL) when the client's own parser refused the answer's bytes.
+_UNPARSED_ANSWER = "Exception deserializing response!"
 
 
 def _rich_details(error: grpc.RpcError) -> tuple[str, tuple[tuple[str, str], ...]]:
@@ -141,6 +155,8 @@ def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
     cls = _BY_CODE.get(code, NormServeError)
     # gRPC's own connection errors end in the status of a sub-step, ": OK", which reads as a contradiction.
     details = (error.details() or "").removesuffix(": OK")
+    if code == grpc.StatusCode.INTERNAL and details == _UNPARSED_ANSWER:  # the answer, not the server, failed
+        return MalformedAnswer("the server's answer is not a valid message of its type", method=method)
     reason, violations = _rich_details(error)
     return cls(
         details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method, reason=reason, field_violations=violations

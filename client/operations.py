@@ -127,11 +127,14 @@ class ClientOperations(protocol.ClientBase, _Operations):
             send = functools.partial(self._rpc(method), request, **options)
         for attempt in itertools.count():
             try:
-                return (yield send)
+                response = yield send
             except grpc.RpcError as error:
                 backoffs = self.retry.backoffs(method)  # worked out after a failure only: off the hot path
                 if error.code() != grpc.StatusCode.UNAVAILABLE or attempt >= len(backoffs):
                     raise error_from_rpc(error, method) from None
+            else:
+                protocol.check_answer(method, request, response)  # before anything of it is used
+                return response
             yield functools.partial(self._sleep, backoffs[attempt])
         raise AssertionError("unreachable")
 
@@ -163,8 +166,17 @@ class ClientOperations(protocol.ClientBase, _Operations):
 
     @operation
     def list_layers(self, prefix: str = "", *, timeout: float | None = None) -> Plan[list[Handle]]:
-        response = yield self._call_step("ListLayers", pb.ListLayersRequest(prefix=prefix), timeout)
-        return [self._handle(self, info) for info in response.layers]
+        """Every layer (whose name starts with ``prefix``), sorted by name: the server's pages, asked one
+        after another (``timeout`` applies to each)."""
+        layers: list[Handle] = []
+        token = ""
+        while True:
+            request = pb.ListLayersRequest(prefix=prefix, page_token=token)
+            response = yield self._call_step("ListLayers", request, timeout)
+            layers += [self._handle(self, info) for info in response.layers]
+            token = protocol.next_page(token, response)
+            if not token:
+                return layers
 
     @operation
     def delete_layer(self, name: str, *, timeout: float | None = None) -> Plan[pb.Layer]:
@@ -291,7 +303,8 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         (training mode only); dweight and dbias are then this rank's own share.
         """
         request = self._gradient_request(x, dy, training, wire_dtype, forward_id, out, sync)
-        return protocol.gradient_result((yield self._call_step("Gradient", request.message, timeout)), request)
+        response = yield self._call_step("Gradient", request.message, timeout)
+        return protocol.gradient_result(response, request, self.info)
 
     @operation
     def train_statistics(
@@ -314,7 +327,7 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         with (the whole step's under ``sync``) and the running statistics after.
         """
         request = protocol.train_statistics_request(self.name, count, mean, m2, sync, parameters)
-        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)))
+        result = protocol.trained_statistics((yield self._call_step("TrainStatistics", request, timeout)), self.info)
         self.info.version, self.info.num_batches_tracked = result.version, result.num_batches_tracked
         if result.running_mean is not None:
             self.running_stats = {"running_mean": result.running_mean, "running_var": result.running_var}
@@ -334,7 +347,7 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array): the current one,
         or that of a kept ``version`` (NotFound for a version the server no longer keeps)."""
         request = pb.GetStateRequest(name=self.name, version=version)
-        return protocol.state_dict((yield self._call_step("GetState", request, timeout)))
+        return protocol.state_dict((yield self._call_step("GetState", request, timeout)), self.info)
 
     @operation
     def rollback(self, version: int, *, timeout: float | None = None) -> Plan[pb.Layer]:

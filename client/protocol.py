@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -17,8 +17,10 @@ from typing import Any, NamedTuple
 import grpc
 import ml_dtypes
 import numpy as np
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from normserve.client.errors import InvalidArgument, MalformedAnswer
 from normserve.v1 import codec, kinds, routing, wire
 from normserve.v1 import normalization_pb2 as pb
 
@@ -28,6 +30,7 @@ __all__ = [
     "IDEMPOTENT_METHODS",
     "SERVICE_NAME",
     "STREAMABLE_METHODS",
+    "AnswerAssembly",
     "ClientBase",
     "LayerHandle",
     "Pem",
@@ -37,9 +40,10 @@ __all__ = [
     "StepSums",
     "SyncGroup",
     "TrainedStatistics",
-    "answer_assembly",
     "as_numpy",
     "channel_credentials",
+    "check_answer",
+    "expected_outputs",
     "forward_request",
     "gradient_request",
     "gradient_result",
@@ -48,7 +52,11 @@ __all__ = [
     "input_tensor",
     "layer_config",
     "load_state_request",
+    "next_page",
     "output_array",
+    "parameter_like",
+    "reading_answer",
+    "running_stats",
     "state_dict",
     "step_sums",
     "train_options",
@@ -181,6 +189,8 @@ class ClientBase:
         self.stream_threshold = min(stream_threshold, max_message_bytes // 2)
         self.chunk_bytes = chunk_bytes
         self._regions: dict[str, SharedMemoryRegion] = {}
+        if token is not None and not (token.isascii() and token.isprintable() and " " not in token and token):
+            raise ValueError("token must be printable ASCII without spaces (it travels as a header)")
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
         options = [
             ("grpc.max_send_message_length", max_message_bytes),
@@ -210,7 +220,14 @@ class ClientBase:
         """The metadata of one call: the client's own, and the routing header of a call about a layer, by
         which a proxy in front of layer-sharded replicas picks the layer's replica (normserve.v1.routing)."""
         layer = routing.layer_of(request)
-        return self._metadata if layer is None else (*self._metadata, (routing.LAYER_HEADER, layer))
+        if layer is None:
+            return self._metadata
+        if not routing.NAME_PATTERN.fullmatch(layer):  # refused here: gRPC would fail it as a bad header
+            raise InvalidArgument(
+                f"layer name {layer[:80]!r} (length {len(layer)}) is not a valid layer name: use 1 to 256 "
+                "characters from A-Z a-z 0-9 _ . : / -"
+            )
+        return (*self._metadata, (routing.LAYER_HEADER, layer))
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
@@ -247,9 +264,91 @@ class ClientBase:
                 local.close()
 
 
-def answer_assembly() -> wire.Assembly:
-    """Gathers a streamed answer (the server's head and chunks)."""
-    return wire.Assembly(lambda tensor, name: codec.check(tensor, name)[2])
+# ---------------------------------------------------------------------- answers, checked against the request
+@contextlib.contextmanager
+def reading_answer(method: str) -> Iterator[None]:
+    """Decoding the answer to ``method``: whatever does not decode is a MalformedAnswer (a NormServeError)."""
+    try:
+        yield
+    except MalformedAnswer:
+        raise
+    except (ValueError, DecodeError, MemoryError, OverflowError) as exc:  # codec.TensorError, wire.WireError, ...
+        raise MalformedAnswer(f"the server's answer does not decode: {exc}", method=method) from None
+
+
+def expected_outputs(request: Any) -> dict[str, tuple[tuple[int, ...], int | None]]:
+    """The output tensor of a Train, Infer or Gradient request: {field: (shape, wire dtype or None for any)}.
+
+    y is shaped like x, dx like dy (which is shaped like x, kept or sent); they come in the request's
+    output_dtype, else in x's wire dtype (a kept forward's is not known here).
+    """
+    message = getattr(request, "message", request)
+    if isinstance(message, (pb.TrainRequest, pb.InferRequest)):
+        return {"y": (tuple(message.x.shape), message.output_dtype or message.x.dtype)}
+    if isinstance(message, pb.GradientRequest):
+        dtype = message.output_dtype or (message.x.dtype if message.HasField("x") else None)
+        return {"dx": (tuple(message.dy.shape), dtype)}
+    return {}
+
+
+def _checked_output(tensor: pb.Tensor, field: str, expected: tuple[tuple[int, ...], int | None], method: str) -> int:
+    """The byte length of an answer's output tensor, after checking it is the one the request asked for."""
+    shape, dtype = expected
+    with reading_answer(method):
+        nbytes = codec.check(tensor, field)[2]
+    if tuple(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+        raise MalformedAnswer(
+            f"the server answered {field} of shape {list(tensor.shape)[:8]} in {_dtype_name(tensor.dtype)}, but the "
+            f"request asks for shape {list(shape)[:8]} in {_dtype_name(dtype)}",
+            method=method,
+        )
+    return nbytes
+
+
+def _dtype_name(dtype: int | None) -> str:
+    return "any dtype" if dtype is None else pb.DType.Name(dtype) if dtype in pb.DType.values() else f"dtype {dtype}"
+
+
+def check_answer(method: str, request: Any, response: Any) -> None:
+    """Refuse (MalformedAnswer) an answer whose output is not the one ``request`` asked for: shape, dtype,
+    size of its elements, or a shared-memory place the request did not give."""
+    for field, expected in expected_outputs(request).items():
+        if not response.HasField(field):
+            raise MalformedAnswer(f"the server's answer has no {field}", method=method)
+        tensor = getattr(response, field)
+        nbytes = _checked_output(tensor, field, expected, method)
+        if tensor.HasField("shared_memory"):
+            message = getattr(request, "message", request)
+            given = message.output_shared_memory if message.HasField("output_shared_memory") else None
+            place = tensor.shared_memory
+            if given is None or (place.region, place.offset, place.byte_size) != (given.region, given.offset, nbytes):
+                raise MalformedAnswer(
+                    f"the server answered {field} in shared memory the request did not give it", method=method
+                )
+
+
+class AnswerAssembly:
+    """Gathers a streamed answer (the server's head and chunks), its head checked against the request
+    before any buffer is allocated: only the request's output may stream, at the size it asked for."""
+
+    def __init__(self, request: Any) -> None:
+        self._method = method = type(getattr(request, "message", request)).__name__.removesuffix("Request") + "Stream"
+        expected = expected_outputs(request)
+
+        def size_of(tensor: pb.Tensor, field: str) -> int:
+            if field not in expected:  # the other tensors (dweight, dbias) come whole in the head
+                raise MalformedAnswer(f"the server streams {field}, which it sends in the head", method=method)
+            return _checked_output(tensor, field, expected[field], method)
+
+        self._assembly = wire.Assembly(size_of)
+
+    def take(self, part: Any) -> None:
+        with reading_answer(self._method):
+            self._assembly.take(part)
+
+    def result(self) -> wire.Payload:
+        with reading_answer(self._method):
+            return self._assembly.result()
 
 
 class SharedMemoryRegion:
@@ -331,7 +430,7 @@ class LayerHandle:
         self.running_stats: dict[str, np.ndarray] = {}
 
     name = property(lambda self: self.info.name)
-    kind = property(lambda self: pb.Kind.Name(self.info.config.kind).lower())
+    kind = property(lambda self: _kind_name(self.info.config.kind))
     version = property(lambda self: self.info.version)
 
     def __repr__(self) -> str:
@@ -386,8 +485,12 @@ class LayerHandle:
             if response.forward_id:
                 self.forward_id = response.forward_id
             if response.running_stats:
-                self.running_stats = {k: codec.decode(t).copy() for k, t in response.running_stats.items()}
+                self.running_stats = running_stats(response.running_stats, self.info)
         return output_array(response, "y", request)
+
+
+def _kind_name(kind: int) -> str:
+    return pb.Kind.Name(kind).lower() if kind in pb.Kind.values() else f"unknown kind {kind}"
 
 
 # ---------------------------------------------------------------------- arrays
@@ -475,19 +578,50 @@ def output_array(response: wire.Payload, field: str, request: Request) -> np.nda
     """A result in the caller's dtype (the wire dtype is a transport detail): a writable copy,
     or the caller's ``out`` array the server wrote it into."""
     if getattr(response, field).HasField("shared_memory"):
-        return request.out
+        return request.out  # where the request asked for it (check_answer)
     return _received(response, field).astype(request.dtype)
 
 
 def _received(response: wire.Payload, field: str) -> np.ndarray:
     """A response tensor as a read-only view of the received bytes."""
-    return codec.decode(getattr(response, field), field, data=response.data.get(field))
+    with reading_answer(type(response.message).__name__):
+        return codec.decode(getattr(response, field), field, data=response.data.get(field))
+
+
+def parameter_like(tensor: pb.Tensor, what: str, layer: pb.Layer) -> np.ndarray:
+    """A parameter-shaped tensor of an answer (dweight, a state tensor, a running statistic) as a copy,
+    checked to have the layer's param_shape and param dtype."""
+    dtype = layer.config.param_dtype or pb.FLOAT32
+    if tuple(tensor.shape) != tuple(layer.param_shape) or tensor.dtype != dtype:
+        raise MalformedAnswer(
+            f"the server answered {what} of shape {list(tensor.shape)[:8]} in {_dtype_name(tensor.dtype)}; layer "
+            f"{layer.name[:80]!r}'s parameters have shape {list(layer.param_shape)[:8]} in {_dtype_name(dtype)}"
+        )
+    with reading_answer(what):
+        return codec.decode(tensor, what).copy()
 
 
 # ---------------------------------------------------------------------- requests and results
+def next_page(token: str, response: pb.ListLayersResponse) -> str:
+    """The ListLayers page token to ask with next after asking with ``token`` ("" when the list is done).
+
+    A server's tokens grow from page to page and come with at least one layer: one that would have the
+    client page forever is a MalformedAnswer.
+    """
+    following = response.next_page_token
+    if following and (following <= token or not response.layers):
+        raise MalformedAnswer(
+            f"the server answered page_token {token[:64]!r} with next_page_token {following[:64]!r} and "
+            f"{len(response.layers)} layer(s): its pages would never end",
+            method="ListLayers",
+        )
+    return following
+
+
 def health_status(response: health_pb2.HealthCheckResponse) -> str:
     """``"SERVING"``, ``"NOT_SERVING"``, ... from a health check answer."""
-    return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+    with reading_answer("Health/Check"):  # a status this client does not know is not one it can act on
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
 def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
@@ -591,10 +725,23 @@ def train_statistics_request(
     return request
 
 
-def trained_statistics(response: pb.TrainStatisticsResponse) -> TrainedStatistics:
+def running_stats(tensors: Mapping[str, pb.Tensor], layer: pb.Layer) -> dict[str, np.ndarray]:
+    """An answer's running_mean and running_var, checked against the layer."""
+    unknown = set(tensors) - {"running_mean", "running_var"}
+    if unknown:
+        raise MalformedAnswer(f"the server answered running statistics {sorted(unknown)[:4]} the layer has not")
+    return {key: parameter_like(tensor, key, layer) for key, tensor in tensors.items()}
+
+
+def trained_statistics(response: pb.TrainStatisticsResponse, layer: pb.Layer) -> TrainedStatistics:
     statistics = response.statistics
     mean, m2 = np.array(statistics.mean, dtype=np.float64), np.array(statistics.m2, dtype=np.float64)
-    running = {key: codec.decode(tensor).copy() for key, tensor in response.running_stats.items()}
+    if statistics.count < 1 or mean.shape != m2.shape:
+        raise MalformedAnswer(
+            f"the server answered statistics of count {statistics.count} with {mean.size} means and {m2.size} m2",
+            method="TrainStatistics",
+        )
+    running = running_stats(response.running_stats, layer)
     return TrainedStatistics(
         statistics.count,
         mean,
@@ -648,18 +795,30 @@ def gradient_request(
 
 
 def gradient_result(
-    response: wire.Payload, request: Request
+    response: wire.Payload, request: Request, layer: pb.Layer
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """(dx in the input's dtype, dweight, dbias in the layer's param dtype or None)."""
     dx = output_array(response, "dx", request)
-    dweight, dbias = (_received(response, f).copy() if response.HasField(f) else None for f in ("dweight", "dbias"))
+    dweight, dbias = (
+        _parameter_answer(response, field, layer) if response.HasField(field) else None
+        for field in ("dweight", "dbias")
+    )
     return dx, dweight, dbias
 
 
-def state_dict(state: pb.LayerState) -> dict[str, np.ndarray]:
+def _parameter_answer(response: wire.Payload, field: str, layer: pb.Layer) -> np.ndarray:
+    if field in response.data:  # another writer's answer may keep these elements outside the head too
+        tensor = pb.Tensor()
+        tensor.CopyFrom(getattr(response, field))
+        tensor.data = bytes(response.data[field])
+        return parameter_like(tensor, field, layer)
+    return parameter_like(getattr(response, field), field, layer)
+
+
+def state_dict(state: pb.LayerState, layer: pb.Layer) -> dict[str, np.ndarray]:
     """PyTorch-style state dict: float tensors plus ``num_batches_tracked`` as an int64 scalar."""
     keys = sorted(state.tensors, key=lambda k: _STATE_ORDER.index(k) if k in _STATE_ORDER else len(_STATE_ORDER))
-    result = {key: codec.decode(state.tensors[key]).copy() for key in keys}
+    result = {key: parameter_like(state.tensors[key], key, layer) for key in keys}
     if state.HasField("num_batches_tracked"):
         result["num_batches_tracked"] = np.array(state.num_batches_tracked, dtype=np.int64)
     return result

@@ -63,6 +63,8 @@ class ServerOptions:
     metrics_port: int = 0  # 0: no metrics endpoint
     metrics_host: str | None = None  # None: the same as host
     shared_memory: bool = False  # serve tensors in clients' POSIX shared memory (same host, trusted clients)
+    max_shared_memory_regions: int = 1024  # registered at once, each holding a file descriptor ...
+    max_shared_memory_regions_per_client: int = 256  # ... and by one client (its connection)
     forward_cache_bytes: int = 1 << 30  # budget of forwards kept for Gradient by forward_id
     sync_timeout: float = 60.0  # seconds the first rank of a synchronized step waits for the last
     max_world_size: int = 1024  # ranks of one synchronized step
@@ -157,7 +159,9 @@ def _build(options: ServerOptions) -> _Assembled:
         interceptors.append(RequireToken(tokens))
     gate = UntilReady((SERVICE_NAME,), _WARMING_UP)
     interceptors.append(gate)
-    views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
+    views = (
+        ClusterViews(options.peers, options.peer_timeout, options.limits.max_message_bytes) if options.peers else None
+    )
     if views is not None:  # innermost: only calls that passed the guards and the token check fan out
         interceptors.append(views)
     settings = transport.server_settings(
@@ -169,7 +173,11 @@ def _build(options: ServerOptions) -> _Assembled:
         compression=options.compression,
     )
     server = grpc.aio.server(interceptors=interceptors, options=[(s.option, s.value) for s in settings])
-    shared_memory = SharedMemoryRegions(enabled=options.shared_memory)
+    shared_memory = SharedMemoryRegions(
+        enabled=options.shared_memory,
+        max_regions=options.max_shared_memory_regions,
+        max_regions_per_client=options.max_shared_memory_regions_per_client,
+    )
     server.add_generic_rpc_handlers([NormalizationServicer(registry, options.limits, shared_memory).generic_handler()])
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -9,9 +9,12 @@ on every call it forwards; normserve.v1.routing): it asks each peer the same
 question directly and without the mark, so a peer answers for itself alone
 and the fan-out never recurses, then merges the answers:
 
-* ListLayers: every replica's layers, by name. A peer that does not answer
-  fails the call with UNAVAILABLE naming it: a list that silently missed a
-  replica's layers would look like lost layers.
+* ListLayers: every replica's layers, by name, a page at a time: each replica
+  answers the same page request and the pages merge into one that fits an
+  answer (normserve.server.layer_pages). A peer that does not answer fails
+  the call with UNAVAILABLE naming it: a list that silently missed a
+  replica's layers would look like lost layers. Peers' answers are read with
+  this server's own --max-message-bytes, not gRPC's default 4 MiB.
 * Health Check: SERVING only when this replica and every peer are; a peer that
   does not answer counts as NOT_SERVING (logged with the reason). Watch is
   not merged: it reports the replica the proxy picked.
@@ -32,6 +35,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
+from normserve.server import layer_pages
+from normserve.server.errors import AnswerTooLarge
 from normserve.server.interceptors import same_kind
 from normserve.server.logs import shorten
 from normserve.v1 import normalization_pb2 as pb
@@ -69,11 +74,18 @@ def parse_peers(text: str) -> tuple[str, ...]:
 
 class ClusterViews(grpc.aio.ServerInterceptor):
     """Answers ListLayers and health checks marked by the proxy with the merged view of this replica and
-    ``peers`` (see the module doc); ``timeout`` bounds each call to a peer."""
+    ``peers`` (see the module doc); ``timeout`` bounds each call to a peer, ``max_message_bytes`` (the
+    server's own limit) each message either way."""
 
-    def __init__(self, peers: Sequence[str], timeout: float) -> None:
+    def __init__(self, peers: Sequence[str], timeout: float, max_message_bytes: int = (1 << 31) - 1) -> None:
         self._peers = tuple(peers)
         self._timeout = timeout
+        self._max_message_bytes = max_message_bytes
+        self._channel_options = (
+            *_PEER_CHANNEL,
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+        )
         self._channels: dict[str, grpc.aio.Channel] = {}  # opened on first use, in the server's event loop
         self._merges: dict[str, tuple[Callable[[bytes], Any], _Merge]] = {
             _LIST_LAYERS: (pb.ListLayersResponse.FromString, _all_layers),
@@ -103,7 +115,8 @@ class ClusterViews(grpc.aio.ServerInterceptor):
             remaining = context.time_remaining()
             timeout = self._timeout if remaining is None else max(0.0, min(self._timeout, remaining))
             asked = (self._ask(peer, method, parse, request, forwarded, timeout) for peer in self._peers)
-            return await combine(own, dict(zip(self._peers, await asyncio.gather(*asked), strict=True)), context)
+            answers = dict(zip(self._peers, await asyncio.gather(*asked), strict=True))
+            return await combine(request, own, answers, context, self._max_message_bytes)
 
         return same_kind(handler, merged)
 
@@ -119,7 +132,7 @@ class ClusterViews(grpc.aio.ServerInterceptor):
         """The peer's answer to ``request``, or why there is none (a str)."""
         channel = self._channels.get(peer)
         if channel is None:
-            channel = self._channels[peer] = grpc.aio.insecure_channel(peer, options=_PEER_CHANNEL)
+            channel = self._channels[peer] = grpc.aio.insecure_channel(peer, options=self._channel_options)
         call = channel.unary_unary(
             method, request_serializer=type(request).SerializeToString, response_deserializer=parse
         )
@@ -132,12 +145,17 @@ class ClusterViews(grpc.aio.ServerInterceptor):
             return f"{error.code().name}: {shorten(error.details() or '', 200)}"
 
 
-#: How a merged call combines this replica's answer with its peers' (peer -> answer, or why there is none).
-_Merge = Callable[[Any, dict[str, Any], grpc.aio.ServicerContext], Awaitable[Any]]
+#: How a merged call combines this replica's answer with its peers' (peer -> answer, or why there is none):
+#: (request, own answer, answers, context, the largest message the merged answer may be).
+_Merge = Callable[[Any, Any, dict[str, Any], grpc.aio.ServicerContext, int], Awaitable[Any]]
 
 
 async def _all_layers(
-    own: pb.ListLayersResponse, answers: dict[str, Any], context: grpc.aio.ServicerContext
+    request: pb.ListLayersRequest,
+    own: pb.ListLayersResponse,
+    answers: dict[str, Any],
+    context: grpc.aio.ServicerContext,
+    max_bytes: int,
 ) -> pb.ListLayersResponse:
     unanswered = {peer: why for peer, why in answers.items() if isinstance(why, str)}
     if unanswered:  # a list that silently missed a replica's layers would look like lost layers
@@ -147,12 +165,19 @@ async def _all_layers(
             f"{len(unanswered)} replica(s) did not answer ListLayers, so the cluster's list would be incomplete "
             f"({named}); `normserve layers --target REPLICA` lists one replica's layers",
         )
-    layers = [*own.layers, *(layer for answer in answers.values() for layer in answer.layers)]
-    return pb.ListLayersResponse(layers=sorted(layers, key=lambda layer: layer.name))
+    try:
+        return layer_pages.merged_page([own, *answers.values()], layer_pages.page_size(request.page_size), max_bytes)
+    except AnswerTooLarge as exc:  # a peer's layer this replica's --max-message-bytes cannot carry
+        await context.abort(exc.code, str(exc))
+        raise
 
 
 async def _all_serving(
-    own: health_pb2.HealthCheckResponse, answers: dict[str, Any], context: grpc.aio.ServicerContext
+    request: health_pb2.HealthCheckRequest,
+    own: health_pb2.HealthCheckResponse,
+    answers: dict[str, Any],
+    context: grpc.aio.ServicerContext,
+    max_bytes: int,
 ) -> health_pb2.HealthCheckResponse:
     if own.status != _SERVING:
         return own

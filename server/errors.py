@@ -156,6 +156,12 @@ class RegionExists(ServiceError):
     code = grpc.StatusCode.ALREADY_EXISTS
 
 
+class TooManyRegions(ServiceError):
+    """A registration over the shared-memory budgets (regions, or the descriptors kept for connections)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class RegionNotFound(ServiceError):
     code = grpc.StatusCode.NOT_FOUND
 

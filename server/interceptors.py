@@ -19,7 +19,10 @@ the domain alone.
   names another layer than its request (a stream: its head) acts on answers
   INVALID_ARGUMENT before the servicer sees the request: behind a proxy that
   routes by the header, it may have reached a replica that does not own its
-  layer.
+  layer. So does a call about a layer that came through the proxy (which marks
+  every call it forwards, ``x-normserve-view: cluster``) without the header:
+  the proxy sent it to any replica, which would act on (or create) a copy of
+  the layer that is not the owner's.
 * A stream whose peer sends or takes nothing for ``idle_seconds`` while the
   server waits on it is ended with DEADLINE_EXCEEDED, so it cannot hold a
   concurrency slot and its memory forever. Pending reads and writes are never
@@ -59,7 +62,7 @@ from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
 from normserve.server.transport import MAX_WATCH_STREAMS, receive_limit
-from normserve.v1.routing import LAYER_HEADER, layer_of
+from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER, layer_of
 
 __all__ = ["CallSlots", "GuardCalls", "Malformed", "RequireToken", "UntilReady", "same_kind"]
 
@@ -229,7 +232,7 @@ class UntilReady(grpc.aio.ServerInterceptor):
 class _Call:
     """What one call did, taken while the call runs (never read from its context after it ended)."""
 
-    __slots__ = ("layer", "method", "peer", "phases", "received", "routed", "sent", "service", "start")
+    __slots__ = ("layer", "method", "peer", "phases", "proxied", "received", "routed", "sent", "service", "start")
 
     def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, _, self.method = full_method.lstrip("/").rpartition("/")
@@ -239,7 +242,10 @@ class _Call:
         self.received = self.sent = 0
         self.layer = ""
         #: The layer the call's routing header names (None without one): what a proxy routed it by.
-        self.routed = next((value for key, value in context.invocation_metadata() or () if key == LAYER_HEADER), None)
+        metadata = tuple(context.invocation_metadata() or ())
+        self.routed = next((value for key, value in metadata if key == LAYER_HEADER), None)
+        #: Whether a proxy forwarded the call (it marks every call so, normserve.v1.routing).
+        self.proxied = (VIEW_HEADER, VIEW_CLUSTER) in metadata
 
     def saw_request(self, request: Any) -> None:
         self.received += request.ByteSize()
@@ -249,8 +255,17 @@ class _Call:
     def misrouted(self, request: Any) -> str | None:
         """Why ``request`` must be refused when its layer is not the one its routing header names, else None."""
         layer = layer_of(request)
-        if self.routed is None or layer is None or layer == self.routed:
+        if layer is None or layer == self.routed:
             return None
+        if self.routed is None:
+            if not self.proxied:
+                return None  # a call made to this server directly: no routing to get wrong
+            return (
+                f"the call is about layer {shorten(repr(layer), 300)} but came through the proxy without the "
+                f"{LAYER_HEADER} header, so the proxy sent it to any replica, which may not own the layer (a "
+                "CreateLayer there would make a second copy). Send the layer's name in that header (the Python "
+                "clients do)"
+            )
         return (
             f"the call's {LAYER_HEADER} header names layer {shorten(repr(self.routed), 300)} but the request is "
             f"about layer {shorten(repr(layer), 300)}; a proxy routes each call by that header, so this one may "

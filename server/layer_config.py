@@ -7,7 +7,6 @@ both use it, so the wire and the kernels cannot drift apart.
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import numpy as np
@@ -16,10 +15,10 @@ import normkernels
 from normserve.server.errors import InvalidRequest
 from normserve.v1 import kinds
 from normserve.v1 import normalization_pb2 as pb
+from normserve.v1.routing import NAME_PATTERN
 
 __all__ = ["NAME_PATTERN", "build_layer", "check_name", "describe_config", "kind_name"]
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
 
 _PARAM_DTYPES = {pb.DTYPE_UNSPECIFIED: "float32", pb.FLOAT32: "float32", pb.FLOAT64: "float64"}
 _ALWAYS = {"kind", "device", "param_dtype"}

@@ -13,7 +13,9 @@ Memory is bounded before it is spent: a new layer's state must fit
 ``max_layer_state_bytes`` and, with every other layer's, ``max_state_bytes``
 (checked before its arrays exist). A stored layer that cannot be restored
 does not stop the server: it is listed as :class:`Unrestorable` and its calls
-answer DATA_LOSS until it is deleted.
+answer DATA_LOSS until it is deleted (a row whose stored name is not a layer
+name is listed under a placeholder name, ``damaged-row-<rowid>``, see
+:mod:`normserve.server.store`).
 
 Versions: a layer starts at 1 and each change of its state adds 1 (a Train
 of a layer with running statistics, a SetState, a Rollback). The store keeps
@@ -122,6 +124,7 @@ class Unrestorable:
     num_batches_tracked: int
     error: str
     stats: TrainingStats = TrainingStats()  # none: read like a Snapshot's by ListLayers and the metrics
+    rowid: int | None = None  # set when ``name`` is a placeholder for a damaged row's name (store.StoredLayer)
 
 
 class _Entry:
@@ -239,7 +242,7 @@ class Registry:
         oldest = self._store.oldest_versions()
         for stored in self._store.load_all():
             try:
-                config = pb.LayerConfig.FromString(stored.config)
+                config = None if stored.config is None else pb.LayerConfig.FromString(stored.config)
             except Exception as exc:
                 self._unrestorable(stored, None, f"its stored config is unreadable: {exc}")
                 continue
@@ -266,17 +269,15 @@ class Registry:
 
     def _unrestorable(self, stored: Any, config: pb.LayerConfig | None, error: str) -> None:
         log.error(
-            "cannot restore layer %r from %s: %s; it answers DATA_LOSS until deleted, the other layers serve",
+            "cannot restore layer %r from %s%s: %s; it is listed with this error and answers DATA_LOSS until "
+            "deleted (DeleteLayer: client.delete_layer(name)), the other layers serve",
             stored.name,
             self._store.path,
+            "" if stored.rowid is None else f" (a placeholder name for row {stored.rowid} of its layers table)",
             error,
         )
-
-        def whole(value: Any) -> int:  # a damaged row's counters may not even be integers
-            return value if isinstance(value, int) else 0
-
         unrestorable = Unrestorable(
-            stored.name, config, whole(stored.version), whole(stored.num_batches_tracked), error
+            stored.name, config, stored.version, stored.num_batches_tracked, error, rowid=stored.rowid
         )
         self._entries[stored.name] = _Entry(unrestorable)
 
@@ -488,7 +489,7 @@ class Registry:
             raise
 
         async def delete_locked() -> Snapshot | Unrestorable:
-            await self._write(self._store.delete_layer, name)
+            await self._write(self._store.delete_layer, name, getattr(entry.snapshot, "rowid", None))
             entry.deleted = True
             del self._entries[name]
             self.forwards.drop_layer(name)

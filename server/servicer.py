@@ -30,6 +30,7 @@ import numpy as np
 
 from normkernels import NormError, NormLayer
 from normkernels.core import GradSums, Moments
+from normserve.server import layer_pages
 from normserve.server.errors import (
     AnswerTooLarge,
     InvalidRequest,
@@ -440,7 +441,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     @_rpc
     async def ListLayers(self, request: pb.ListLayersRequest, context: Any) -> pb.ListLayersResponse:
-        return pb.ListLayersResponse(layers=[describe_layer(s) for s in self._registry.list(request.prefix)])
+        size, after = layer_pages.page_size(request.page_size), layer_pages.after_token(request.page_token)
+        listed = (describe_layer(s) for s in self._registry.list(request.prefix) if s.name > after)
+        return layer_pages.page(listed, size, self._limits.max_message_bytes)  # described as the page fills
 
     @_rpc
     async def DeleteLayer(self, request: pb.DeleteLayerRequest, context: Any) -> pb.DeleteLayerResponse:
@@ -611,7 +614,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     async def RegisterSharedMemory(
         self, request: pb.RegisterSharedMemoryRequest, context: Any
     ) -> pb.SharedMemoryRegion:
-        region = await self._shared_memory.register(request.name, request.key, request.offset, request.byte_size)
+        region = await self._shared_memory.register(
+            request.name, request.key, request.offset, request.byte_size, client=context.peer()
+        )
         return region.describe()
 
     @_rpc

@@ -14,6 +14,14 @@ files: a symbolic link (to a file the server may read or write) and a FIFO
 (whose open would block) are refused. Opening and large transfers run off
 the event loop.
 
+Each registration holds a file descriptor, so registrations are bounded: in
+all (``--max-shared-memory-regions``), per client (its connection,
+``--max-shared-memory-regions-per-client``), and by the descriptors left
+under the process's RLIMIT_NOFILE, of which :data:`RESERVED_DESCRIPTORS`
+(or a quarter, whichever is more) stay free for accepting connections and
+the state database: a client cannot lock others out by registering one
+object under many names.
+
 Off unless the server runs with ``--shared-memory``: with it, any client that
 may call the server can read and write any shared-memory object in
 ``/dev/shm`` that the server's user can open, so it is for trusted clients on
@@ -25,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import resource
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +41,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from normserve.server.errors import InvalidRequest, RegionExists, RegionNotFound, SharedMemoryOff
+from normserve.server.errors import InvalidRequest, RegionExists, RegionNotFound, SharedMemoryOff, TooManyRegions
 from normserve.server.layer_config import check_name
 from normserve.v1 import normalization_pb2 as pb
 
@@ -43,6 +52,10 @@ SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects (shm_open'
 _KEY = re.compile(r"/?[A-Za-z0-9_.:-]{1,250}")
 #: Transfers up to this many bytes run on the event loop (a thread hop costs more than the copy).
 INLINE_BYTES = 1 << 20
+#: Descriptors under RLIMIT_NOFILE that registrations never take (or a quarter of the limit, if more):
+#: room for accepting connections, the state database, and transfers' duplicated descriptors.
+RESERVED_DESCRIPTORS = 256
+_FD_DIR = "/proc/self/fd"
 
 
 @dataclass
@@ -53,6 +66,7 @@ class Region:
     byte_size: int
     fd: int
     writable: bool
+    client: str = ""  # who registered it (its connection), for the per-client budget
 
     def describe(self) -> pb.SharedMemoryRegion:
         return pb.SharedMemoryRegion(name=self.name, key=self.key, offset=self.offset, byte_size=self.byte_size)
@@ -114,9 +128,32 @@ def _write(fd: int, start: int, data: memoryview) -> int:
 class SharedMemoryRegions:
     """The registered regions of one server."""
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, max_regions: int = 1024, max_regions_per_client: int = 256) -> None:
         self.enabled = enabled
+        self.max_regions = max_regions
+        self.max_regions_per_client = max_regions_per_client
         self._regions: dict[str, Region] = {}
+
+    def _check_room(self, client: str) -> None:
+        """Refuse (RESOURCE_EXHAUSTED) a new registration over a budget: regions in all, the client's, or the
+        descriptors the process may still open beyond those kept for connections."""
+        if len(self._regions) >= self.max_regions:
+            raise TooManyRegions(
+                f"the server holds {len(self._regions)} shared-memory regions, its limit "
+                "(--max-shared-memory-regions); unregister regions you no longer use"
+            )
+        held = sum(region.client == client for region in self._regions.values())
+        if held >= self.max_regions_per_client:
+            raise TooManyRegions(
+                f"this client holds {held} shared-memory regions, the limit per client "
+                "(--max-shared-memory-regions-per-client); unregister regions you no longer use"
+            )
+        free, reserved = _descriptors_free()
+        if free is not None and free <= reserved:
+            raise TooManyRegions(
+                f"the server has {free} file descriptors left under its RLIMIT_NOFILE and keeps {reserved} for "
+                "connections; unregister regions, or raise the server's descriptor limit (ulimit -n)"
+            )
 
     def _require_enabled(self) -> None:
         if not self.enabled:
@@ -135,7 +172,8 @@ class SharedMemoryRegions:
             f"byte_size {existing.byte_size}; unregister it first or choose another name"
         )
 
-    async def register(self, name: str, key: str, offset: int, byte_size: int) -> Region:
+    async def register(self, name: str, key: str, offset: int, byte_size: int, client: str = "") -> Region:
+        """Register region ``name``, held by ``client`` (any string naming who asked; budgets count per client)."""
         self._require_enabled()
         check_name(name, "name")
         if not _KEY.fullmatch(key):
@@ -147,6 +185,7 @@ class SharedMemoryRegions:
         existing = self._registered(name, key, offset, byte_size)
         if existing is not None:
             return existing
+        self._check_room(client)
         fd, writable = await asyncio.to_thread(_open_object, key)
         try:
             size = os.fstat(fd).st_size
@@ -155,13 +194,15 @@ class SharedMemoryRegions:
                     f"offset {offset} + byte_size {byte_size} is beyond the end of {key!r} ({size} bytes)"
                 )
             existing = self._registered(name, key, offset, byte_size)  # another call may have won the race
+            if existing is None:
+                self._check_room(client)  # ... or taken the room while the object was opened
         except BaseException:
             os.close(fd)
             raise
         if existing is not None:
             os.close(fd)
             return existing
-        region = self._regions[name] = Region(name, key, offset, byte_size, fd, writable)
+        region = self._regions[name] = Region(name, key, offset, byte_size, fd, writable, client)
         return region
 
     def unregister(self, name: str) -> list[Region]:
@@ -232,3 +273,15 @@ class SharedMemoryRegions:
         flat = memoryview(data.reshape(-1).view(np.uint8))
         if await _off_loop(flat.nbytes, _write, region, start, flat) != flat.nbytes:
             raise self._shrank(region, what)
+
+
+def _descriptors_free() -> tuple[int | None, int]:
+    """(descriptors the process may still open, or None when that is not known; how many to keep free)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None, RESERVED_DESCRIPTORS
+    try:
+        used = len(os.listdir(_FD_DIR))
+    except OSError:  # no /proc: the budgets above bound registrations alone
+        return None, RESERVED_DESCRIPTORS
+    return soft - used, max(RESERVED_DESCRIPTORS, soft // 4)

@@ -16,6 +16,12 @@ made the version, so that a layer can be read at, and rolled back to, any of
 them after a restart too. A database from before versions were kept gets
 its layers' current versions recorded when it is opened.
 
+Reading trusts nothing of the file: every column of every row is type- and
+range-checked (:meth:`StateStore.load_all`), and a row that fails says why in
+its :class:`StoredLayer`'s ``problem``, spoiling that layer alone. A row whose
+name is not a layer name (NULL, a BLOB, a newline) is given a placeholder
+name, ``damaged-row-<rowid>``, so it can be listed and deleted like any other.
+
 The store is synchronous and not thread-safe; the registry calls it from one
 dedicated thread.
 """
@@ -30,10 +36,12 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from normserve.server.errors import StateDirFull
+from normserve.server.layer_config import NAME_PATTERN
 
 try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
     import fcntl
@@ -87,6 +95,13 @@ DEFAULT_KEEP_VERSIONS = 10
 _SQLITE_IOERR = 10
 _SQLITE_FULL = 13
 _MESSAGE_CODES = {"disk I/O error": _SQLITE_IOERR, "database or disk is full": _SQLITE_FULL}
+#: Largest version or num_batches_tracked a stored row may hold: far beyond any count a server reaches
+#: (2**62 Trains at a billion a second take 146 years), and every later +1 still fits SQLite's int64.
+MAX_COUNTER = 2**62
+#: The dtypes layer state is stored in (a layer's param dtype).
+_STATE_DTYPES = frozenset({"float32", "float64"})
+#: Dimensions of a stored state tensor (a layer's param_shape), and the largest of each.
+_MAX_STORED_RANK, _MAX_STORED_DIMENSION = 32, 2**31
 #: An I/O error with less free space than this is taken for ENOSPC/EDQUOT that SQLite reported
 #: as IOERR (e.g. found late, at fsync), which it does not tell apart from a failing disk.
 _NEARLY_FULL_BYTES = 1 << 20
@@ -111,11 +126,12 @@ class StoreLocked(RuntimeError):
 @dataclass(frozen=True)
 class StoredLayer:
     name: str
-    config: bytes
+    config: bytes | None  # None when the stored config is not even bytes
     version: int
     num_batches_tracked: int
     tensors: dict[str, np.ndarray]
-    problem: str = ""  # why a stored tensor cannot be read (the layer is then not restorable)
+    problem: str = ""  # why the row or a stored tensor cannot be used (the layer is then not restorable)
+    rowid: int | None = None  # set when ``name`` is a placeholder for a stored name that is not a layer name
 
 
 @dataclass(frozen=True)
@@ -125,10 +141,6 @@ class KeptVersion:
     version: int
     num_batches_tracked: int
     tensors: dict[str, np.ndarray]
-
-
-def _array(dtype: str, shape: str, data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
 
 
 class StateStore:
@@ -172,7 +184,7 @@ class StateStore:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         if row is None:
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
-        elif int(row[0]) != _SCHEMA_VERSION:
+        elif row[0] != str(_SCHEMA_VERSION):
             raise RuntimeError(
                 f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
             )
@@ -226,21 +238,37 @@ class StateStore:
 
     # ------------------------------------------------------------------ reads
     def load_all(self) -> list[StoredLayer]:
-        """Every stored layer, sorted by name; one whose tensors cannot be read says why in ``problem``."""
-        tensors: dict[str, dict[str, np.ndarray]] = {}
-        problems: dict[str, str] = {}
+        """Every stored layer, sorted by name; one whose row or tensors cannot be used says why in ``problem``
+        (its counters then read 0 where they are not in range)."""
+        tensors: dict[Any, dict[str, np.ndarray]] = {}
+        problems: dict[Any, str] = {}
         for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
             try:
-                array = _array(dtype, shape, data)
+                array = _stored_tensor(key, dtype, shape, data)
             except Exception as exc:  # whatever a damaged row holds, it spoils its layer only
-                problems.setdefault(layer, f"stored tensor {key!r} is unreadable ({type(exc).__name__}: {exc})")
+                shown = key if isinstance(key, str) else type(key).__name__
+                problems.setdefault(layer, f"stored tensor {shown!r} is unreadable ({type(exc).__name__}: {exc})")
                 continue
             tensors.setdefault(layer, {})[key] = array
-        rows = self._db.execute("SELECT name, config, version, num_batches_tracked FROM layers ORDER BY name")
-        return [
-            StoredLayer(name, bytes(config), v, nbt, tensors.get(name, {}), problems.get(name, ""))
-            for name, config, v, nbt in rows
-        ]
+        rows = list(self._db.execute("SELECT rowid, name, config, version, num_batches_tracked FROM layers"))
+        names = {row[1] for row in rows if _is_name(row[1])}
+        layers = []
+        for rowid, name, config, version, count in rows:
+            problem = problems.get(name, "") if _is_name(name) else ""
+            problem = "; ".join(p for p in (_row_problem(name, config, version, count), problem) if p)
+            placeholder = None if _is_name(name) else _placeholder(rowid, names)
+            layers.append(
+                StoredLayer(
+                    name if placeholder is None else placeholder,
+                    config if isinstance(config, bytes) else None,
+                    version if _counter(version, 1) else 0,
+                    count if _counter(count, 0) else 0,
+                    tensors.get(name, {}) if placeholder is None else {},
+                    problem,
+                    None if placeholder is None else rowid,
+                )
+            )
+        return sorted(layers, key=lambda layer: layer.name)
 
     def oldest_versions(self) -> dict[str, int]:
         """Each layer's oldest kept version (layers with none kept are left out)."""
@@ -256,7 +284,9 @@ class StateStore:
         rows = self._db.execute(
             "SELECT key, dtype, shape, data FROM version_tensors WHERE layer = ? AND version = ?", (name, version)
         )
-        return KeptVersion(version, row[0], {key: _array(dtype, shape, data) for key, dtype, shape, data in rows})
+        return KeptVersion(
+            version, row[0], {key: _stored_tensor(key, dtype, shape, data) for key, dtype, shape, data in rows}
+        )
 
     def disk_bytes(self) -> int:
         """Bytes of the database and its WAL on disk (any thread may ask)."""
@@ -300,9 +330,13 @@ class StateStore:
         )
         db.execute("DELETE FROM versions WHERE layer = ? AND version <= ?", (name, version - self.keep_versions))
 
-    def delete_layer(self, name: str) -> None:
+    def delete_layer(self, name: str, rowid: int | None = None) -> None:
+        """Delete layer ``name`` (with its tensors), or the damaged row ``rowid`` its placeholder name stands for."""
         with self._transaction() as db:
-            db.execute("DELETE FROM layers WHERE name = ?", (name,))
+            if rowid is None:
+                db.execute("DELETE FROM layers WHERE name = ?", (name,))
+            else:
+                db.execute("DELETE FROM layers WHERE rowid = ?", (rowid,))
 
     @staticmethod
     def _put_tensors(db: sqlite3.Connection, name: str, tensors: Mapping[str, np.ndarray]) -> None:
@@ -336,3 +370,53 @@ class StateStore:
         finally:
             self._db = None
             self._lock_file.close()
+
+
+def _is_name(name: Any) -> bool:
+    return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+def _counter(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is a stored counter in range (an INTEGER; SQLite may hand back any type)."""
+    return type(value) is int and minimum <= value <= MAX_COUNTER
+
+
+def _placeholder(rowid: int, taken: set[str]) -> str:
+    """A layer name for the damaged row ``rowid`` that no stored layer has."""
+    name = f"damaged-row-{rowid}"
+    while name in taken:
+        name += "_"
+    return name
+
+
+def _row_problem(name: Any, config: Any, version: Any, count: Any) -> str:
+    """Why a row of the layers table cannot be a layer, or ""."""
+    problems = []
+    if not _is_name(name):
+        shown = repr(name)[:80] if isinstance(name, (str, bytes)) else type(name).__name__
+        problems.append(f"its stored name {shown} is not a layer name")
+    if not isinstance(config, bytes):
+        problems.append(f"its stored config is {type(config).__name__}, not a serialized LayerConfig (BLOB)")
+    if not _counter(version, 1):
+        problems.append(f"its stored version {str(version)[:40]!r} is not an integer in [1, 2**62]")
+    if not _counter(count, 0):
+        problems.append(f"its stored num_batches_tracked {str(count)[:40]!r} is not an integer in [0, 2**62]")
+    return "; ".join(problems)
+
+
+def _stored_tensor(key: Any, dtype: Any, shape: Any, data: Any) -> np.ndarray:
+    """A row of the tensors table as a read-only array, every column checked (ValueError says which is bad)."""
+    if not isinstance(key, str):
+        raise ValueError(f"its key is {type(key).__name__}, not TEXT")
+    if dtype not in _STATE_DTYPES:
+        raise ValueError(f"its dtype {str(dtype)[:40]!r} is not one of {sorted(_STATE_DTYPES)}")
+    dims = json.loads(shape) if isinstance(shape, str) and len(shape) < 1024 else None
+    if not (
+        isinstance(dims, list)
+        and len(dims) <= _MAX_STORED_RANK
+        and all(type(d) is int and 0 <= d <= _MAX_STORED_DIMENSION for d in dims)
+    ):
+        raise ValueError(f"its shape {str(shape)[:80]!r} is not a JSON list of dimensions")
+    if not isinstance(data, bytes):
+        raise ValueError(f"its data is {type(data).__name__}, not a BLOB")
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(dims)  # a view: no copy

@@ -13,12 +13,16 @@ rank that fails (bad input) or gives up (its deadline, a cancelled call)
 fails it for the others with ABORTED. ``finish`` never runs for a failed
 step, so a failed step changes no state. Finished and failed steps are
 remembered (the most recent ones), so a late or repeated rank gets a clear
-answer instead of waiting alone.
+answer instead of waiting alone. Only a step that gathered all its ranks and
+whose ``finish`` succeeded moves its series' mark (steps at or below it are
+refused): a failed or timed-out step, whatever its number, leaves every
+later step open. Step numbers are below 2**63 (:data:`MAX_STEP`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -37,6 +41,8 @@ REMEMBERED_STEPS = 4096
 REMEMBERED_GROUPS = 16384
 #: Missing ranks a timeout names (it counts the rest).
 NAMED_RANKS = 8
+#: Step numbers are below this (an int64 in every language; a wrapped or garbage uint64 is refused).
+MAX_STEP = 2**63
 
 
 class StepSeries(NamedTuple):
@@ -81,6 +87,8 @@ class SyncSpec:
             raise InvalidRequest("sync.world_size must be at least 1 (the number of workers in the group)")
         if not 0 <= self.rank < self.world_size:
             raise InvalidRequest(f"sync.rank {self.rank} must be in [0, world_size) = [0, {self.world_size})")
+        if not 0 <= self.step < MAX_STEP:
+            raise InvalidRequest(f"sync.step {self.step} must be in [0, 2**63): count steps from 0 up")
 
     def step_key(self, layer: str, phase: str) -> StepKey:
         """The step this rank joins on ``layer`` in ``phase``."""
@@ -103,7 +111,7 @@ class SyncSteps:
         self.max_world_size = max_world_size
         self._open: dict[StepKey, _Step] = {}
         self._closed: OrderedDict[StepKey, ServiceError] = OrderedDict()  # why a step can no longer be joined
-        self._last_closed: OrderedDict[StepSeries, int] = OrderedDict()  # the series' last closed step
+        self._last_closed: OrderedDict[StepSeries, int] = OrderedDict()  # the series' last committed step
 
     def check(self, key: StepKey, spec: SyncSpec) -> None:
         """Refuse (alone, failing no one else) a rank that cannot join ``key``: closed, world size, rank twice."""
@@ -120,7 +128,7 @@ class SyncSteps:
             last = self._last_closed.get(key.series)
             if last is not None and key.step <= last:
                 raise InvalidRequest(
-                    f"the {key.describe()} cannot start: step {last} of the group has closed already, and "
+                    f"the {key.describe()} cannot start: step {last} of the group has finished already, and "
                     f"steps only move forward; use a step number above {last}"
                 )
             return
@@ -157,7 +165,7 @@ class SyncSteps:
         if len(step.parts) == step.world_size:
             self._close(key, InvalidRequest(f"the {key.describe()} has finished; use the next step number"))
             task = asyncio.ensure_future(finish([step.parts[rank] for rank in range(step.world_size)]))
-            task.add_done_callback(lambda t: t.cancelled() or t.exception())  # retrieved even if nobody awaits
+            task.add_done_callback(functools.partial(self._committed, key))
             step.complete.set_result(task)
         try:
             task = await deadline(asyncio.shield(step.complete))
@@ -217,8 +225,14 @@ class SyncSteps:
         self._closed.move_to_end(key)
         while len(self._closed) > REMEMBERED_STEPS:
             self._closed.popitem(last=False)
-        if step is None:
-            return  # a step failed before any rank joined it (one was refused): later steps stay open to all
+
+    def _committed(self, key: StepKey, task: asyncio.Future) -> None:
+        """A step's ``finish`` ended: when it succeeded (the step committed), its series' mark moves up to it.
+        A failed step moves nothing, so later steps stay open to all."""
+        if task.cancelled() or task.exception() is not None:  # retrieved even if nobody awaits
+            return
+        if key not in self._closed:
+            return  # its layer was deleted (forget_layer) while it finished: nothing of it is remembered
         series = key.series
         self._last_closed[series] = max(key.step, self._last_closed.get(series, key.step))
         self._last_closed.move_to_end(series)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import re
 import signal
@@ -17,10 +18,12 @@ import subprocess
 import threading
 import time
 
+import grpc
 import numpy as np
 import pytest
 from serverproc import NORMSERVE
-from test_replicas import refuses_misrouted_calls
+from test_hardening_state import stored_layers
+from test_replicas import calls_about, refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
 from normserve.client import AsyncNormClient, NormClient, NotFound, RetryPolicy, Unavailable
@@ -28,6 +31,8 @@ from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
 from normserve.v1 import codec
+from normserve.v1 import normalization_pb2 as pb
+from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
 try:
     find_nginx()
@@ -142,6 +147,59 @@ def test_a_call_whose_routing_header_names_another_layer_is_refused_through_the_
     with NormClient(cluster.front) as nc:
         assert nc.layer("route.a").info.num_batches_tracked == 1  # the one accepted Train
         assert nc.layer("route.b").info.num_batches_tracked == 0
+
+
+def test_a_layer_call_without_the_routing_header_is_refused_through_the_proxy(cluster, rng) -> None:
+    """nginx sends a call without x-normserve-layer to any replica: that replica refuses it, so a CreateLayer
+    cannot start a second copy of a layer on a replica that does not own it (it did, before)."""
+    x = codec.encode(batch(rng))
+    with grpc.insecure_channel(cluster.front) as channel:
+        stub = pb_grpc.NormalizationStub(channel)
+        config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=4)
+        calls = {
+            "CreateLayer": lambda: stub.CreateLayer(pb.CreateLayerRequest(name="headless", config=config)),
+            **{method: functools.partial(call, ()) for method, call in calls_about(stub, "headless", x).items()},
+        }
+        for _ in range(3):  # nginx picks any replica each time: none may act
+            for method, call in calls.items():
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+                assert "without the x-normserve-layer header" in refused.value.details(), method
+    assert not any(on_replicas(cluster, "headless").values())
+    with NormClient(cluster.front) as nc:  # with the header (the Python client's), the layer lands on its owner
+        nc.create_layer("headless", "batch_norm", num_features=4).train(batch(rng))
+    owner = Ring(cluster.addresses).owner("headless")
+    assert {address: names for address, names in on_replicas(cluster, "headless").items() if names} == {
+        owner: ["headless"]
+    }
+    with grpc.insecure_channel(owner) as channel:  # a direct call carries no mark and needs no header
+        layer = pb_grpc.NormalizationStub(channel).GetLayer(pb.GetLayerRequest(name="headless"))
+    assert layer.num_batches_tracked == 1
+
+
+def test_the_cluster_lists_more_than_4_mib_of_layers_a_page_at_a_time(tmp_path) -> None:
+    """Issue 25, finding 4: past ~4 MiB of layers the cluster view answered UNAVAILABLE (peer channels kept
+    gRPC's 4 MiB receive limit) and a replica's own list failed at send time. Now ListLayers pages (at most
+    1000 layers, within one message), replicas merge their pages, and list_layers() walks them all."""
+    names = {i: [f"r{i}.{j:05d}." + "n" * 240 for j in range(8000)] for i in (1, 2)}
+    for i, replica_names in names.items():
+        stored_layers(tmp_path / f"replica-{i}", replica_names)
+    with start_cluster(2, tmp_path) as cluster:
+        with grpc.insecure_channel(cluster.front) as channel:  # gRPC's default 4 MiB receive limit
+            first = pb_grpc.NormalizationStub(channel).ListLayers(pb.ListLayersRequest(), timeout=60)
+        assert [layer.name for layer in first.layers] == names[1][:1000]
+        assert first.next_page_token
+        with NormClient(cluster.front, timeout=60) as nc:
+            listed = nc.list_layers()
+            assert [layer.name for layer in listed] == names[1] + names[2]
+            assert sum(layer.info.ByteSize() for layer in listed) > 4 << 20
+            assert [layer.name for layer in nc.list_layers("r2.0799")] == names[2][7990:8000]
+        shown = subprocess.run(
+            [NORMSERVE, "layers", "--target", cluster.front, "--timeout", "60"], capture_output=True, text=True
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert len(shown.stdout.splitlines()) == 16000
 
 
 def test_the_asyncio_client_routes_by_layer_too(cluster, rng) -> None:

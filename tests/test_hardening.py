@@ -159,8 +159,24 @@ def _corrupt(state_dir: Path, sql: str, *args) -> None:
         ("UPDATE layers SET config = ? WHERE name = 'broken'", (b"\xff\xff\xff",)),
         ("DELETE FROM tensors WHERE layer = 'broken' AND key = 'running_var'", ()),
         ("UPDATE layers SET num_batches_tracked = -5 WHERE name = 'broken'", ()),
+        # Issue 25, finding 7: these made the server exit 1 at start, every ListLayers INTERNAL, or the next
+        # Train INTERNAL (SQLite stores any type in any column; an edited file holds whatever was typed)
+        ("UPDATE layers SET config = 'kind: BATCH_NORM' WHERE name = 'broken'", ()),
+        ("UPDATE layers SET config = ? WHERE name = 'broken'", (2**63 - 1,)),
+        ("UPDATE layers SET version = -1 WHERE name = 'broken'", ()),
+        ("UPDATE layers SET version = ? WHERE name = 'broken'", (2**63 - 1,)),
+        ("UPDATE layers SET version = 'seven' WHERE name = 'broken'", ()),
+        ("UPDATE layers SET num_batches_tracked = 2.5 WHERE name = 'broken'", ()),
+        ("UPDATE tensors SET dtype = 'int64' WHERE layer = 'broken' AND key = 'running_mean'", ()),
+        ("UPDATE tensors SET data = 'abcdefghijkl' WHERE layer = 'broken' AND key = 'weight'", ()),
+        ("UPDATE tensors SET shape = '[1e999]' WHERE layer = 'broken' AND key = 'weight'", ()),
+        ("UPDATE tensors SET shape = 3 WHERE layer = 'broken' AND key = 'weight'", ()),
     ],
-    ids=["inf", "bytes", "dtype", "shape", "config", "missing", "count"],
+    ids=[
+        *("inf", "bytes", "dtype", "shape", "config", "missing", "count"),
+        *("config-text", "config-integer", "version-negative", "version-max", "version-text", "count-real"),
+        *("dtype-int", "data-text", "shape-float", "shape-integer"),
+    ],
 )
 def test_one_layer_that_cannot_be_restored_does_not_stop_the_server(start_server, tmp_path, rng, sql, args) -> None:
     """Finding 2: a layer whose stored state is unusable is reported; the others serve."""
@@ -201,6 +217,40 @@ def test_one_layer_that_cannot_be_restored_does_not_stop_the_server(start_server
         client.delete_layer("broken")  # the way out: delete it (and recreate it)
         client.create_layer("broken", "batch_norm", num_features=3).train(x)
     assert proc.stop() == 0
+    proc.start()
+    assert "cannot restore" not in proc.log()
+
+
+def test_rows_whose_name_is_not_a_layer_name_are_listed_under_a_placeholder_and_deletable(start_server, rng) -> None:
+    """Issue 25, finding 7: a row with a NULL name made every ListLayers INTERNAL (and a name no call can
+    give could never be deleted). They are listed as damaged-row-<rowid>, unrestorable, and DeleteLayer of
+    that name deletes the row; the good layer serves throughout."""
+    proc = start_server()
+    x = rng.normal(size=(8, 3)).astype(np.float32)
+    with NormClient(proc.target, retry=ONCE) as client:
+        client.create_layer("good", "batch_norm", num_features=3).train(x)
+        expected = client.layer("good").state_dict()
+    assert proc.stop() == 0
+    config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3).SerializeToString()
+    for name in (None, "bad\nname", b"blob-name", ""):
+        _corrupt(proc.state_dir, "INSERT INTO layers VALUES (?, ?, 1, 0)", name, config)
+    proc.start()
+    with NormClient(proc.target, retry=ONCE) as client:
+        listed = {layer.name: layer.info for layer in client.list_layers()}
+        damaged = sorted(name for name in listed if name.startswith("damaged-row-"))
+        assert len(damaged) == 4
+        assert set(listed) == {"good", *damaged}
+        assert all("is not a layer name" in listed[name].restore_error for name in damaged)
+        assert all(f"cannot restore layer '{name}'" in proc.log() for name in damaged)
+        for name, value in client.layer("good").state_dict().items():
+            np.testing.assert_array_equal(value, expected[name])
+        for name in damaged:
+            client.delete_layer(name)
+        assert [layer.name for layer in client.list_layers()] == ["good"]
+    assert proc.stop() == 0
+    db = sqlite3.connect(proc.state_dir / "normserve.sqlite3")
+    assert db.execute("SELECT name FROM layers").fetchall() == [("good",)]
+    db.close()
     proc.start()
     assert "cannot restore" not in proc.log()
 

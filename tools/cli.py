@@ -239,6 +239,19 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         help="serve tensors in clients' POSIX shared memory (RegisterSharedMemory); any caller can then read "
         "and write the shared-memory objects this server's user can open: trusted clients on this host only",
     )
+    add(
+        "--max-shared-memory-regions",
+        type=_positive_int,
+        default=defaults.max_shared_memory_regions,
+        help="shared-memory regions registered at once (each holds a file descriptor); registrations also "
+        "stop while fewer than a quarter of RLIMIT_NOFILE (at least 256) descriptors are left for connections",
+    )
+    add(
+        "--max-shared-memory-regions-per-client",
+        type=_positive_int,
+        default=defaults.max_shared_memory_regions_per_client,
+        help="shared-memory regions one client (one connection) may hold registered",
+    )
     # Layer-sharded replicas behind a proxy (deploy/nginx/, `normserve cluster`)
     add(
         "--peers",
@@ -477,6 +490,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
         shared_memory=args.shared_memory,
+        max_shared_memory_regions=args.max_shared_memory_regions,
+        max_shared_memory_regions_per_client=args.max_shared_memory_regions_per_client,
         forward_cache_bytes=args.forward_cache_bytes,
         sync_timeout=args.sync_timeout,
         max_world_size=args.max_world_size,

@@ -147,7 +147,7 @@ class NormalizationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListLayers(self, request, context):
-        """Describe every layer (optionally under a name prefix).
+        """Describe every layer (optionally under a name prefix), a page at a time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -10,7 +10,9 @@ proxy may send them to any replica.
 
 A server refuses (INVALID_ARGUMENT) a call whose header names another layer
 than its request does, so a misrouted call never acts on another replica's
-copy of a layer.
+copy of a layer; and a call about a layer without the header that came
+through the proxy (marked ``x-normserve-view: cluster``, below), which the
+proxy sent to any replica.
 
 ``x-normserve-view: cluster`` is set by the proxy, never by clients: it
 asks a replica for the whole cluster's view of ListLayers and health (the
@@ -19,12 +21,15 @@ replica asks its ``--peers``, without the header, and merges their answers).
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["LAYER_HEADER", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of"]
+__all__ = ["LAYER_HEADER", "NAME_PATTERN", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of"]
 
+#: Layer names (and sync group ids): what a header may carry and logs show, PyTorch module paths included.
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
 LAYER_HEADER = "x-normserve-layer"
 VIEW_HEADER = "x-normserve-view"
 VIEW_CLUSTER = "cluster"
