@@ -29,10 +29,19 @@ twice. An eval forward after a change sends them once with a SetState first
 state to the server at once.
 
 SyncBatchNorm. Give a :class:`~normserve.client.SyncGroup` (``sync_group=``)
-to the batch norm modules of each data-parallel worker: their training
-forwards and backwards become steps of that group, numbered by the module's
-own count of training forwards (:attr:`RemoteNorm.sync_step`), so every rank
-must run the same number of them, as with DistributedDataParallel.
+to the batch norm modules of each data-parallel worker, or under
+torch.distributed a process group (``process_group=``: ``"world"`` or a group;
+:func:`sync_group_of` makes one id for all its ranks, new for every run):
+their training forwards and backwards become steps of that group, numbered by
+the module's own count of training forwards (:attr:`RemoteNorm.sync_step`), so
+every rank must run the same number of them, as with DistributedDataParallel
+(:func:`realign_sync_steps` realigns ranks that did not).
+
+Copies and compiling. A copy of a module (``copy.deepcopy``, pickle,
+``torch.save``) is its torch twin with the module's current state: it computes
+locally and never changes the server's layer (EMA and SWA copies, teachers,
+snapshots); convert it again to put it on a server. Under ``torch.compile``
+each module's forward is a graph break (it calls the server).
 
 Two modes. ``mode="tensors"`` (the default) is the above: x and dy travel,
 the server computes. ``mode="statistics"`` keeps the tensors with the
@@ -364,8 +373,8 @@ class RemoteNorm(nn.Module):
                 raise ExistingLayerError(
                     f"the server's layer {name!r} already has a history (version {remote.remote.version}) and its "
                     f"{', '.join(differ)} differ from the module's; nothing was changed. Pass existing='adopt' to "
-                    "continue from the server's state, existing='overwrite' to replace it with the module's, or "
-                    "another prefix"
+                    "continue from the server's state (resuming from a checkpoint: adopt, then load_state_dict), "
+                    "existing='overwrite' to replace it with the module's, or another prefix (or none: new names)"
                 )
         remote.push()
         return remote
