@@ -546,9 +546,10 @@ def layer_info(layer: pb.Layer) -> LayerInfo:
 
 def config_arguments(config: pb.LayerConfig) -> dict[str, Any]:
     """A LayerConfig as the keyword arguments :func:`layer_config` takes (its inverse), and ``kind``."""
-    kind = pb.Kind.Name(config.kind).lower()
+    kind = pb.Kind.Name(config.kind).lower() if config.kind in pb.Kind.values() else str(config.kind)
     arguments: dict[str, Any] = {"kind": kind}
-    for field, arg in kinds.config_fields(kind).items():
+    known = kinds.config_fields(kind) if kind in kinds.kind_names() else {}  # a newer server's kind: its name only
+    for field, arg in known.items():
         if field == "normalized_shape":
             arguments[arg] = tuple(config.normalized_shape)
         elif field == "momentum" and config.cumulative_average:
