@@ -3,7 +3,9 @@ copies (EMA, SWA, torch.save), sync groups that cannot meet, and the client's Py
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import io
 import json
 import os
@@ -27,21 +29,36 @@ JOB = Path(__file__).with_name("torchrun_job.py")
 
 
 # ---------------------------------------------------------------------- torchrun
+def _ends_with_parent() -> None:
+    """In the child before it runs: SIGTERM when this process (pytest) ends, however it ends (Linux's
+    PR_SET_PDEATHSIG); torchrun then stops its workers, and they stop holding when torchrun is gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
 def _torchrun(target: str, out: Path, prefix: str, *extra: str) -> subprocess.Popen:
+    """``torchrun --nproc_per_node 2`` of the job, in a session of its own (the test kills it whole)."""
     out.mkdir(exist_ok=True)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     command += [str(JOB), "--target", target, "--out", str(out), "--prefix", prefix, *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(JOB.parent)}
-    log = (out / "torchrun.log").open("a")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with (out / "torchrun.log").open("a") as log:
+        return subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=_ends_with_parent
+        )
+
+
+def _kill(job: subprocess.Popen) -> None:
+    if job.poll() is None:
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(60)
 
 
 def _finish(job: subprocess.Popen, out: Path, timeout: float = 240) -> dict:
     try:
         assert job.wait(timeout) == 0, (out / "torchrun.log").read_text()[-4000:]
     finally:
-        if job.poll() is None:
-            os.killpg(job.pid, signal.SIGKILL)
+        _kill(job)
     return json.loads((out / "result.json").read_text())
 
 
@@ -82,21 +99,21 @@ def test_torchrun_ddp_job_matches_one_process_and_resumes_after_a_kill(server, t
     killed_out = tmp_path / "killed"
     command = ("--steps", str(steps), "--hold-file", str(hold))
     killed = _torchrun(server.target, killed_out, layer_name + "-killed", *command)
-    reference = _single_process_reference(steps)
-    uninterrupted = _finish(whole, tmp_path / "whole")
-    _assert_same_training(uninterrupted, reference, rtol=2e-4)
+    try:
+        reference = _single_process_reference(steps)
+        uninterrupted = _finish(whole, tmp_path / "whole")
+        _assert_same_training(uninterrupted, reference, rtol=2e-4)
 
-    deadline = time.monotonic() + 240
-    holding = [killed_out / f"holding.{rank}" for rank in range(2)]
-    while not all(path.exists() for path in holding):
-        assert killed.poll() is None, (killed_out / "torchrun.log").read_text()[-4000:]
-        assert time.monotonic() < deadline, "the job never reached step 2"
-        time.sleep(0.1)
-    time.sleep(0.2)  # the pid is written
-    for path in holding:
-        os.kill(int(path.read_text()), signal.SIGKILL)
-    os.killpg(killed.pid, signal.SIGKILL)
-    killed.wait(60)
+        deadline = time.monotonic() + 240
+        holding = [killed_out / f"holding.{rank}" for rank in range(2)]
+        while not all(path.exists() for path in holding):
+            assert killed.poll() is None, (killed_out / "torchrun.log").read_text()[-4000:]
+            assert time.monotonic() < deadline, "the job never reached step 2"
+            time.sleep(0.1)
+        for path in holding:  # the workers, killed in the middle of step 2, then torchrun
+            os.kill(int(path.read_text()), signal.SIGKILL)
+    finally:
+        _kill(killed)
     assert torch.load(killed_out / "checkpoint.pt")["step"] == 2
     assert not (killed_out / "result.json").exists()
 

@@ -70,7 +70,8 @@ def _hold(hold_file: Path, step: int, out: Path, rank: int) -> None:
     if not hold_file.exists() or hold_file.read_text().strip() != str(step):
         return
     parent = os.getppid()
-    (out / f"holding.{rank}").write_text(str(os.getpid()))
+    (out / f"holding.{rank}.tmp").write_text(str(os.getpid()))
+    os.replace(out / f"holding.{rank}.tmp", out / f"holding.{rank}")  # whole: the test reads the pid
     while os.getppid() == parent:
         time.sleep(0.05)
     raise SystemExit("torchrun went away")
