@@ -103,6 +103,9 @@ def test_torchrun_ddp_job_matches_one_process_and_resumes_after_a_kill(server, t
         reference = _single_process_reference(steps)
         uninterrupted = _finish(whole, tmp_path / "whole")
         _assert_same_training(uninterrupted, reference, rtol=2e-4)
+        # The ranks desynchronized on purpose (rank 0: one more forward) failed at once, then realigned.
+        assert "wait at different steps" in uninterrupted["desynchronized"]
+        assert "rank 0 at training forward step 2" in uninterrupted["desynchronized"]
 
         deadline = time.monotonic() + 240
         holding = [killed_out / f"holding.{rank}" for rank in range(2)]

@@ -4,7 +4,7 @@ DistributedDataParallel (gloo, CPU, its defaults: ``broadcast_buffers=True``) ov
 converted to synchronized remote batch norms, one copy in each mode. Rank 0 checkpoints after every step
 (the models' and optimizers' state_dicts); a run that finds a checkpoint resumes from it, with the same
 command. ``--hold-file`` (holding a step number) makes the ranks stop in the middle of that step, after
-its forward, for the test to kill them there.
+its forward, for the test to kill them there. At the end, the ranks desynchronize on purpose and realign.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from normserve.client import NormClient
-from normserve.client.torch import MODES, convert_to_remote
+from normserve.client import Aborted, NormClient
+from normserve.client.torch import MODES, convert_to_remote, realign_sync_steps
 
 PER_RANK, CLASSES = 3, 4
 
@@ -75,6 +75,27 @@ def _hold(hold_file: Path, step: int, out: Path, rank: int) -> None:
     while os.getppid() == parent:
         time.sleep(0.05)
     raise SystemExit("torchrun went away")
+
+
+def desynchronize_and_realign(nc: NormClient, rank: int) -> str:
+    """Rank 0 runs one training forward more than rank 1 (a validation pass left in train mode): the next step
+    fails at once on both ranks, naming their steps; realign_sync_steps, and the ranks train on together.
+    Returns the failure's message."""
+    model = convert_to_remote(nn.Sequential(nn.BatchNorm1d(3), nn.BatchNorm1d(3)), nc, process_group="world")
+    x = torch.randn(4, 3, requires_grad=True)
+    model(x).sum().backward()
+    if rank == 0:
+        with torch.no_grad():
+            model(x)
+    try:
+        model(x).sum().backward()
+    except Aborted as error:
+        failure = error.details
+    else:
+        raise AssertionError("a desynchronized step did not fail")
+    realign_sync_steps(model)
+    model(x).sum().backward()
+    return failure
 
 
 def main() -> None:
@@ -131,8 +152,10 @@ def main() -> None:
                 }
                 torch.save(saved, args.out / "checkpoint.tmp")
                 os.replace(args.out / "checkpoint.tmp", checkpoint)
+        desynchronized = desynchronize_and_realign(nc, rank)
         if rank == 0:
             result = {
+                "desynchronized": desynchronized,
                 "losses": losses,
                 "state": {
                     mode: {k: v.tolist() for k, v in model.state_dict().items()} for mode, model in models.items()
