@@ -27,7 +27,7 @@ ENV PATH=/opt/normserve/bin:$PATH \
 USER normserve
 # The compiled CPU kernels, built now as the serving user into NORMKERNELS_CACHE_DIR (site-packages is
 # root's and read-only to it): the server starts warm. On a host with another CPU it compiles them once
-# at start, before it reports SERVING (about a minute on 2 cores: hence the health check's start period).
+# at start: it listens at once, health NOT_SERVING until they are ready (minutes on 2 cores: hence the start period).
 RUN python3 -c "from normkernels import compiled; assert compiled.warm_up(), 'no compiled CPU kernels'"
 VOLUME ["/var/lib/normserve"]
 EXPOSE 50051 9464

@@ -31,7 +31,12 @@ GPU_CHECK_OUT ?= build/gpu-check
 NODE_DIR   := tests/node
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check node-deps
+# The CUDA kernels run on the CPU in `make test` (tests/cudasim; needs g++ with C++20, else those tests skip,
+# saying so). These rerun those tests on sanitizer builds of the kernels (docs/gpu.md).
+CXX ?= g++
+CUDA_SIM_TESTS := tests/test_cudasim.py tests/test_fused.py -k "cpu or edge or walk or cudasim"
+
+.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check node-deps cuda-sim-ubsan cuda-sim-tsan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -90,6 +95,17 @@ gpu-wheels: $(PY)
 # Exits 2 ("no CUDA device") on a machine without one; results in $(GPU_CHECK_OUT).
 gpu-check:
 	$(GPU_PYTHON) scripts/gpu_check.py run --wheels $(GPU_WHEELS) --out $(GPU_CHECK_OUT)
+
+# Undefined behaviour in a kernel (overflow, bad shift, misaligned access) stops the test with its .cu line.
+cuda-sim-ubsan: $(TEST_STAMP)
+	NKSIM_FLAVOR=ubsan UBSAN_OPTIONS=print_stacktrace=1 $(PY) -m pytest -q $(CUDA_SIM_TESTS)
+
+# A data race between the threads of a block (a missing __syncthreads) in one order, first-in-first-out;
+# the self-tests' deliberate race is left out. TSan's runtime must be loaded before Python.
+cuda-sim-tsan: $(TEST_STAMP)
+	NKSIM_FLAVOR=tsan LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" \
+		TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" $(PY) -m pytest -q -p no:faulthandler \
+		tests/test_fused.py -k "cpu-fifo or (edge and fifo) or (walk and fifo)"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(NODE_DIR)/node_modules

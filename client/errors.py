@@ -1,8 +1,14 @@
-"""Errors the client raises: one class per gRPC status code a caller may handle."""
+"""Errors the client raises: one class per gRPC status code a caller may handle, with the server's
+standard ``google.rpc`` details (ErrorInfo reason, BadRequest field violations) when it sent them."""
 
 from __future__ import annotations
 
+import contextlib
+from typing import Any
+
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 __all__ = [
     "Aborted",
@@ -22,13 +28,24 @@ __all__ = [
 
 
 class NormServeError(Exception):
-    """A failed call. ``code`` is the gRPC status code, ``details`` the server's message."""
+    """A failed call. ``code`` is the gRPC status code, ``details`` the server's message, ``reason`` the
+    ErrorInfo reason a program can branch on (``"LAYER_NOT_FOUND"``; "" when the server sent none), and
+    ``field_violations`` the BadRequest's (field, description) pairs."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, details: str, code: grpc.StatusCode | None = None, method: str = "") -> None:
+    def __init__(
+        self,
+        details: str,
+        code: grpc.StatusCode | None = None,
+        method: str = "",
+        reason: str = "",
+        field_violations: tuple[tuple[str, str], ...] = (),
+    ) -> None:
         self.details = details
         self.method = method
+        self.reason = reason
+        self.field_violations = field_violations
         if code is not None:
             self.code = code
         super().__init__(f"{method + ': ' if method else ''}{self.code.name}: {details}")
@@ -108,10 +125,32 @@ _BY_CODE = {
 }
 
 
+def _rich_details(error: grpc.RpcError) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """The ErrorInfo reason and BadRequest field violations of a failed call's google.rpc.Status, if any.
+    Whatever the server sent there, a failure to read it leaves them empty, never raises."""
+    reason, violations = "", []
+    with contextlib.suppress(Exception):
+        status: Any = rpc_status.from_call(error)  # None without details; ValueError if they contradict the call
+        if status is not None:
+            for detail in status.details:
+                if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                    info = error_details_pb2.ErrorInfo()
+                    detail.Unpack(info)
+                    reason = reason or info.reason[:256]
+                elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                    bad = error_details_pb2.BadRequest()
+                    detail.Unpack(bad)
+                    violations += [(v.field[:256], v.description[:4096]) for v in bad.field_violations[:64]]
+    return reason, tuple(violations)
+
+
 def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
     """The NormServeError subclass for a failed gRPC call."""
     code = error.code()
     cls = _BY_CODE.get(code, NormServeError)
     # gRPC's own connection errors end in the status of a sub-step, ": OK", which reads as a contradiction.
     details = (error.details() or "").removesuffix(": OK")
-    return cls(details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method)
+    reason, violations = _rich_details(error)
+    return cls(
+        details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method, reason=reason, field_violations=violations
+    )

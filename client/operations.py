@@ -171,6 +171,12 @@ class ClientOperations(protocol.ClientBase, _Operations):
         """Delete a layer and its state; returns its last description."""
         return (yield self._call_step("DeleteLayer", pb.DeleteLayerRequest(name=name), timeout)).layer
 
+    @operation
+    def rollback_layer(self, name: str, version: int, *, timeout: float | None = None) -> Plan[pb.Layer]:
+        """Make a kept version's state (``oldest_version`` to ``version`` of the layer's description) the
+        layer's state again, as a new version; returns the layer's description after."""
+        return (yield self._call_step("Rollback", pb.RollbackRequest(name=name, version=version), timeout))
+
     # ------------------------------------------------------------------ shared memory
     @operation
     def create_shared_memory(
@@ -325,9 +331,17 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         return protocol.step_sums((yield self._call_step("GradientStatistics", request, timeout)))
 
     @operation
-    def state_dict(self, *, timeout: float | None = None) -> Plan[dict[str, np.ndarray]]:
-        """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array)."""
-        return protocol.state_dict((yield self._call_step("GetState", pb.GetStateRequest(name=self.name), timeout)))
+    def state_dict(self, *, version: int | None = None, timeout: float | None = None) -> Plan[dict[str, np.ndarray]]:
+        """The state under PyTorch's keys (``num_batches_tracked`` as an int64 scalar array): the current one,
+        or that of a kept ``version`` (NotFound for a version the server no longer keeps)."""
+        request = pb.GetStateRequest(name=self.name, version=version)
+        return protocol.state_dict((yield self._call_step("GetState", request, timeout)))
+
+    @operation
+    def rollback(self, version: int, *, timeout: float | None = None) -> Plan[pb.Layer]:
+        """Make the kept ``version``'s state current again (as a new version; see the client's rollback_layer)."""
+        self.info = yield functools.partial(self._client.rollback_layer, self.name, version, timeout=timeout)
+        return self.info
 
     @operation
     def load_state_dict(

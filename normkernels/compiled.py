@@ -75,6 +75,8 @@ log = logging.getLogger("normkernels")
 ENV_SWITCH = "NORMKERNELS_CPU"
 ENV_THREADS = "NORMKERNELS_THREADS"
 ENV_CACHE = "NORMKERNELS_CACHE_DIR"
+#: While warm_up compiles, it logs its progress this often (seconds).
+PROGRESS_SECONDS = 10.0
 
 #: Below this many bytes touched, a kernel runs on the calling thread alone: waking the other
 #: threads costs more than they save (measured with benchmarks/kernels.py --calibrate on 2 cores).
@@ -261,8 +263,9 @@ def warm_up() -> WarmUp | None:
             return _warm
         import numba
 
-        start = time.perf_counter()
+        start = reported = time.perf_counter()
         count = compiled = 0
+        total = sum(map(len, k.SIGNATURES.values()))
         for name, signatures in k.SIGNATURES.items():
             kernel = k.KERNELS[name]
             for signature in signatures:
@@ -270,6 +273,17 @@ def warm_up() -> WarmUp | None:
                 kernel.compile(signature)
                 compiled += len(kernel.stats.cache_hits) == before  # not a cache hit: it compiled
                 count += 1
+                if time.perf_counter() - reported >= PROGRESS_SECONDS:  # a first start: minutes of compiling
+                    reported = time.perf_counter()
+                    log.info(
+                        "CPU kernels: %d of %d signatures ready after %.0f s (%d compiled, cached in %s for later "
+                        "starts)",
+                        count,
+                        total,
+                        reported - start,
+                        compiled,
+                        numba.config.CACHE_DIR,
+                    )
             kernel.disable_compile()
         try:
             _start_threads(k)

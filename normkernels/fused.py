@@ -373,6 +373,24 @@ def _output(like: Array) -> Array:
     return out
 
 
+def _values(a: Array, dtype: np.dtype) -> Array:
+    """What core computes on: bfloat16 bit patterns (uint16) as their values, exactly; other dtypes as they are."""
+    if a.dtype != np.uint16:
+        return a
+    xp = array_module(a)
+    return (a.astype(xp.uint32) << 16).view(xp.float32).astype(dtype, copy=False)
+
+
+def _stored(values: Array, like: Array) -> Array:
+    """``values`` in ``like``'s storage dtype, as the kernels write them (bfloat16: round to nearest even)."""
+    if like.dtype != np.uint16:
+        return values.astype(like.dtype, copy=False)
+    xp = array_module(values)
+    bits = values.astype(xp.float32).view(xp.uint32)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(xp.uint16)
+    return xp.where(xp.isnan(values), xp.uint16(0x7FC0), rounded)
+
+
 def _flat(a: Array | None, dtype: np.dtype) -> Array | None:
     return None if a is None else array_module(a).ascontiguousarray(a.astype(dtype, copy=False).reshape(-1))
 
@@ -390,8 +408,9 @@ def forward_train(
     """As :func:`core.forward_train`, but ``y`` comes in ``xv``'s dtype (written once, by the kernel)."""
     launcher = launcher or _launcher(xv)
     geo = geometry(plan, launcher.sm_count)
-    if geo is None:
-        return core.forward_train(xv, plan, weight, bias, eps, dtype)
+    if geo is None:  # core, on the values (not bfloat16's bit patterns), y stored as the kernels would
+        y, stats = core.forward_train(_values(xv, dtype), plan, weight, bias, eps, dtype)
+        return _stored(y, xv), stats
     xp = array_module(xv)
     xv = xp.ascontiguousarray(xv)
     y = _output(xv)
@@ -444,7 +463,7 @@ def forward_eval(
     launcher = launcher or _launcher(xv)
     geo = geometry(plan, launcher.sm_count)
     if geo is None or geo.eval_map is None:
-        return core.forward_eval(xv, plan, stats, weight, bias, eps, dtype)
+        return _stored(core.forward_eval(_values(xv, dtype), plan, stats, weight, bias, eps, dtype), xv)
     xp = array_module(xv)
     xv = xp.ascontiguousarray(xv)
     y = _output(xv)
@@ -477,7 +496,8 @@ def backward(
     launcher = launcher or _launcher(xv)
     geo = geometry(plan, launcher.sm_count)
     if geo is None or xv.dtype != dyv.dtype or (stats is not None and geo.eval_map is None):
-        return core.backward(xv, dyv, plan, weight, eps, dtype, stats)
+        dx, dweight, dbias = core.backward(_values(xv, dtype), _values(dyv, dtype), plan, weight, eps, dtype, stats)
+        return _stored(dx, xv), dweight, dbias
     xp = array_module(xv)
     xv, dyv = xp.ascontiguousarray(xv), xp.ascontiguousarray(dyv)
     w = _flat(weight, dtype)

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,19 +18,28 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from normkernels import compiled, parse_device
+from normserve.server import layers_file, transport
 from normserve.server.cluster_views import ClusterViews
-from normserve.server.interceptors import GuardCalls, RequireToken
+from normserve.server.interceptors import CallSlots, GuardCalls, RequireToken, UntilReady
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
 from normserve.server.security import TlsFiles, TokenSet
 from normserve.server.servicer import SERVICE_NAME, Limits, NormalizationServicer
 from normserve.server.shared_memory import SharedMemoryRegions
-from normserve.server.store import StateStore
+from normserve.server.store import DEFAULT_KEEP_VERSIONS, StateStore
 
-__all__ = ["SERVICE_NAME", "ServerOptions", "run"]
+__all__ = ["LIVENESS_SERVICE", "SERVICE_NAME", "ServerOptions", "run"]
 
 log = logging.getLogger("normserve")
+#: The health service that answers SERVING as soon as the server listens (liveness: the process is up), while
+#: "" and SERVICE_NAME (readiness) answer NOT_SERVING until the kernels are warm, as Triton's /v2/health/live
+#: and /v2/health/ready.
+LIVENESS_SERVICE = "liveness"
+_WARMING_UP = (
+    "the server is starting: its CPU kernels are compiling (a first start on a machine takes minutes, later "
+    "starts a few seconds); health answers NOT_SERVING until it is ready. Retry, or wait for SERVING"
+)
 
 
 @dataclass(frozen=True)
@@ -40,6 +53,8 @@ class ServerOptions:
     max_layers: int = 10_000
     max_layer_state_bytes: int = 64 << 20  # parameters and running statistics of one layer
     max_state_bytes: int = 4 << 30  # of all layers together
+    keep_versions: int = DEFAULT_KEEP_VERSIONS  # states of each layer kept to read or roll back to, the current one too
+    layers_file: Path | None = None  # JSON of the layers to create at start (server.layers_file)
     max_concurrent_rpcs: int | None = None  # None: no limit; more answer RESOURCE_EXHAUSTED
     grace_period: float = 30.0
     sqlite_synchronous: str = "FULL"
@@ -53,6 +68,9 @@ class ServerOptions:
     max_world_size: int = 1024  # ranks of one synchronized step
     max_connection_age: float = 1800.0  # seconds before a client connection is asked to reconnect (GOAWAY) ...
     max_connection_age_grace: float = 300.0  # ... and then closed, ending what is still open on it
+    max_connection_idle: float = 300.0  # seconds a connection without calls stays open
+    max_connections: int | None = None  # None: what the open-files limit leaves (transport.connection_budget)
+    compression: bool = False  # accept gzip/deflate requests (gRPC inflates them before any check)
     # The other replicas of a layer-sharded cluster, for the whole-cluster views the proxy asks for (cluster_views)
     peers: tuple[str, ...] = ()
     peer_timeout: float = 2.0  # seconds each fan-out call to a peer may take
@@ -79,11 +97,12 @@ class _Assembled:
     trimmer: Trimmer
     token_auth: bool
     views: ClusterViews | None  # None: no peers, every call answered for this server alone
+    gate: UntilReady  # refuses layer calls until the kernels are warm
 
 
 def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Registry, int]:
     """The store under ``state_dir``, and a registry holding every layer it could restore (how many: the int)."""
-    store = StateStore(options.state_dir, options.sqlite_synchronous)
+    store = StateStore(options.state_dir, options.sqlite_synchronous, options.keep_versions)
     registry = Registry(
         store,
         default_device=device,
@@ -113,33 +132,43 @@ def _build(options: ServerOptions) -> _Assembled:
             "--peers calls the peers in plaintext, so it cannot go with --tls-cert: terminate TLS at the proxy "
             "and keep the replicas on a private network (deploy/nginx/README.md)"
         )
-    compiled.warm_up()  # every CPU kernel compiled or loaded from its cache now: none compiles inside a request
+    descriptors = transport.raise_descriptor_limit()
     credentials = None if options.tls is None else options.tls.credentials()
     tokens = None if options.auth_token_file is None else TokenSet(options.auth_token_file)
     store, registry, restored = _open_registry(options, device)
-    metrics = Metrics(registry.list) if options.metrics_port else None
+    gauges = {
+        "normserve_forward_cache_bytes": lambda: registry.forwards.held_bytes,
+        "normserve_state_bytes": lambda: registry.state_bytes,
+        "normserve_state_store_bytes": store.disk_bytes,
+    }
+    metrics = Metrics(registry.list, gauges) if options.metrics_port else None
     trimmer = Trimmer()
     # outermost: guards and sees every call, refusals included
     interceptors: list[grpc.aio.ServerInterceptor] = [
-        GuardCalls(metrics, options.limits.default_deadline, trimmer.moved)
+        GuardCalls(
+            metrics,
+            options.limits.default_deadline,
+            trimmer.moved,
+            max_message_bytes=options.limits.max_message_bytes,
+            slots=CallSlots(options.max_concurrent_rpcs),  # counted there so that health never waits for one
+        )
     ]
     if tokens is not None:
         interceptors.append(RequireToken(tokens))
+    gate = UntilReady((SERVICE_NAME,), _WARMING_UP)
+    interceptors.append(gate)
     views = ClusterViews(options.peers, options.peer_timeout) if options.peers else None
     if views is not None:  # innermost: only calls that passed the guards and the token check fan out
         interceptors.append(views)
-    server = grpc.aio.server(
-        interceptors=interceptors,
-        maximum_concurrent_rpcs=options.max_concurrent_rpcs,
-        options=[
-            ("grpc.max_receive_message_length", options.limits.max_message_bytes),
-            ("grpc.max_send_message_length", options.limits.max_message_bytes),
-            ("grpc.so_reuseport", 0),  # a port in use is an error, not a silently shared socket
-            # No call outlives its connection: one whose client stopped reading cannot hold its slot forever.
-            ("grpc.max_connection_age_ms", int(options.max_connection_age * 1000)),
-            ("grpc.max_connection_age_grace_ms", int(options.max_connection_age_grace * 1000)),
-        ],
+    settings = transport.server_settings(
+        max_message_bytes=options.limits.max_message_bytes,
+        max_connection_age=options.max_connection_age,
+        max_connection_age_grace=options.max_connection_age_grace,
+        max_connection_idle=options.max_connection_idle,
+        max_connections=options.max_connections or transport.connection_budget(descriptors),
+        compression=options.compression,
     )
+    server = grpc.aio.server(interceptors=interceptors, options=[(s.option, s.value) for s in settings])
     shared_memory = SharedMemoryRegions(enabled=options.shared_memory)
     server.add_generic_rpc_handlers([NormalizationServicer(registry, options.limits, shared_memory).generic_handler()])
     health_servicer = health.aio.HealthServicer()
@@ -161,11 +190,13 @@ def _build(options: ServerOptions) -> _Assembled:
         trimmer=trimmer,
         token_auth=tokens is not None,
         views=views,
+        gate=gate,
     )
 
 
-async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
-    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT set ``stop``, and start serving.
+async def _listen(assembled: _Assembled, stop: asyncio.Event) -> str:
+    """Bind the gRPC and metrics ports, let SIGTERM/SIGINT/SIGHUP set ``stop``, and start serving; returns the
+    address it listens on.
 
     A port that cannot be bound closes the registry (and so the store) before the error goes up.
     """
@@ -188,16 +219,19 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
         raise OSError(f"cannot serve metrics on {where}: {exc.strerror or exc} (--metrics-port)") from None
 
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    # SIGHUP too: a closed terminal or ssh session shuts down as gracefully as a deployment's SIGTERM.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, _stopping, stop, signal.Signals(signum).name)
 
+    await assembled.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    for service in ("", SERVICE_NAME):  # ready once the kernels are warm (_become_ready)
+        await assembled.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     await assembled.server.start()
-    for service in ("", SERVICE_NAME):
-        await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
     security = "plaintext" if options.tls is None else options.tls.describe()
+    listening = _address(options.host, port)
     log.info(
         "normserve listening on %s (%s%s, device %s, %d layer(s) restored from %s)",
-        _address(options.host, port),
+        listening,
         security,
         " + token auth" if assembled.token_auth else "",
         assembled.device,
@@ -219,6 +253,54 @@ async def _listen(assembled: _Assembled, stop: asyncio.Event) -> None:
             "shared memory on: every client that may call this server can read and write the shared-memory "
             "objects this server's user can open; allow only trusted clients on this host"
         )
+    return listening
+
+
+def _in_daemon_thread(work: Callable[[], object]) -> asyncio.Future:
+    """``work()`` on a thread of its own, as a future of the running loop. A daemon thread: a server told to
+    stop while it works (compiling kernels, minutes) exits without waiting for it."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: object, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = work(), None
+        except BaseException as exc:
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="normserve-warm-up", daemon=True).start()
+    return future
+
+
+async def _become_ready(assembled: _Assembled, listening: str) -> None:
+    """Warm the CPU kernels (compiled, or loaded from numba's cache: none compiles inside a request), then
+    open the layer calls and turn health SERVING."""
+    log.info(
+        "warming up the CPU kernels: health answers NOT_SERVING (%r: SERVING) and layer calls UNAVAILABLE "
+        "until they are ready",
+        LIVENESS_SERVICE,
+    )
+    started = time.perf_counter()
+    await _in_daemon_thread(compiled.warm_up)
+    assembled.gate.ready()
+    for service in ("", SERVICE_NAME):
+        await assembled.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("ready: SERVING on %s (kernels warm after %.1f s)", listening, time.perf_counter() - started)
+
+
+def _stopping(stop: asyncio.Event, signame: str) -> None:
+    log.info("%s received", signame)
+    stop.set()
 
 
 async def _shutdown(assembled: _Assembled) -> None:
@@ -238,11 +320,24 @@ async def _shutdown(assembled: _Assembled) -> None:
 
 
 async def run(options: ServerOptions, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
+    """Serve until SIGTERM/SIGINT/SIGHUP (or ``stop``), then shut down gracefully (see :func:`_shutdown`)."""
+    declared = None if options.layers_file is None else layers_file.read(options.layers_file)
     assembled = _build(options)
+    if declared is not None:
+        try:
+            await layers_file.apply(assembled.registry, declared, options.layers_file)
+        except BaseException:
+            await assembled.registry.close()
+            raise
     stop = stop or asyncio.Event()
-    await _listen(assembled, stop)
+    listening = await _listen(assembled, stop)
     trimming = asyncio.ensure_future(assembled.trimmer.run())
+    warming = asyncio.ensure_future(_become_ready(assembled, listening))
+    warming.add_done_callback(lambda task: task.cancelled() or task.exception() is None or stop.set())
     await stop.wait()
     trimming.cancel()
+    failure = warming.exception() if warming.done() and not warming.cancelled() else None
+    warming.cancel()
     await _shutdown(assembled)
+    if failure is not None:
+        raise failure  # the kernels could not be readied: the server stops, saying why

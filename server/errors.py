@@ -1,10 +1,22 @@
-"""Service-level errors and the gRPC status code each one answers with."""
+"""Service-level errors, the gRPC status code each one answers with, and the standard ``google.rpc`` details
+sent beside the message (:func:`status_details`).
+
+Every refusal carries an ``ErrorInfo`` (domain ``normserve``) whose ``reason``
+names the error for programs: the error's class name in UPPER_SNAKE_CASE
+(``LayerNotFound`` -> ``LAYER_NOT_FOUND``), so clients in any language can
+branch on it rather than on the message's words. A refusal that knows which
+request field was wrong adds a ``BadRequest`` with that field's violation.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+from collections.abc import Sequence
 
 import grpc
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
 from normkernels import NormError
 from normserve.v1.codec import TensorError, TensorTooLarge
@@ -29,19 +41,31 @@ __all__ = [
     "SyncAborted",
     "SyncTimeout",
     "TooManyLayers",
+    "VersionNotKept",
     "WaitTimeout",
+    "reason_for",
+    "status_details",
     "status_for",
 ]
 
+#: ErrorInfo.domain of every error this server sends.
+DOMAIN = "normserve"
+
 
 class ServiceError(Exception):
-    """An error with a gRPC status code; its message goes to the client as is."""
+    """An error with a gRPC status code; its message goes to the client as is. ``field``: the request field
+    that was wrong, when one was (a BadRequest field violation)."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    field: str = ""
 
 
 class InvalidRequest(ServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, field: str = "") -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class LayerNotFound(ServiceError):
@@ -49,6 +73,18 @@ class LayerNotFound(ServiceError):
 
     def __init__(self, name: str) -> None:
         super().__init__(f"no layer named {name!r}; create it with CreateLayer (ListLayers shows what exists)")
+
+
+class VersionNotKept(ServiceError):
+    """A version of a layer the server does not keep (any more, or yet)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __init__(self, name: str, version: int, oldest: int, current: int) -> None:
+        super().__init__(
+            f"layer {name!r} has no version {version}: the server keeps versions {oldest} to {current} "
+            "(the last --keep-versions; GetLayer's oldest_version and version)"
+        )
 
 
 class LayerExists(ServiceError):
@@ -143,6 +179,25 @@ class WaitTimeout(ServiceError):
     """A call waited longer than its deadline (or the server's default) before it could start."""
 
     code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def reason_for(exc: BaseException | type[BaseException]) -> str:
+    """The ErrorInfo reason of an error: its class name in UPPER_SNAKE_CASE."""
+    name = (exc if isinstance(exc, type) else type(exc)).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", name).upper()
+
+
+def status_details(
+    code: grpc.StatusCode, message: str, reason: str, fields: Sequence[tuple[str, str]] = ()
+) -> tuple[tuple[str, bytes], ...]:
+    """The trailing metadata that carries a refusal's google.rpc.Status: ``message`` (the status message too),
+    an ErrorInfo with ``reason``, and a BadRequest when ``fields`` names (field, what is wrong) pairs."""
+    status = status_pb2.Status(code=code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
+    if fields:
+        violations = [error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in fields]
+        status.details.add().Pack(error_details_pb2.BadRequest(field_violations=violations))
+    return rpc_status.to_status(status).trailing_metadata
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:

@@ -25,6 +25,18 @@ the domain alone.
   concurrency slot and its memory forever. Pending reads and writes are never
   cancelled (gRPC's core still owns their buffers): the call is aborted and
   they complete as failed.
+* A unary call is served as a stream of one message: gRPC would wait for a
+  unary request's message without any timer (calls that sent only their
+  headers stayed forever), so the guard reads it, waiting at most
+  ``idle_seconds``. The wire is the same for both.
+* A request larger than its method's receive limit (normserve.server.transport:
+  small for methods without tensors) is refused before it is parsed.
+* ``--max-concurrent-rpcs`` is counted here, not by gRPC, so that health
+  checks never wait for a slot: Health/Check takes none, and Health/Watch
+  streams have a cap of their own (transport.MAX_WATCH_STREAMS).
+
+:class:`RequireToken` decides on the call's headers alone: a call without a
+valid token is answered UNAUTHENTICATED before any of its request is read.
 """
 
 from __future__ import annotations
@@ -41,12 +53,15 @@ from typing import Any
 
 import grpc
 
+from normserve.server import phases
+from normserve.server.errors import status_details
 from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
+from normserve.server.transport import MAX_WATCH_STREAMS, receive_limit
 from normserve.v1.routing import LAYER_HEADER, layer_of
 
-__all__ = ["GuardCalls", "Malformed", "RequireToken", "same_kind"]
+__all__ = ["CallSlots", "GuardCalls", "Malformed", "RequireToken", "UntilReady", "same_kind"]
 
 access_log = logging.getLogger("normserve.access")
 
@@ -59,10 +74,27 @@ _KINDS = {
 #: Health checks are exempt from authentication: load balancers and container
 #: health checks carry no token.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+_HEALTH_WATCH = HEALTH_PREFIX + "Watch"
+#: Failures that are a normal answer, not a problem: logged at INFO, not WARNING. NOT_FOUND is how a client
+#: probes for a layer before it creates it.
+_QUIET_FAILURES = {grpc.StatusCode.NOT_FOUND: logging.INFO}
 
 
 def _kind(handler: grpc.RpcMethodHandler) -> str:
     return next(kind for kind in _KINDS if getattr(handler, kind) is not None)
+
+
+def _streamed_request(
+    handler: grpc.RpcMethodHandler,
+    behavior: Callable[..., Any],
+    request_deserializer: Callable[[bytes], Any] | None,
+) -> grpc.RpcMethodHandler:
+    """A handler that answers as ``handler`` does but takes its request as a stream (gRPC then calls
+    ``behavior`` as soon as the headers arrive, before any request byte is read)."""
+    answers = _kind(handler).split("_")[1]
+    return _KINDS[f"stream_{answers}"](
+        behavior, request_deserializer=request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def same_kind(
@@ -79,22 +111,29 @@ def same_kind(
 
 
 class Malformed:
-    """What a request deserializes to when its bytes are not a valid message."""
+    """What a request deserializes to when its bytes are not a valid message (or too many to parse)."""
 
-    __slots__ = ("nbytes", "reason")
+    __slots__ = ("code", "nbytes", "reason")
 
-    def __init__(self, reason: str, nbytes: int) -> None:
-        self.reason, self.nbytes = reason, nbytes
+    def __init__(self, reason: str, nbytes: int, code: grpc.StatusCode = grpc.StatusCode.INVALID_ARGUMENT) -> None:
+        self.reason, self.nbytes, self.code = reason, nbytes, code
 
     def ByteSize(self) -> int:  # noqa: N802 -- sized like a message by the call metrics
         return self.nbytes
 
 
-def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserializer: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any] | None:
     if deserializer is None:
         return None
 
     def deserialize(data: bytes) -> Any:
+        if len(data) > limit:
+            return Malformed(
+                f"the request has {len(data)} bytes; this method takes at most {limit} (a request without "
+                "tensors is small; tensor requests take up to --max-message-bytes)",
+                len(data),
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+            )
         try:
             return deserializer(data)
         except Exception as exc:  # any parse failure is the sender's: say so, never raise into gRPC
@@ -121,20 +160,81 @@ class RequireToken(grpc.aio.ServerInterceptor):
         if problem is None:
             return handler
 
-        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, problem)
+        async def deny(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            code = grpc.StatusCode.UNAUTHENTICATED
+            await context.abort(code, problem, status_details(code, problem, "UNAUTHENTICATED"))
 
-        return same_kind(handler, deny)
+        # Request-streaming, so gRPC runs it at once: nothing of the request is received, let alone parsed.
+        return _streamed_request(handler, deny, None)
+
+
+class CallSlots:
+    """Calls in progress: at most ``max_calls`` (None: no limit) besides health, which never waits for a slot
+    (Health/Check takes none; Health/Watch streams are capped at ``max_watches`` of their own)."""
+
+    def __init__(self, max_calls: int | None, max_watches: int = MAX_WATCH_STREAMS) -> None:
+        self._caps = {"calls": max_calls, "watches": max_watches}
+        self._taken = {"calls": 0, "watches": 0}
+
+    @staticmethod
+    def _pool(method: str) -> str | None:
+        if method == _HEALTH_WATCH:
+            return "watches"
+        return None if method.startswith(HEALTH_PREFIX) else "calls"
+
+    def take(self, method: str) -> str | None:
+        """Take a slot for a call of ``method``: None when taken (or none needed), else why not."""
+        pool = self._pool(method)
+        if pool is None:
+            return None
+        cap = self._caps[pool]
+        if cap is not None and self._taken[pool] >= cap:
+            flag = "--max-concurrent-rpcs" if pool == "calls" else "the server's Health/Watch cap"
+            return f"{cap} calls are in progress, as many as {flag} allows; retry shortly"
+        self._taken[pool] += 1
+        return None
+
+    def give_back(self, method: str) -> None:
+        pool = self._pool(method)
+        if pool is not None:
+            self._taken[pool] -= 1
+
+
+class UntilReady(grpc.aio.ServerInterceptor):
+    """UNAVAILABLE, saying why, for the calls of ``services`` until :meth:`ready`; other services (health,
+    reflection) answer at once. The server listens while it warms up, and a client retries UNAVAILABLE."""
+
+    def __init__(self, services: tuple[str, ...], why: str) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
+        self._why: str | None = why
+
+    def ready(self) -> None:
+        self._why = None
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        why = self._why
+        if why is None or handler is None or not details.method.startswith(self._prefixes):
+            return handler
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+            code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, why, status_details(code, why, "WARMING_UP"))
+
+        return same_kind(handler, refuse)
 
 
 class _Call:
     """What one call did, taken while the call runs (never read from its context after it ended)."""
 
-    __slots__ = ("layer", "method", "peer", "received", "routed", "sent", "service", "start")
+    __slots__ = ("layer", "method", "peer", "phases", "received", "routed", "sent", "service", "start")
 
     def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
         self.service, _, self.method = full_method.lstrip("/").rpartition("/")
         self.start = time.perf_counter()
+        self.phases = phases.start_call()  # where the call's time goes (the registry fills it in)
         self.peer = context.peer()
         self.received = self.sent = 0
         self.layer = ""
@@ -188,7 +288,7 @@ class _GuardedContext:
         await self._context.abort(code, details, trailing_metadata)
 
     @contextlib.contextmanager
-    def _waiting_on_peer(self, stalled: str) -> Iterator[None]:
+    def _waiting_on_peer(self, stalled: str = "sent nothing in the middle of a stream") -> Iterator[None]:
         token = object()
         self._waits.add(token)
         timer = asyncio.get_running_loop().call_later(self._idle, self._expire, token, stalled)
@@ -211,25 +311,33 @@ class _GuardedContext:
         with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError):
             await self.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
-                f"the client {stalled} for {self._idle:g} s in the middle of a stream, so the server ended the "
-                "call (it waits at most --default-deadline on a stalled peer); keep streams moving or retry",
+                f"the client {stalled} for {self._idle:g} s, so the server ended the call (it waits at most "
+                "--default-deadline on a stalled peer); keep streams moving or retry",
             )
 
     async def read(self) -> Any:
-        with self._waiting_on_peer("sent nothing"):
+        with self._waiting_on_peer():
             request = await self._context.read()
         return request if request is grpc.aio.EOF else await self.checked(request)
 
+    async def only_message(self) -> Any:
+        """The request of a unary call served as a stream: its one message, waited for at most the idle time."""
+        with self._waiting_on_peer("sent its call's headers but not its request message"):
+            request = await self._context.read()
+        if request is grpc.aio.EOF:
+            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, "the call ended without its request message")
+        return await self.checked(request)
+
     async def write(self, response: Any) -> None:
         self._call.sent += response.ByteSize()
-        with self._waiting_on_peer("took nothing of the answer"):
+        with self._waiting_on_peer("took nothing of the answer in the middle of a stream"):
             await self._context.write(response)
 
     async def incoming(self, requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         """A streamed request's messages, checked and counted, each waited for at most the idle time."""
         iterator = requests.__aiter__()
         while True:
-            with self._waiting_on_peer("sent nothing"):
+            with self._waiting_on_peer():
                 try:
                     request = await iterator.__anext__()
                 except StopAsyncIteration:
@@ -240,9 +348,12 @@ class _GuardedContext:
         """``request``, counted; a Malformed one, or one its routing header does not name, aborts the call with
         INVALID_ARGUMENT (unary calls and every message of a stream come through here)."""
         self._call.saw_request(request)
-        problem = request.reason if isinstance(request, Malformed) else self._call.misrouted(request)
+        if isinstance(request, Malformed):
+            await self.abort(request.code, request.reason, status_details(request.code, request.reason, "MALFORMED"))
+        problem = self._call.misrouted(request)
         if problem is not None:
-            await self.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
+            code = grpc.StatusCode.INVALID_ARGUMENT
+            await self.abort(code, problem, status_details(code, problem, "MISROUTED"))
         return request
 
 
@@ -250,17 +361,27 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     """Runs every call safely (see the module doc), counts, times and logs it.
 
     Metrics by method and code; successful calls log at debug level, failed
-    ones at warning with the layer, the code and the message the client got.
-    ``idle_seconds`` bounds how long a stream may wait on a silent peer;
-    ``moved(bytes)`` hears how many bytes each call received and sent.
+    ones at warning (NOT_FOUND: info) with the layer, the code and the message the client got.
+    ``idle_seconds`` bounds how long a call may wait on a silent peer;
+    ``moved(bytes)`` hears how many bytes each call received and sent;
+    ``slots`` bounds the calls in progress; a request larger than
+    :func:`normserve.server.transport.receive_limit` is refused unparsed.
     """
 
     def __init__(
-        self, metrics: Metrics | None, idle_seconds: float, moved: Callable[[int], None] | None = None
+        self,
+        metrics: Metrics | None,
+        idle_seconds: float,
+        moved: Callable[[int], None] | None = None,
+        *,
+        max_message_bytes: int = (1 << 31) - 1,
+        slots: CallSlots | None = None,
     ) -> None:
         self._metrics = metrics
         self._idle = idle_seconds
         self._moved = moved
+        self._max_message_bytes = max_message_bytes
+        self._slots = slots or CallSlots(None)
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
@@ -274,13 +395,19 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         method = details.method
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, error, response = _Call(method, context), None, None
+            call, error, response, result = _Call(method, context), None, None, None
+            if self._metrics is not None:
+                self._metrics.begin(call.service, call.method)
             guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))
+            refused = self._slots.take(method)
             try:
+                if refused is not None:
+                    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                    await guarded.abort(code, refused, status_details(code, refused, "TOO_MANY_CALLS"))
                 if streams_in:
                     request = guarded.incoming(request)
                 else:
-                    request = await guarded.checked(request)
+                    request = await guarded.only_message()
                 result = inner(request, guarded)
                 if not streams_out:
                     response = await result
@@ -304,12 +431,15 @@ class GuardCalls(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
+                if refused is None:
+                    self._slots.give_back(method)
                 if not guarded.ended:  # ended without an abort: gRPC's status for the call, or what ended it
                     self._record(call, _code(context, error), context.details() or _describe(error))
                 request = result = response = guarded = None  # nothing of the call outlives it
                 _release(error)
 
-        return same_kind(handler, behavior, _tolerant(handler.request_deserializer))
+        limit = receive_limit(method, self._max_message_bytes)
+        return _streamed_request(handler, behavior, _tolerant(handler.request_deserializer, limit))
 
     def _record(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
         """Count and log an ending call."""
@@ -317,9 +447,10 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         if self._moved is not None:
             self._moved(call.received + call.sent)
         if self._metrics is not None:
-            self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent)
+            self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent, call.phases)
         failed = code != grpc.StatusCode.OK
-        if not access_log.isEnabledFor(logging.WARNING if failed else logging.DEBUG):
+        level = _QUIET_FAILURES.get(code, logging.WARNING) if failed else logging.DEBUG
+        if not access_log.isEnabledFor(level):
             return  # the usual case of a successful call: no log line to build
         fields = {
             "method": call.method,
@@ -332,7 +463,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         }
         if failed:
             fields["details"] = details
-            access_log.warning("%s failed: %s", call.method, code.name, extra={"fields": fields})
+            access_log.log(level, "%s failed: %s", call.method, code.name, extra={"fields": fields})
         else:
             access_log.debug("%s ok", call.method, extra={"fields": fields})
 

@@ -31,7 +31,8 @@ def check_name(name: str, what: str = "name") -> str:
         shown = name if len(name) <= 80 else name[:80] + "..."
         raise InvalidRequest(
             f"{what} {shown!r} (length {len(name)}) is not a valid layer name: use 1 to 256 characters "
-            "from A-Z a-z 0-9 _ . : / -"
+            "from A-Z a-z 0-9 _ . : / -",
+            field=what,
         )
     return name
 

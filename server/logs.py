@@ -14,11 +14,15 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from datetime import datetime
 from typing import Any
 
-__all__ = ["FORMATS", "configure", "shorten"]
+__all__ = ["FORMATS", "OUR_LOGGERS", "configure", "shorten"]
 
 FORMATS = ("text", "json")
+#: The loggers of this project: ``--log-level`` sets theirs; libraries' (asyncio, gRPC, numba) stay at INFO or
+#: above unless ``--debug-libraries`` asks for their debug lines too.
+OUR_LOGGERS = ("normserve", "normkernels")
 #: Characters of one logged value (a message: four times as many); past it, the rest is counted, not shown.
 VALUE_CHARACTERS = 512
 
@@ -40,9 +44,17 @@ def _text_value(value: Any) -> str:
     return json.dumps(text) if (not text or any(c in text for c in ' "=')) else text
 
 
+def _timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 in local time with its UTC offset, to the millisecond: ``2026-12-02T01:02:03.456+00:00``."""
+    return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
 class _TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802 -- logging's
+        return _timestamp(record)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 -- logging's name
         record.message = _one_line(record.message, 4 * VALUE_CHARACTERS)
@@ -61,7 +73,7 @@ class _TextFormatter(logging.Formatter):
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "time": _timestamp(record),
             "level": record.levelname,
             "logger": record.name,
             "message": shorten(record.getMessage(), 4 * VALUE_CHARACTERS),
@@ -85,9 +97,14 @@ class _FailedSend(logging.Filter):
         return True
 
 
-def configure(level: str, fmt: str = "text") -> None:
-    """Send every log line to stderr at ``level`` in format ``fmt`` (text or json)."""
+def configure(level: str, fmt: str = "text", debug_libraries: bool = False) -> None:
+    """Send log lines to stderr in format ``fmt`` (text or json): this project's at ``level``, the libraries'
+    at ``level`` too with ``debug_libraries``, else at INFO or above (their debug lines are their internals)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_JsonFormatter() if fmt == "json" else _TextFormatter())
-    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    ours = logging.getLevelName(level.upper())
+    libraries = ours if debug_libraries else max(ours, logging.INFO)
+    logging.basicConfig(level=libraries, handlers=[handler], force=True)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(ours)
     handler.addFilter(_FailedSend())  # on the handler, which configure() replaces: never added twice

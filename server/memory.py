@@ -5,9 +5,12 @@ the heaps of its threads, and NumPy's temporaries come and go from the same
 heaps. Freed, that memory stays resident in fragmented heaps: after a burst
 of large calls, refused ones included, an idle server kept hundreds of MB.
 Only glibc's ``malloc_trim`` hands such memory back. :class:`Trimmer` calls
-it off the event loop, after a quiet second that followed enough traffic;
-under steady load it does nothing (the memory is in use again at once, and
-trimming would only cost). Where the C library is not glibc it is a no-op.
+it off the event loop, after a quiet second, when the process holds enough
+more than after its last trim; under steady load it does nothing (the memory
+is in use again at once, and trimming would only cost). It watches what the
+process holds (its resident set), not what calls moved: calls that never
+reach a handler (refused inside gRPC, or sending only their headers) leave
+memory behind too. Where the C library is not glibc it is a no-op.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import asyncio
 import ctypes
 import ctypes.util
 import logging
+import os
 from collections.abc import Callable
 
 __all__ = ["Trimmer"]
@@ -30,29 +34,46 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def resident_bytes() -> int | None:
+    """What this process holds in memory now (Linux), None where that cannot be read."""
+    try:
+        with open("/proc/self/statm", "rb") as statm:
+            return int(statm.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 class Trimmer:
-    """Trims the heaps after an ``interval`` without calls that followed at least ``after_bytes`` of traffic."""
+    """Trims the heaps after an ``interval`` without finished calls, when the process holds at least
+    ``after_bytes`` more than after its last trim."""
 
     def __init__(self, interval: float = 1.0, after_bytes: int = 32 << 20) -> None:
         self.interval = interval
         self.after_bytes = after_bytes
-        self._since_trim = 0  # bytes calls moved since the last trim
-        self._recent = 0  # ... and in the current interval
+        self._recent = 0  # calls finished in the current interval
         self._trim = _malloc_trim()
+        self._floor = resident_bytes()  # what the process held after the last trim (or at start)
 
     def moved(self, nbytes: int) -> None:
-        """Count the bytes a finished call received and sent."""
-        self._since_trim += nbytes
-        self._recent += nbytes
+        """Hear that a call finished (it received and sent ``nbytes``)."""
+        self._recent += 1
 
     async def run(self) -> None:
         """Trim until cancelled."""
-        while self._trim is not None:
+        while self._trim is not None and self._floor is not None:
             await asyncio.sleep(self.interval)
             quiet, self._recent = self._recent == 0, 0
-            if quiet and self._since_trim >= self.after_bytes:
-                self._since_trim = 0
+            held = resident_bytes()
+            if held is None:
+                continue
+            self._floor = min(self._floor, held)  # memory given back by itself lowers the mark
+            if quiet and held >= self._floor + self.after_bytes:
                 try:
                     await asyncio.to_thread(self._trim, 0)
                 except Exception:  # never fatal: the memory merely stays
                     log.exception("malloc_trim failed")
+                # What is still held after a trim is in use: the next trim waits until it grows again.
+                self._floor = resident_bytes() or held

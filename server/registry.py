@@ -14,11 +14,18 @@ Memory is bounded before it is spent: a new layer's state must fit
 (checked before its arrays exist). A stored layer that cannot be restored
 does not stop the server: it is listed as :class:`Unrestorable` and its calls
 answer DATA_LOSS until it is deleted.
+
+Versions: a layer starts at 1 and each change of its state adds 1 (a Train
+of a layer with running statistics, a SetState, a Rollback). The store keeps
+the last ``keep_versions`` states of each layer: :meth:`Registry.state_at`
+reads one, :meth:`Registry.rollback` makes one current again as a new
+version, so versions only grow and ``expected_version`` stays meaningful.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
@@ -32,7 +39,7 @@ from normkernels import NormLayer, StateTooLarge, distributed, synced
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
-from normserve.server import device_io
+from normserve.server import device_io, phases
 from normserve.server.errors import (
     ForwardTooLarge,
     InvalidRequest,
@@ -44,11 +51,12 @@ from normserve.server.errors import (
     StaleVersion,
     SyncAborted,
     TooManyLayers,
+    VersionNotKept,
     WaitTimeout,
 )
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
-from normserve.server.store import StateStore
+from normserve.server.store import KeptVersion, StateStore
 from normserve.server.sync_groups import StepKey, SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
@@ -86,6 +94,22 @@ class Snapshot:
     layer: NormLayer
     version: int
     stats: TrainingStats = TrainingStats()
+    oldest_version: int = 0  # the oldest version whose state is kept (0: this one; see oldest_kept)
+
+    @property
+    def oldest_kept(self) -> int:
+        """The oldest version whose state is kept (at most this one)."""
+        return self.oldest_version or self.version
+
+    def after(self, layer: NormLayer, keep_versions: int, stats: TrainingStats | None = None) -> Snapshot:
+        """The next version: ``layer``, with the versions kept of ``keep_versions``."""
+        version = self.version + 1
+        oldest = max(self.oldest_kept, version - keep_versions + 1)
+        return Snapshot(self.name, layer, version, self.stats if stats is None else stats, oldest)
+
+    def kept(self) -> KeptVersion:
+        """This version's whole state, as the store keeps it."""
+        return KeptVersion(self.version, self.layer.num_batches_tracked, host_state(self.layer))
 
 
 @dataclass(frozen=True)
@@ -212,6 +236,7 @@ class Registry:
 
         A layer that cannot be restored is logged and kept as :class:`Unrestorable`: the others serve.
         """
+        oldest = self._store.oldest_versions()
         for stored in self._store.load_all():
             try:
                 config = pb.LayerConfig.FromString(stored.config)
@@ -229,7 +254,8 @@ class Registry:
             except Exception as exc:
                 self._unrestorable(stored, config, str(exc))
                 continue
-            self._entries[stored.name] = _Entry(Snapshot(stored.name, layer, stored.version))
+            snapshot = Snapshot(stored.name, layer, stored.version, oldest_version=oldest.get(stored.name, 0))
+            self._entries[stored.name] = _Entry(snapshot)
         if self.max_state_bytes is not None and self.state_bytes > self.max_state_bytes:
             log.warning(
                 "restored layers hold %d bytes of state, over --max-state-bytes %d: no new layer fits",
@@ -269,17 +295,20 @@ class Registry:
         return None if wait is None else asyncio.get_running_loop().time() + wait
 
     @staticmethod
-    async def _within(awaitable: Awaitable[T], deadline: float | None, what: str) -> T:
-        """Await ``awaitable`` until the loop-time ``deadline``; WaitTimeout after it."""
-        if deadline is None:
-            return await awaitable
-        try:
-            return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
-        except asyncio.TimeoutError:
+    async def _within(awaitable: Awaitable[T], deadline: float | None, what: str, phase: str | None = "queue") -> T:
+        """Await ``awaitable`` until the loop-time ``deadline``; WaitTimeout after it. The wait counts as
+        ``phase`` of the call (:mod:`~normserve.server.phases`; None: the caller counts it)."""
+        with contextlib.nullcontext() if phase is None else phases.timed(phase):
+            if deadline is None:
+                return await awaitable
+            try:
+                return await asyncio.wait_for(awaitable, max(0.0, deadline - asyncio.get_running_loop().time()))
+            except asyncio.TimeoutError:
+                pass
             raise WaitTimeout(
                 f"gave up waiting for {what}; nothing was changed. Retry, give the call a longer deadline, "
                 "or start the server with a longer --default-deadline"
-            ) from None
+            )
 
     async def _compute(
         self, fn: Callable[..., T], *args: Any, deadline: float | None = None, elements: int | None = None
@@ -290,12 +319,24 @@ class Registry:
         nothing takes one: reads, and building a layer before it is published).
         """
         if elements is not None and elements <= INLINE_ELEMENTS:
-            return fn(*args)
-        future = asyncio.get_running_loop().run_in_executor(self._kernels, functools.partial(fn, *args))
-        return await self._within(future, deadline, "the kernel threads (the server is busy or the work large)")
+            with phases.timed("compute"):
+                return fn(*args)
+        return await phases.run_in(
+            self._kernels,
+            functools.partial(fn, *args),
+            "compute",
+            lambda future: self._within(
+                future, deadline, "the kernel threads (the server is busy or the work large)", phase=None
+            ),
+        )
 
-    async def _write(self, fn: Callable[..., None], *args: Any) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._writer, functools.partial(fn, *args))
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's thread (reads too: they queue behind the writes before them)."""
+        return await phases.run_in(self._writer, functools.partial(fn, *args), "store")
+
+    @property
+    def keep_versions(self) -> int:
+        return self._store.keep_versions
 
     async def _commit(self, locks: list[asyncio.Lock], work: Callable[[], Awaitable[T]]) -> T:
         """With ``locks`` held: run ``work`` to the end even if the caller goes away, then release them.
@@ -623,7 +664,7 @@ class Registry:
         if not changed:  # no state changed: same version, nothing to store
             entry.snapshot = replace(entry.snapshot, stats=stats)
             return
-        snapshot = Snapshot(start.name, layer, start.version + 1, stats)
+        snapshot = start.after(layer, self.keep_versions, stats)
         state = host_state(layer, changed)
         await self._write(self._store.update_state, start.name, snapshot.version, layer.num_batches_tracked, state)
         entry.snapshot = snapshot
@@ -728,10 +769,42 @@ class Registry:
                 )
             layer = current.layer.copy()
             await self._compute(layer.load_state_dict, state, not partial)
-            snapshot = replace(current, layer=layer, version=current.version + 1)
+            snapshot = current.after(layer, self.keep_versions)
             changed = tuple(k for k in state if k != "num_batches_tracked")
             await self._write(
                 self._store.update_state, name, snapshot.version, layer.num_batches_tracked, host_state(layer, changed)
+            )
+            entry.snapshot = snapshot
+            return snapshot
+
+        return await self._with_lock(name, work, wait)
+
+    async def state_at(self, name: str, version: int | None = None) -> KeptVersion:
+        """The whole state of ``name`` at ``version`` (None: the current one), if it is kept (NOT_FOUND if not)."""
+        current = self.get(name)
+        if version is None or version == current.version:
+            return current.kept()
+        kept = None
+        if current.oldest_kept <= version < current.version:
+            kept = await self._write(self._store.load_version, name, version)
+        if kept is None:
+            raise VersionNotKept(name, version, current.oldest_kept, current.version)
+        return kept
+
+    async def rollback(self, name: str, version: int, *, wait: float | None = None) -> Snapshot:
+        """Make the kept ``version``'s state the current one again, as the next version; durable first."""
+
+        async def work(entry: _Entry) -> Snapshot:
+            current = entry.snapshot
+            kept = await self.state_at(name, version)
+            layer = current.layer.copy()
+            state: dict[str, Any] = dict(kept.tensors)
+            if "num_batches_tracked" in layer.state_keys:
+                state["num_batches_tracked"] = np.int64(kept.num_batches_tracked)
+            await self._compute(layer.load_state_dict, state)
+            snapshot = current.after(layer, self.keep_versions)
+            await self._write(
+                self._store.update_state, name, snapshot.version, layer.num_batches_tracked, host_state(layer)
             )
             entry.snapshot = snapshot
             return snapshot

@@ -28,9 +28,16 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from normkernels import NormLayer
+from normkernels import NormError, NormLayer
 from normkernels.core import GradSums, Moments
-from normserve.server.errors import AnswerTooLarge, InvalidRequest, ServiceError, status_for
+from normserve.server.errors import (
+    AnswerTooLarge,
+    InvalidRequest,
+    ServiceError,
+    reason_for,
+    status_details,
+    status_for,
+)
 from normserve.server.layer_config import check_name, describe_config
 from normserve.server.logs import shorten
 from normserve.server.registry import (
@@ -49,6 +56,7 @@ from normserve.server.sync_groups import SyncSpec
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
+from normserve.v1.codec import TensorError
 
 __all__ = ["SERVICE_NAME", "STREAM_CHUNK_BYTES", "Limits", "NormalizationServicer", "describe_layer"]
 
@@ -60,8 +68,9 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Normalization"].full_name
 STREAM_CHUNK_BYTES = 1 << 20
 #: Bytes of an answer besides its tensors' elements (fields, headers, ids), allowed for when sizing it.
 ANSWER_OVERHEAD_BYTES = 4 << 10
-#: Characters of an error's message sent to the client (well inside gRPC's 16 KiB metadata limit).
-DETAILS_CHARACTERS = 4096
+#: Characters of an error's message sent to the client: twice, as grpc-message and in the google.rpc.Status
+#: beside it, well inside gRPC's 8 KiB default metadata limit.
+DETAILS_CHARACTERS = 2048
 #: States up to this many bytes are encoded on the event loop.
 INLINE_STATE_BYTES = 1 << 20
 _HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
@@ -99,13 +108,28 @@ def _translate_errors(name: str) -> Callable[[grpc.aio.ServicerContext, BaseExce
         code = status_for(exc)
         if code is None:
             log.error("%s failed", name, exc_info=exc)
+            message = f"{name} failed inside the server ({type(exc).__name__}); the server log has the details"
             await context.abort(
-                grpc.StatusCode.INTERNAL,
-                f"{name} failed inside the server ({type(exc).__name__}); the server log has the details",
+                grpc.StatusCode.INTERNAL, message, status_details(grpc.StatusCode.INTERNAL, message, "INTERNAL")
             )
-        await context.abort(code, shorten(str(exc), DETAILS_CHARACTERS))  # quoted client text stays bounded
+        message = shorten(str(exc), DETAILS_CHARACTERS)  # quoted client text stays bounded
+        field = getattr(exc, "field", "")
+        await context.abort(
+            code, message, status_details(code, message, reason_for(exc), [(field, message)] if field else ())
+        )
 
     return abort
+
+
+@contextlib.contextmanager
+def _about(field: str) -> Iterator[None]:
+    """An INVALID_ARGUMENT inside that names no request field names ``field`` (its BadRequest field violation)."""
+    try:
+        yield
+    except (TensorError, NormError, ServiceError) as exc:
+        if status_for(exc) == grpc.StatusCode.INVALID_ARGUMENT and not getattr(exc, "field", ""):
+            exc.field = field
+        raise
 
 
 def _rpc(
@@ -158,7 +182,7 @@ def _running_stats(response: Any, snapshot: Snapshot) -> None:
 def _sums(values: Any, what: str) -> np.ndarray:
     array = np.asarray(values, dtype=np.float64)
     if not np.isfinite(array).all():
-        raise InvalidRequest(f"{what} contains NaN or Inf")
+        raise InvalidRequest(f"{what} contains NaN or Inf", field=what)
     return array
 
 
@@ -169,7 +193,9 @@ MAX_STATISTICS_COUNT = 2**40
 
 def _count(count: int, what: str) -> int:
     if not 1 <= count <= MAX_STATISTICS_COUNT:
-        raise InvalidRequest(f"{what} (the values behind each statistic) must be in [1, 2**40], got {count}")
+        raise InvalidRequest(
+            f"{what} (the values behind each statistic) must be in [1, 2**40], got {count}", field=what
+        )
     return count
 
 
@@ -203,6 +229,7 @@ def describe_layer(snapshot: Snapshot | Unrestorable) -> pb.Layer:
             version=snapshot.version,
             num_batches_tracked=snapshot.num_batches_tracked,
             restore_error=snapshot.error,
+            oldest_version=snapshot.version,
         )
     layer = snapshot.layer
     return pb.Layer(
@@ -213,6 +240,7 @@ def describe_layer(snapshot: Snapshot | Unrestorable) -> pb.Layer:
         param_shape=layer.param_shape,
         state_keys=layer.state_keys,
         stats=describe_stats(snapshot.stats),
+        oldest_version=snapshot.oldest_kept,
     )
 
 
@@ -251,6 +279,10 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
         float16 and bfloat16 are wire formats only: the kernels compute them in float32.
         """
+        with _about(what):
+            return await self._decoded(tensor, what, data)
+
+    async def _decoded(self, tensor: pb.Tensor, what: str, data: Any) -> np.ndarray:
         where = "data"
         if tensor.WhichOneof("contents") == "shared_memory":
             expected = self._check(tensor, what)  # limits first: a reference may name any size ...
@@ -274,7 +306,7 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
 
     async def _input(self, request: wire.Payload, field: str, meaning: str) -> np.ndarray:
         if not request.HasField(field):
-            raise InvalidRequest(f"{field} is required: {meaning}")
+            raise InvalidRequest(f"{field} is required: {meaning}", field=field)
         return await self._tensor(getattr(request, field), field, request.data.get(field))
 
     async def _state_tensors(
@@ -292,7 +324,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         for key, tensor in tensors.items():
             if math.prod(tensor.shape) != elements:
                 shape = shorten(str(tuple(tensor.shape)), 256)
-                raise InvalidRequest(f"{what}[{key!r}] has shape {shape}, the layer needs {layer.param_shape}")
+                raise InvalidRequest(
+                    f"{what}[{key!r}] has shape {shape}, the layer needs {layer.param_shape}", field=f"{what}[{key!r}]"
+                )
         return {key: await self._tensor(tensor, f"{what}[{key!r}]") for key, tensor in tensors.items()}
 
     def _output_dtype(self, request: wire.Payload, default: int) -> int:
@@ -300,7 +334,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         if requested == pb.DTYPE_UNSPECIFIED:
             return default
         if requested not in codec.WIRE_DTYPES:
-            raise InvalidRequest(f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype")
+            raise InvalidRequest(
+                f"output_dtype {requested} is not a known DType; leave it unset to get x's dtype", field="output_dtype"
+            )
         return requested
 
     async def _batch(self, request: wire.Payload) -> tuple[np.ndarray, int]:
@@ -391,8 +427,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     @_rpc
     async def CreateLayer(self, request: pb.CreateLayerRequest, context: Any) -> pb.Layer:
         if not request.HasField("config"):
-            raise InvalidRequest("config is required: at least its kind and size (num_features or normalized_shape)")
-        snapshot, _ = await self._registry.create(request.name, request.config, wait=self._wait(context))
+            raise InvalidRequest(
+                "config is required: at least its kind and size (num_features or normalized_shape)", field="config"
+            )
+        with _about("config"):  # a config the layer refuses names it
+            snapshot, _ = await self._registry.create(request.name, request.config, wait=self._wait(context))
         return describe_layer(snapshot)
 
     @_rpc
@@ -415,7 +454,9 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
         with self._refusing_rank(request) as sync:
             check_name(request.layer, "layer")
             if not request.HasField("statistics"):
-                raise InvalidRequest("statistics is required: the batch's count and each group's mean and m2")
+                raise InvalidRequest(
+                    "statistics is required: the batch's count and each group's mean and m2", field="statistics"
+                )
             part = batch_statistics(request.statistics)
             layer = self._registry.get(request.layer).layer
             parameters = await self._parameters(request, layer)
@@ -521,22 +562,23 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
     # ------------------------------------------------------------------ state
     @_rpc
     async def GetState(self, request: pb.GetStateRequest, context: Any) -> pb.LayerState:
-        snapshot = self._registry.get(request.name)
-        nbytes = snapshot.layer.state_nbytes
+        layer = self._registry.get(request.name).layer
+        nbytes = layer.state_nbytes
         if nbytes + ANSWER_OVERHEAD_BYTES > self._limits.max_message_bytes:
             raise AnswerTooLarge(
                 f"layer {request.name!r} has {nbytes} bytes of state, more than one message may carry "
                 f"(--max-message-bytes {self._limits.max_message_bytes}); raise that limit to read it"
             )
+        kept = await self._registry.state_at(request.name, request.version if request.HasField("version") else None)
 
         def encode() -> pb.LayerState:
             state = pb.LayerState(
-                name=snapshot.name,
-                version=snapshot.version,
-                tensors={key: codec.encode(value) for key, value in host_state(snapshot.layer).items()},
+                name=request.name,
+                version=kept.version,
+                tensors={key: codec.encode(value) for key, value in kept.tensors.items()},
             )
-            if "num_batches_tracked" in snapshot.layer.state_keys:
-                state.num_batches_tracked = snapshot.layer.num_batches_tracked
+            if "num_batches_tracked" in layer.state_keys:
+                state.num_batches_tracked = kept.num_batches_tracked
             return state
 
         return encode() if nbytes <= INLINE_STATE_BYTES else await asyncio.to_thread(encode)
@@ -557,6 +599,11 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             partial=request.partial,
             wait=self._wait(context),
         )
+        return describe_layer(snapshot)
+
+    @_rpc
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.Layer:
+        snapshot = await self._registry.rollback(check_name(request.name), request.version, wait=self._wait(context))
         return describe_layer(snapshot)
 
     # ------------------------------------------------------------------ shared memory

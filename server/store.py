@@ -9,6 +9,13 @@ running_var, the counters): two small rows. A write that finds the
 filesystem full raises :class:`StateDirFull` and leaves the database as it
 was; the next write after space returns goes through.
 
+Besides the current state, the store keeps the whole state of each layer's
+last ``keep_versions`` versions (``versions`` and ``version_tensors``; the
+current one included), written in the same transaction as the change that
+made the version, so that a layer can be read at, and rolled back to, any of
+them after a restart too. A database from before versions were kept gets
+its layers' current versions recorded when it is opened.
+
 The store is synchronous and not thread-safe; the registry calls it from one
 dedicated thread.
 """
@@ -33,7 +40,7 @@ try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["DATABASE_NAME", "StateStore", "StoreLocked", "StoredLayer"]
+__all__ = ["DATABASE_NAME", "DEFAULT_KEEP_VERSIONS", "KeptVersion", "StateStore", "StoreLocked", "StoredLayer"]
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +62,25 @@ CREATE TABLE IF NOT EXISTS tensors (
     data BLOB NOT NULL,                 -- C order, native (little-endian) bytes
     PRIMARY KEY (layer, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS versions (  -- the kept versions of each layer, its current one included
+    layer TEXT NOT NULL REFERENCES layers(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    num_batches_tracked INTEGER NOT NULL,
+    PRIMARY KEY (layer, version)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS version_tensors (  -- a kept version's whole state, as in tensors
+    layer TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (layer, version, key),
+    FOREIGN KEY (layer, version) REFERENCES versions(layer, version) ON DELETE CASCADE
+) WITHOUT ROWID;
 """
+#: Kept versions of each layer when the server is not told (--keep-versions).
+DEFAULT_KEEP_VERSIONS = 10
 
 # SQLite's primary result codes for a write that found no room. Python 3.10 has no
 # ``sqlite_errorcode``: there the message (SQLite's fixed text for the code) tells.
@@ -93,12 +118,31 @@ class StoredLayer:
     problem: str = ""  # why a stored tensor cannot be read (the layer is then not restorable)
 
 
-class StateStore:
-    """Layer configs, versions and state tensors under ``directory``."""
+@dataclass(frozen=True)
+class KeptVersion:
+    """A layer's whole state at one of its kept versions."""
 
-    def __init__(self, directory: str | Path, synchronous: str = "FULL") -> None:
+    version: int
+    num_batches_tracked: int
+    tensors: dict[str, np.ndarray]
+
+
+def _array(dtype: str, shape: str, data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
+
+
+class StateStore:
+    """Layer configs, versions and state tensors under ``directory``; the last ``keep_versions`` states of
+    each layer besides."""
+
+    def __init__(
+        self, directory: str | Path, synchronous: str = "FULL", keep_versions: int = DEFAULT_KEEP_VERSIONS
+    ) -> None:
         if synchronous.upper() not in ("FULL", "NORMAL"):
             raise ValueError(f"synchronous must be FULL or NORMAL, got {synchronous!r}")
+        if keep_versions < 1:
+            raise ValueError(f"keep_versions must be at least 1 (the current version), got {keep_versions}")
+        self.keep_versions = keep_versions
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / DATABASE_NAME
@@ -109,6 +153,7 @@ class StateStore:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         self._check_schema_version()
+        self._record_current_versions()
 
     def _acquire_directory_lock(self):
         handle = open(self.directory / "LOCK", "a+")  # noqa: SIM115 - held open for the store's lifetime
@@ -131,6 +176,22 @@ class StateStore:
             raise RuntimeError(
                 f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
             )
+
+    def _record_current_versions(self) -> None:
+        """Keep every layer's current version that is not kept yet (a database from before versions were kept,
+        or written by such a server since). Without room it stays unrecorded until the layer's next change."""
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO versions SELECT name, version, num_batches_tracked FROM layers WHERE NOT EXISTS "
+                    "(SELECT 1 FROM versions WHERE versions.layer = layers.name AND versions.version = layers.version)"
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO version_tensors SELECT tensors.layer, layers.version, key, dtype, shape, "
+                    "data FROM tensors JOIN layers ON layers.name = tensors.layer"
+                )
+        except StateDirFull:
+            log.warning("the state directory %s is full: current versions are kept from their next change", self.path)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -170,7 +231,7 @@ class StateStore:
         problems: dict[str, str] = {}
         for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
             try:
-                array = np.frombuffer(data, dtype=np.dtype(dtype)).reshape(json.loads(shape))  # read-only view
+                array = _array(dtype, shape, data)
             except Exception as exc:  # whatever a damaged row holds, it spoils its layer only
                 problems.setdefault(layer, f"stored tensor {key!r} is unreadable ({type(exc).__name__}: {exc})")
                 continue
@@ -181,6 +242,30 @@ class StateStore:
             for name, config, v, nbt in rows
         ]
 
+    def oldest_versions(self) -> dict[str, int]:
+        """Each layer's oldest kept version (layers with none kept are left out)."""
+        return dict(self._db.execute("SELECT layer, MIN(version) FROM versions GROUP BY layer"))
+
+    def load_version(self, name: str, version: int) -> KeptVersion | None:
+        """Layer ``name``'s whole state at ``version``; None when that version is not kept."""
+        row = self._db.execute(
+            "SELECT num_batches_tracked FROM versions WHERE layer = ? AND version = ?", (name, version)
+        ).fetchone()
+        if row is None:
+            return None
+        rows = self._db.execute(
+            "SELECT key, dtype, shape, data FROM version_tensors WHERE layer = ? AND version = ?", (name, version)
+        )
+        return KeptVersion(version, row[0], {key: _array(dtype, shape, data) for key, dtype, shape, data in rows})
+
+    def disk_bytes(self) -> int:
+        """Bytes of the database and its WAL on disk (any thread may ask)."""
+        total = 0
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            with contextlib.suppress(OSError):
+                total += path.stat().st_size
+        return total
+
     # ----------------------------------------------------------------- writes
     def create_layer(
         self, name: str, config: bytes, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
@@ -189,6 +274,7 @@ class StateStore:
         with self._transaction() as db:
             db.execute("INSERT INTO layers VALUES (?, ?, ?, ?)", (name, config, version, num_batches_tracked))
             self._put_tensors(db, name, tensors)
+            self._keep_version(db, name, version, num_batches_tracked)
 
     def update_state(
         self, name: str, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
@@ -202,6 +288,17 @@ class StateStore:
             if cursor.rowcount != 1:
                 raise KeyError(name)
             self._put_tensors(db, name, tensors)
+            self._keep_version(db, name, version, num_batches_tracked)
+
+    def _keep_version(self, db: sqlite3.Connection, name: str, version: int, num_batches_tracked: int) -> None:
+        """Keep the layer's whole state (just written) as ``version``; forget versions past the last
+        ``keep_versions``."""
+        db.execute("INSERT INTO versions VALUES (?, ?, ?)", (name, version, num_batches_tracked))
+        db.execute(
+            "INSERT INTO version_tensors SELECT layer, ?, key, dtype, shape, data FROM tensors WHERE layer = ?",
+            (version, name),
+        )
+        db.execute("DELETE FROM versions WHERE layer = ? AND version <= ?", (name, version - self.keep_versions))
 
     def delete_layer(self, name: str) -> None:
         with self._transaction() as db:

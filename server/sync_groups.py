@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, TypeVar
 
+from normserve.server import phases
 from normserve.server.errors import InvalidRequest, ServiceError, SyncAborted, SyncTimeout
 from normserve.server.layer_config import NAME_PATTERN
 
@@ -195,7 +196,8 @@ class SyncSteps:
         else:
             self._check_meeting(key)
         try:
-            task = await asyncio.wait_for(asyncio.shield(step.complete), self._answer_within(deadline))
+            with phases.timed("sync"):  # the wait for the other ranks (finish's own work counts as its phases)
+                task = await asyncio.wait_for(asyncio.shield(step.complete), self._answer_within(deadline))
         except asyncio.TimeoutError:
             self._expire(key, f"before rank {spec.rank}'s call deadline")
             failure = self._closed.get(key) or SyncTimeout(f"the {key.describe()} did not complete in time")

@@ -47,8 +47,10 @@ class Authority:
         )
         self.ca = _write(self.folder, self.stem, self._cert, self._key).cert
 
-    def _builder(self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey) -> x509.CertificateBuilder:
-        now = datetime.datetime.now(datetime.timezone.utc)
+    def _builder(
+        self, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, expired: bool = False
+    ) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=2 if expired else 0)
         issuer = subject if not hasattr(self, "_cert") else self._cert.subject
         return (
             x509.CertificateBuilder()
@@ -60,10 +62,11 @@ class Authority:
             .not_valid_after(now + datetime.timedelta(days=1))
         )
 
-    def issue(self, common_name: str, *, server: bool) -> Pair:
-        """A certificate for a server (names localhost and 127.0.0.1) or a client."""
+    def issue(self, common_name: str, *, server: bool, expired: bool = False) -> Pair:
+        """A certificate for a server (names localhost and 127.0.0.1) or a client; ``expired``: one whose day
+        of validity ended a day ago."""
         key = ec.generate_private_key(ec.SECP256R1())
-        builder = self._builder(_name(common_name), key.public_key()).add_extension(
+        builder = self._builder(_name(common_name), key.public_key(), expired).add_extension(
             x509.BasicConstraints(ca=False, path_length=None), critical=True
         )
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -72,3 +75,17 @@ class Authority:
             names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
             builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         return _write(self.folder, f"{self.stem}-{common_name}", builder.sign(self._key, hashes.SHA256()), key)
+
+
+def make_pki(folder: Path) -> dict:
+    """A CA with a server and a client certificate, expired ones, and a rogue CA with its own client."""
+    ca, rogue = Authority(folder), Authority(folder, "rogue CA")
+    return {
+        "ca": ca,
+        "server": ca.issue("server", server=True),
+        "client": ca.issue("client", server=False),
+        "expired_client": ca.issue("old-client", server=False, expired=True),
+        "expired_server": ca.issue("old-server", server=True, expired=True),
+        "rogue_client": rogue.issue("client", server=False),
+        "rogue_ca": rogue.ca,
+    }

@@ -3,8 +3,8 @@
 It implements the kernels' contract element by element: which block (split,
 column) owns each element, the IndexMap, the partial states, the merge order
 and the output layout. That way the geometry and the per-statistic math in
-``normkernels.fused`` are tested without a GPU; only the kernel bodies
-themselves need one (tests/test_gpu_fused.py).
+``normkernels.fused`` are tested without a GPU. The kernel bodies themselves
+run on the CPU through tests/cudasim, and on a GPU in tests/test_gpu_fused.py.
 """
 
 from __future__ import annotations

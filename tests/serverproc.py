@@ -81,7 +81,8 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0) -> ServerProcess:
+    def start(self, timeout: float = 60.0, ready: bool = True) -> ServerProcess:
+        """Start, and wait until it listens and (``ready``) its health answers SERVING."""
         self.starts += 1
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server-{self.starts}.log"
         command = self.command or [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
@@ -97,7 +98,8 @@ class ServerProcess:
                 raise TimeoutError(f"server did not start within {timeout} s:\n{self.log()}")
             time.sleep(0.05)
         self.port = int(match.group(1))
-        wait_serving(self.target, timeout, **self.client)
+        if ready:
+            wait_serving(self.target, timeout, **self.client)
         return self
 
     def log(self) -> str:
@@ -117,6 +119,13 @@ class ServerProcess:
         """SIGTERM and wait: the graceful shutdown a deployment does."""
         self.process.send_signal(signal.SIGTERM)
         return self.process.wait(timeout)
+
+    def rss(self) -> int:
+        """Bytes the server process holds in memory now."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
 
     def kill(self) -> int:
         """SIGKILL: the crash the store must survive."""

@@ -8,6 +8,8 @@ import re
 import grpc
 import numpy as np
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 from serverproc import everything
 
 import normkernels as nk
@@ -334,6 +336,14 @@ def test_bad_request_is_refused_and_changes_nothing(stub, method, request_, code
     assert caught.value.code() == code, caught.value.details()
     assert caught.value.details(), "every refusal carries a message"
     assert re.search(message, caught.value.details()), caught.value.details()
+    # beside the message, the standard google.rpc.Status with an ErrorInfo that names the error for programs
+    status = rpc_status.from_call(caught.value)  # raises if its code or message contradicts the call's
+    assert status is not None, "every refusal carries google.rpc details"
+    (info,) = [d for d in status.details if d.Is(error_details_pb2.ErrorInfo.DESCRIPTOR)]
+    unpacked = error_details_pb2.ErrorInfo()
+    info.Unpack(unpacked)
+    assert unpacked.domain == "normserve"
+    assert re.fullmatch(r"[A-Z][A-Z0-9_]+", unpacked.reason), unpacked.reason
     assert everything(stub) == before
     # and the server still serves
     y = stub.Infer(pb.InferRequest(layer="bad.bn", x=t(X))).y

@@ -182,18 +182,20 @@ def test_cli_commands_print_only_their_own_messages(start_server, tmp_path) -> N
     assert quiet.returncode == 1
     assert "add_port" not in quiet.stderr
     assert "cannot listen" in quiet.stderr
-    assert "add_port" in run(*busy, "--log-level", "debug").stderr
+    assert "add_port" not in run(*busy, "--log-level", "debug").stderr  # our debug lines, not gRPC's
+    assert "add_port" in run(*busy, "--log-level", "debug", "--debug-libraries").stderr
 
 
 @pytest.mark.parametrize(
     ("argv", "environ", "debug"),
     [
         ([], {}, False),
-        (["serve", "--log-level", "debug"], {}, True),
-        (["serve", "--log-level=debug"], {}, True),
-        (["health"], {"NORMSERVE_LOG_LEVEL": "DEBUG"}, True),
-        (["serve", "--log-level", "info"], {"NORMSERVE_LOG_LEVEL": "debug"}, False),  # the flag wins
-        (["serve", "--log-level"], {}, False),
+        (["serve", "--log-level", "debug", "--debug-libraries"], {}, True),
+        (["serve", "--log-level=debug", "--debug-libraries"], {}, True),
+        (["health"], {"NORMSERVE_LOG_LEVEL": "DEBUG", "NORMSERVE_DEBUG_LIBRARIES": "1"}, True),
+        (["serve", "--log-level", "debug"], {}, False),  # our debug lines only
+        (["serve", "--log-level", "info", "--debug-libraries"], {"NORMSERVE_LOG_LEVEL": "debug"}, False),
+        (["serve", "--log-level", "--debug-libraries"], {}, False),
     ],
 )
 def test_debug_output_is_asked_by_the_flag_or_its_variable(argv, environ, debug) -> None:

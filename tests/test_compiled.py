@@ -275,7 +275,7 @@ def test_numpy_switch_and_thread_settings(monkeypatch, threads, rng) -> None:
 def test_the_server_compiles_its_kernels_before_it_serves(server) -> None:
     log = server.log()
     assert "CPU kernels ready" in log
-    assert log.index("CPU kernels ready") < log.index("listening on")
+    assert log.index("listening on") < log.index("CPU kernels ready") < log.index("ready: SERVING on")
 
 
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])

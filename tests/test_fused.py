@@ -7,6 +7,10 @@
 * ``normkernels.fused`` run on a NumPy emulation of the kernels
   (tests/kernel_emulator.py) equals a float64 reference: splits, column
   layouts, merges, and the per-statistic math of forward and backward.
+* The same case matrix runs on the real kernel source, compiled for the CPU
+  (tests/cudasim: each CUDA thread a fiber, true barriers and warp
+  shuffles) and launched through ``fused.CudaLauncher``'s own marshalling,
+  with the threads of each block in several orders between barriers.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 import shutil
 import subprocess
 
+import cudasim
 import numpy as np
 import pytest
 from conftest import core_float64, randomize, stored, stored_values
@@ -43,6 +48,26 @@ CASES = [
     ("rms_norm", {"normalized_shape": [8], "elementwise_affine": False}, (33, 8)),
 ]
 SM_COUNTS = (1, 3, 132)
+#: What runs the kernels: the NumPy emulation, or the .cu itself on the CPU with the threads in an order.
+LAUNCHERS = ["emulator", *(f"cpu-{order}" for order in cudasim.ORDERS)]
+HAVE_CXX = cudasim.compiler() is not None
+
+
+def make_launcher(name: str, sm_count: int, rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch):
+    """A launcher for ``name`` (see LAUNCHERS); the CPU-CUDA ones poison every output and scratch buffer."""
+    if name == "emulator":
+        return NumpyLauncher(sm_count)
+    if not HAVE_CXX:
+        pytest.skip(f"the CUDA kernels on the CPU need a C++20 compiler: {cudasim.INSTALL_HINT}")
+    monkeypatch.setattr(fused, "poison_outputs", True)
+    return cudasim.sim_launcher(sm_count, order=name.removeprefix("cpu-"), seed=int(rng.integers(2**32)))
+
+
+def launched(launcher) -> list[str]:
+    """The kernels a launcher ran, by their names in the .cu (``nk_`` and the dtype suffixes dropped)."""
+    if isinstance(launcher, NumpyLauncher):
+        return launcher.launches
+    return [name.removeprefix("nk_") for name in launcher._module.launched]
 
 
 def _plan(kind: str, config: dict, shape: tuple[int, ...]) -> core.Plan:
@@ -145,10 +170,20 @@ STORAGE = {
 }
 
 
+@pytest.mark.parametrize("launcher_name", LAUNCHERS)
 @pytest.mark.parametrize("sm_count", SM_COUNTS)
 @pytest.mark.parametrize("storage", list(STORAGE))
 @pytest.mark.parametrize(("kind", "config", "shape"), CASES)
-def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, storage, sm_count, rng) -> None:
+def test_fused_math_on_kernels_matches_float64(
+    kind, config, shape, storage, sm_count, launcher_name, rng, monkeypatch
+) -> None:
+    check_fused_math(
+        kind, config, shape, storage, lambda: make_launcher(launcher_name, sm_count, rng, monkeypatch), rng
+    )
+
+
+def check_fused_math(kind, config, shape, storage, new_launcher, rng) -> None:
+    """fused's training and eval passes on ``new_launcher()``'s kernels equal core's float64 math."""
     _, acc, tol = STORAGE[storage]
     acc = np.dtype(acc)
     layer = nk.make_layer(kind, **config, dtype=acc)
@@ -160,7 +195,7 @@ def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, sto
     eps = layer._eps_for(acc)
     xv, dyv = x.reshape(plan.view), dy.reshape(plan.view)
     for training in (True, False) if layer.track_running_stats else (True,):
-        launcher = NumpyLauncher(sm_count)
+        launcher = new_launcher()
         y_ref, stats_ref, (dx_ref, dw_ref, db_ref) = core_float64(layer, plan, x, dy, training)
         if training:
             y, stats = fused.forward_train(xv, plan, weight, bias, eps, acc, launcher=launcher)
@@ -186,8 +221,9 @@ def test_fused_math_on_emulated_kernels_matches_float64(kind, config, shape, sto
             assert got.shape == plan.param_shape
             np.testing.assert_allclose(got, want, rtol=tol, atol=tol * count)
         # Both passes ran on the kernels, not on core's fallback.
-        assert "grad_input" in launcher.launches
-        assert "normalize" in launcher.launches or "forward_lines" in launcher.launches
+        names = " ".join(launched(launcher))
+        assert "grad_input" in names
+        assert "normalize" in names or "forward_lines" in names
 
 
 def test_backward_is_one_reduction_and_one_elementwise_pass_for_folding_kinds(rng) -> None:
@@ -213,3 +249,64 @@ def test_statistics_survive_a_large_mean(rng) -> None:
     _, stats = fused.forward_train(x, plan, None, None, 1e-5, np.dtype(np.float32), launcher=NumpyLauncher(7))
     want = x.astype(np.float64).var(axis=(0, 2))
     np.testing.assert_allclose(stats.var.reshape(-1), want, rtol=1e-3)
+
+
+# --------------------------------------------------------------------------- the kernels on the CPU
+# Shapes at the edges of the launch geometry, in the half-precision storages.
+EDGE_CASES = [
+    ("layer_norm", {"normalized_shape": [257]}, (3, 257)),  # lines one past a multiple of the block
+    ("layer_norm", {"normalized_shape": [3]}, (70, 3)),  # lines shorter than a warp; blocks walk several lines
+    ("rms_norm", {"normalized_shape": [4097]}, (2, 4097)),  # few long lines: split reductions, line-mode passes
+    ("batch_norm", {"num_features": 33}, (31, 33)),  # columns with a partial last warp
+    ("batch_norm", {"num_features": 3}, (1, 3, 1000)),  # one sample
+    ("group_norm", {"num_groups": 5, "num_channels": 5}, (7, 5, 33)),
+    ("instance_norm", {"num_features": 3}, (2, 3, 2)),  # lines of two
+]
+
+
+@pytest.mark.parametrize("order", cudasim.ORDERS)
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+@pytest.mark.parametrize(("kind", "config", "shape"), EDGE_CASES)
+def test_half_precision_edge_shapes_on_the_kernels(kind, config, shape, storage, order, rng, monkeypatch) -> None:
+    check_fused_math(kind, config, shape, storage, lambda: make_launcher(f"cpu-{order}", 1, rng, monkeypatch), rng)
+
+
+@pytest.mark.parametrize("order", cudasim.ORDERS)
+@pytest.mark.parametrize(("kind", "config", "shape"), [CASES[0], CASES[4], CASES[8], CASES[11]])
+def test_blocks_that_walk_more_groups_than_grid_y(kind, config, shape, order, rng, monkeypatch) -> None:
+    """Past 65,535 groups a block reduces several in turn (block_reduce's trailing barrier keeps them apart),
+    and elementwise blocks walk several lines: the same loops, reached here with grid.y capped at 2."""
+    monkeypatch.setattr(fused, "_GRID_Y_MAX", 2)
+    fused.geometry.cache_clear()
+    try:
+        geo = fused.geometry(_plan(kind, config, shape), 3)
+        assert max(r.B for r in (geo.stats, geo.cells, geo.params) if not r.columns) > 2
+        check_fused_math(
+            kind, config, shape, "float32", lambda: make_launcher(f"cpu-{order}", 3, rng, monkeypatch), rng
+        )
+    finally:
+        fused.geometry.cache_clear()
+
+
+@pytest.mark.parametrize("storage", ["float16", "bfloat16"])
+def test_the_fallback_to_core_reads_half_precision_values(storage, rng) -> None:
+    """Shapes no geometry fits run on core: on bfloat16's values, not its uint16 bit patterns; outputs as stored."""
+    layer = nk.make_layer("layer_norm", normalized_shape=[1], dtype=np.float32)
+    randomize(layer, rng)
+    plan = layer._plan((5, 1))
+    assert fused.geometry(plan, 3) is None
+    x, dy = stored(rng.normal(-1.3, 2.0, (5, 1)), storage), stored(rng.normal(size=(5, 1)), storage)
+    weight, bias = layer._params(plan, np.dtype(np.float32))
+    launcher = NumpyLauncher(3)
+    y, stats = fused.forward_train(x, plan, weight, bias, 1e-5, np.dtype(np.float32), launcher=launcher)
+    dx, dw, db = fused.backward(x, dy, plan, weight, 1e-5, np.dtype(np.float32), launcher=launcher)
+    assert launcher.launches == []
+    y_ref, stats_ref, (dx_ref, dw_ref, db_ref) = core_float64(layer, plan, x, dy, True)
+    np.testing.assert_allclose(stats.mean, stats_ref.mean, rtol=1e-6)
+    np.testing.assert_allclose(stats.mean.reshape(-1), stored_values(x).reshape(-1), rtol=1e-6)  # one element each
+    assert y.dtype == x.dtype
+    assert dx.dtype == x.dtype
+    np.testing.assert_allclose(stored_values(y), y_ref, atol=1e-2)
+    np.testing.assert_allclose(stored_values(dx), dx_ref, atol=1e-2)
+    np.testing.assert_allclose(dw, dw_ref, atol=1e-4)
+    np.testing.assert_allclose(db, db_ref, atol=1e-4)

@@ -772,15 +772,17 @@ def test_a_refused_rank_does_not_close_later_steps(server, stub, layer_name, rng
 
 
 def test_unknown_config_fields_are_not_stored(start_server) -> None:
-    """A CreateLayer config carrying 50 MB of unknown fields was stored whole, outside every budget."""
+    """A CreateLayer config carrying 50 MB of unknown fields was stored whole, outside every budget. Now a
+    request without tensors over 1 MiB is refused unparsed, and the unknown fields of one under it are dropped."""
     proc = start_server("--max-message-bytes", str(64 * MiB))
-    config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=1).SerializeToString() + field(100, 2, b"\0" * 16 * MiB)
-    request = field(1, 2, b"bn") + field(2, 2, config)
+    config = pb.LayerConfig(kind=pb.BATCH_NORM, num_features=1).SerializeToString()
     with grpc.insecure_channel(proc.target, options=[("grpc.max_send_message_length", -1)]) as channel:
-        code, details = raw_call(channel, "CreateLayer", request)
-        assert code == grpc.StatusCode.OK, details
+        for unknown, expected in ((16 * MiB, grpc.StatusCode.RESOURCE_EXHAUSTED), (1000_000, grpc.StatusCode.OK)):
+            request = field(1, 2, b"bn") + field(2, 2, config + field(100, 2, b"\0" * unknown))
+            code, details = raw_call(channel, "CreateLayer", request)
+            assert code == expected, details
     assert proc.stop() == 0
-    assert (proc.state_dir / "normserve.sqlite3").stat().st_size < MiB
+    assert (proc.state_dir / "normserve.sqlite3").stat().st_size < 512 << 10
 
 
 def test_error_messages_quoting_client_text_stay_small(server, stub, layer_name) -> None:

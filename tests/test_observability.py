@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import urllib.request
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pytest
@@ -156,7 +157,7 @@ def test_one_log_line_per_call_and_warnings_name_layer_and_code(observed) -> Non
     assert "layer=logged " in infer[0]
     assert "code=OK" in infer[0]
     (failed,) = proc.log_lines("layer=logged-missing")
-    assert "WARNING" in failed
+    assert " INFO " in failed  # a probe for a layer before creating it is no warning
     assert "GetLayer failed: NOT_FOUND" in failed
     assert "code=NOT_FOUND" in failed
     assert "details=\"no layer named 'logged-missing'" in failed
@@ -170,12 +171,29 @@ def test_json_logs_carry_the_fields(tmp_path) -> None:
     finally:
         assert proc.stop() == 0
     entries = [json.loads(line) for line in proc.log().splitlines()]  # every line is one JSON object
+    for entry in entries:  # ISO 8601 with the time zone's offset: comparable across hosts and zones
+        stamp = datetime.fromisoformat(entry["time"])
+        assert stamp.utcoffset() is not None, entry["time"]
+        assert abs(stamp - datetime.now(timezone.utc)) < timedelta(hours=1)
+    assert {e["logger"].partition(".")[0] for e in entries} <= {"normserve", "normkernels"}  # no library's debug
     (failed,) = [e for e in entries if e.get("method") == "Train"]
-    assert failed["level"] == "WARNING"
+    assert failed["level"] == "INFO"  # NOT_FOUND: below WARNING
     assert failed["layer"] == "absent"
     assert failed["code"] == "NOT_FOUND"
     assert failed["bytes_in"] > 0
     assert any(e["message"].startswith("normserve listening on") for e in entries)
+
+
+def test_library_debug_lines_only_when_asked(tmp_path) -> None:
+    proc = ServerProcess(tmp_path / "state", "--log-level", "debug", "--debug-libraries").start()
+    try:
+        with NormClient(proc.target) as nc:
+            nc.create_layer("asked", "rms_norm", normalized_shape=3)
+    finally:
+        assert proc.stop() == 0
+    log = proc.log()
+    assert " DEBUG asyncio: Using selector" in log  # the event loop's own debug line
+    assert " DEBUG normserve.access: CreateLayer ok" in log
 
 
 def test_metrics_port_zero_serves_no_metrics(server) -> None:
@@ -199,3 +217,68 @@ def test_a_busy_metrics_port_stops_startup_with_a_clear_line(tmp_path) -> None:
         )
     assert result.returncode == 1
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr
+
+
+def test_phases_in_flight_server_gauges_process_and_build_info(observed) -> None:
+    import threading
+    import urllib.error
+
+    from normserve.client import SyncGroup
+
+    proc, port = observed
+    rng = np.random.default_rng(70)
+    with NormClient(proc.target) as nc:
+        layer = nc.create_layer("phased", "batch_norm", num_features=8)
+        x = rng.normal(size=(64, 8, 64)).astype(np.float32)  # over the inline size: computed on a kernel thread
+        layer.train(x, keep_forward=True)
+        samples = scrape(port)
+        assert sample(samples, "normserve_forward_cache_bytes") >= x.nbytes  # the kept forward
+        synced = nc.create_layer("phased.sync", "batch_norm", num_features=4)
+        halves = [rng.normal(size=(6, 4)).astype(np.float32) for _ in range(2)]
+        errors: list[BaseException] = []
+
+        def rank(r: int) -> None:
+            try:
+                synced.train(halves[r], sync=SyncGroup("phased", world_size=2, rank=r).at(1))
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors
+    samples = scrape(port)
+
+    def phase_count(method: str, phase: str) -> float:
+        return sample(samples, "normserve_request_phase_seconds_count", service=SERVICE, method=method, phase=phase)
+
+    assert phase_count("Train", "compute") >= 1
+    assert phase_count("Train", "store") >= 1  # running statistics committed before the answer
+    assert phase_count("CreateLayer", "store") >= 2
+    assert phase_count("Train", "sync") >= 2  # each rank waited for the step
+    total = sample(samples, "normserve_request_duration_seconds_sum", service=SERVICE, method="Train")
+    parts = sum(
+        sample(samples, "normserve_request_phase_seconds_sum", service=SERVICE, method="Train", phase=phase) or 0
+        for phase in ("queue", "compute", "store", "sync")
+    )
+    assert 0 < parts <= total * 1.01 + 1e-3  # the phases are parts of the calls' time
+    assert sample(samples, "normserve_calls_in_flight", service=SERVICE, method="Train") == 0
+    assert sample(samples, "normserve_calls_in_flight", service=SERVICE, method="Train") is not None
+    state = sample(samples, "normserve_state_bytes")
+    assert state >= (8 * 4 + 4 * 4) * 4  # at least these two layers' four float32 tensors
+    assert sample(samples, "normserve_state_store_bytes") > 0
+    assert sample(samples, "process_resident_memory_bytes") > 0
+    assert sample(samples, "process_open_fds") > 0
+    assert any(name == "python_info" for name, _ in samples)
+    assert any(name == "python_gc_collections_total" for name, _ in samples)
+    ((labels, value),) = [(dict(key), v) for (name, key), v in samples.items() if name == "normserve_build_info"]
+    assert value == 1
+    assert labels["version"]
+    assert labels["grpcio"]
+    assert labels["numpy"] == np.__version__
+    for path in ("/", "/metrics/extra", "/favicon.ico"):
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10)
+        assert caught.value.code == 404

@@ -10,7 +10,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from certs import Authority
+from certs import make_pki
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serverproc import NORMSERVE, ServerProcess, everything
 
@@ -25,15 +25,7 @@ ONCE = RetryPolicy(attempts=1)
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("pki")
-    ca, rogue = Authority(folder), Authority(folder, "rogue CA")
-    return {
-        "ca": ca,
-        "server": ca.issue("server", server=True),
-        "client": ca.issue("client", server=False),
-        "rogue_client": rogue.issue("client", server=False),
-        "rogue_ca": rogue.ca,
-    }
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _round_trip(client: NormClient, name: str) -> None:

@@ -124,7 +124,7 @@ def normserve_server(*args: str) -> Iterator[str]:
     """``normserve serve --port 0`` on a scratch state folder for the block; yields its address."""
     with tempfile.TemporaryDirectory() as state_dir:
         command = [sys.executable, "-m", "normserve.tools", "serve", "--port", "0", "--state-dir", state_dir, *args]
-        with running(command, r"listening on (\S+:\d+) ") as target:
+        with running(command, r"ready: SERVING on (\S+:\d+) ") as target:  # listening, and its kernels warm
             yield target
 
 

@@ -124,6 +124,18 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         default=defaults.sqlite_synchronous.lower(),
         help="SQLite synchronous mode: full survives power loss; normal survives a killed process only",
     )
+    add(
+        "--layers-file",
+        type=Path,
+        help="JSON file of layers to create at start, idempotently (docs/service.md: declarative layers)",
+    )
+    add(
+        "--keep-versions",
+        type=_positive_int,
+        default=defaults.keep_versions,
+        help="states of each layer kept in --state-dir, the current one included, to read (GetState version) "
+        "and roll back to (normserve rollback)",
+    )
     # Limits
     add("--max-layers", type=_positive_int, default=defaults.max_layers, help="most layers the server holds")
     add(
@@ -168,7 +180,7 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         "--grace-period",
         type=_number(float, 0),
         default=defaults.grace_period,
-        help="seconds in-flight calls get to finish on SIGTERM/SIGINT",
+        help="seconds in-flight calls get to finish on SIGTERM/SIGINT/SIGHUP",
     )
     add(
         "--forward-cache-bytes",
@@ -195,6 +207,25 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
         type=_number(float, 0, maximum=(2**31 - 1) // 1000),
         default=defaults.max_connection_age_grace,
         help="seconds calls on an aged connection get to finish before it is closed",
+    )
+    add(
+        "--max-connection-idle",
+        type=_connection_seconds,
+        default=defaults.max_connection_idle,
+        help="seconds a client connection without calls stays open (clients reconnect by themselves)",
+    )
+    add(
+        "--max-connections",
+        type=_positive_int,
+        default=None,
+        help="client connections open at once; more are closed as they arrive (default: what the open-files "
+        "limit leaves, at most 4096)",
+    )
+    add(
+        "--allow-compression",
+        action="store_true",
+        help="accept gzip/deflate-compressed requests; gRPC inflates them (up to --max-message-bytes) before "
+        "any check, the token's included, so only with trusted clients",
     )
     add(
         "--max-world-size",
@@ -237,6 +268,11 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     add("--metrics-host", help="address of the metrics endpoint (default: --host)")
     add("--log-level", choices=_LOG_LEVELS, default="info", help="log verbosity (debug logs every call)")
     add("--log-format", choices=logs.FORMATS, default="text", help="log lines as text or JSON (to stderr)")
+    add(
+        "--debug-libraries",
+        action="store_true",
+        help="with --log-level debug, the debug lines of asyncio, gRPC (its C core too) and numba as well",
+    )
 
 
 def _client_options(add: Callable[..., None], environ: Mapping[str, str]) -> None:
@@ -261,7 +297,7 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="run the gRPC server",
-        description="Run the gRPC server until SIGTERM/SIGINT; layer state persists in --state-dir. "
+        description="Run the gRPC server until SIGTERM/SIGINT/SIGHUP; layer state persists in --state-dir. "
         "Every flag can also be set by the environment variable shown in brackets; flags win.",
     )
     _serve_options(_Options(serve, environ).add, ServerOptions())
@@ -300,7 +336,20 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         else:
             own("--prefix", default="", help="only names starting with this")
             own("--json", action="store_true", help="one JSON object per layer")
+    _rollback_parser(commands, environ)
     return parser
+
+
+def _rollback_parser(commands: Any, environ: Mapping[str, str]) -> None:
+    text = "make a kept version's state a layer's state again (as a new version)"
+    rollback = commands.add_parser("rollback", help=text, description=text[0].upper() + text[1:] + ".")
+    _client_options(_Options(rollback, environ).add, environ)
+    rollback.add_argument("name", help="the layer's name")
+    rollback.add_argument(
+        "version",
+        type=_positive_int,
+        help="the version to go back to: one of those the server keeps (the layer's oldest_version to version)",
+    )
 
 
 def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
@@ -417,6 +466,8 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         ),
         max_layer_state_bytes=args.max_layer_state_bytes,
         max_state_bytes=args.max_state_bytes,
+        keep_versions=args.keep_versions,
+        layers_file=args.layers_file,
         max_layers=args.max_layers,
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         grace_period=args.grace_period,
@@ -431,13 +482,16 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
         max_world_size=args.max_world_size,
         max_connection_age=args.max_connection_age,
         max_connection_age_grace=args.max_connection_age_grace,
+        max_connection_idle=args.max_connection_idle,
+        max_connections=args.max_connections,
+        compression=args.allow_compression,
         peers=args.peers,
         peer_timeout=args.peer_timeout,
     )
 
 
 def _serve(options: ServerOptions, args: argparse.Namespace) -> int:
-    logs.configure(args.log_level, args.log_format)
+    logs.configure(args.log_level, args.log_format, args.debug_libraries)
     try:
         asyncio.run(run(options))
     except Exception as exc:  # startup failures: one clear line, not a traceback
@@ -504,6 +558,15 @@ def _layers(args: argparse.Namespace) -> int:
                 f"{layer.name}\t{layer.kind}\t{shape}\t{config.device}\tversion={layer.version}"
                 f"\tbatches={layer.info.num_batches_tracked}"
             )
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    layer = _ask(args, lambda client: client.rollback_layer(args.name, args.version))
+    print(
+        f"{layer.name}: version {layer.version} holds the state of version {args.version} "
+        f"(kept: {layer.oldest_version} to {layer.version})"
+    )
     return 0
 
 
@@ -624,6 +687,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     return {
         "health": _health,
         "layers": _layers,
+        "rollback": _rollback,
         "bench": _bench,
         "rebalance": _rebalance,
         "nginx-config": _nginx_config,

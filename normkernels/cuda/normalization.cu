@@ -498,7 +498,7 @@ __device__ void forward_lines_body(const T* x, T* y, const A* weight, const A* b
         ln.rstd = nk_rsqrt(line_stats[1], eps);
         ln.pbase = map.param_base(line);
         for (long long k = threadIdx.x; k < K; k += blockDim.x) op.apply(ln, line * K + k, k);
-        __syncthreads();  // line_stats is rewritten by the next line
+        // No barrier before the next line rewrites line_stats: its block_reduce passes two first.
     }
 }
 

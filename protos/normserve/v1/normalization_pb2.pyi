@@ -90,7 +90,7 @@ class LayerConfig(_message.Message):
     def __init__(self, kind: _Optional[_Union[Kind, str]] = ..., num_features: _Optional[int] = ..., normalized_shape: _Optional[_Iterable[int]] = ..., num_groups: _Optional[int] = ..., eps: _Optional[float] = ..., momentum: _Optional[float] = ..., cumulative_average: _Optional[bool] = ..., affine: _Optional[bool] = ..., track_running_stats: _Optional[bool] = ..., bias: _Optional[bool] = ..., biased_running_var: _Optional[bool] = ..., device: _Optional[str] = ..., param_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
 
 class Layer(_message.Message):
-    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys", "stats", "restore_error")
+    __slots__ = ("name", "config", "version", "num_batches_tracked", "param_shape", "state_keys", "stats", "restore_error", "oldest_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -99,6 +99,7 @@ class Layer(_message.Message):
     STATE_KEYS_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
     RESTORE_ERROR_FIELD_NUMBER: _ClassVar[int]
+    OLDEST_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     config: LayerConfig
     version: int
@@ -107,7 +108,8 @@ class Layer(_message.Message):
     state_keys: _containers.RepeatedScalarFieldContainer[str]
     stats: LayerStats
     restore_error: str
-    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[LayerStats, _Mapping]] = ..., restore_error: _Optional[str] = ...) -> None: ...
+    oldest_version: int
+    def __init__(self, name: _Optional[str] = ..., config: _Optional[_Union[LayerConfig, _Mapping]] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., param_shape: _Optional[_Iterable[int]] = ..., state_keys: _Optional[_Iterable[str]] = ..., stats: _Optional[_Union[LayerStats, _Mapping]] = ..., restore_error: _Optional[str] = ..., oldest_version: _Optional[int] = ...) -> None: ...
 
 class LayerStats(_message.Message):
     __slots__ = ("train_calls", "mean_shift", "log_var_shift", "input_entropy", "output_entropy")
@@ -274,10 +276,12 @@ class GradientResponse(_message.Message):
     def __init__(self, dx: _Optional[_Union[Tensor, _Mapping]] = ..., dweight: _Optional[_Union[Tensor, _Mapping]] = ..., dbias: _Optional[_Union[Tensor, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GetStateRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "version")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class LayerState(_message.Message):
     __slots__ = ("name", "version", "tensors", "num_batches_tracked")
@@ -318,6 +322,14 @@ class SetStateRequest(_message.Message):
     expected_version: int
     partial: bool
     def __init__(self, name: _Optional[str] = ..., tensors: _Optional[_Mapping[str, Tensor]] = ..., num_batches_tracked: _Optional[int] = ..., expected_version: _Optional[int] = ..., partial: _Optional[bool] = ...) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class TensorChunk(_message.Message):
     __slots__ = ("data",)

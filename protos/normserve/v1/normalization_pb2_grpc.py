@@ -80,6 +80,11 @@ class NormalizationStub:
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.SetStateRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/normserve.v1.Normalization/Rollback',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
+                _registered_method=True)
         self.TrainStream = channel.stream_stream(
                 '/normserve.v1.Normalization/TrainStream',
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.TrainStreamRequest.SerializeToString,
@@ -191,6 +196,14 @@ class NormalizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """Make a kept version's state the current one again, as a new version
+        (versions only grow); durable before the reply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def TrainStream(self, request_iterator, context):
         """Train, Infer and Gradient with their tensors in chunks (see TensorChunk).
         """
@@ -291,6 +304,11 @@ def add_NormalizationServicer_to_server(servicer, server):
             'SetState': grpc.unary_unary_rpc_method_handler(
                     servicer.SetState,
                     request_deserializer=normserve_dot_v1_dot_normalization__pb2.SetStateRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.Layer.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.RollbackRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normalization__pb2.Layer.SerializeToString,
             ),
             'TrainStream': grpc.stream_stream_rpc_method_handler(
@@ -577,6 +595,33 @@ class Normalization:
             target,
             '/normserve.v1.Normalization/SetState',
             normserve_dot_v1_dot_normalization__pb2.SetStateRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/normserve.v1.Normalization/Rollback',
+            normserve_dot_v1_dot_normalization__pb2.RollbackRequest.SerializeToString,
             normserve_dot_v1_dot_normalization__pb2.Layer.FromString,
             options,
             channel_credentials,

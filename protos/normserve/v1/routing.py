@@ -40,6 +40,7 @@ _NAMED_BY_NAME = frozenset(
         pb.DeleteLayerRequest,
         pb.GetStateRequest,
         pb.SetStateRequest,
+        pb.RollbackRequest,
     )
 )
 
