@@ -23,6 +23,7 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "UnknownArgument",
     "error_from_rpc",
 ]
 
@@ -51,8 +52,16 @@ class NormServeError(Exception):
         super().__init__(f"{method + ': ' if method else ''}{self.code.name}: {details}")
 
 
-class InvalidArgument(NormServeError):
+class InvalidArgument(NormServeError, ValueError):
+    """The server refused a request's arguments, or the client did before sending it (then ``method`` is "").
+
+    Also a ValueError, as Python's own argument checks are."""
+
     code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class UnknownArgument(InvalidArgument, TypeError):
+    """A keyword argument the call does not know (also a TypeError, as Python's own is)."""
 
 
 class NotFound(NormServeError):

@@ -241,9 +241,10 @@ class LayerOperations(protocol.LayerHandle, _Operations):
         return functools.partial(self._client.call, method, request, timeout)
 
     @operation
-    def refresh(self, *, timeout: float | None = None) -> Plan[pb.Layer]:
+    def refresh(self, *, timeout: float | None = None) -> Plan[protocol.LayerInfo]:
+        """Ask the server for the layer's description: ``.info`` becomes it, and it comes back as Python values."""
         self.info = yield self._call_step("GetLayer", pb.GetLayerRequest(name=self.name), timeout)
-        return self.info
+        return protocol.layer_info(self.info)
 
     @operation
     def train(

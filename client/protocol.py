@@ -6,6 +6,7 @@ retry policy, channel settings. Nothing here performs I/O; the methods themselve
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from normserve.client.errors import InvalidArgument, MalformedAnswer
+from normserve.client.errors import InvalidArgument, MalformedAnswer, UnknownArgument
 from normserve.v1 import codec, kinds, routing, wire
 from normserve.v1 import normalization_pb2 as pb
 
@@ -33,6 +34,7 @@ __all__ = [
     "AnswerAssembly",
     "ClientBase",
     "LayerHandle",
+    "LayerInfo",
     "Pem",
     "Request",
     "RetryPolicy",
@@ -43,6 +45,7 @@ __all__ = [
     "as_numpy",
     "channel_credentials",
     "check_answer",
+    "config_arguments",
     "expected_outputs",
     "forward_request",
     "gradient_request",
@@ -51,6 +54,7 @@ __all__ = [
     "health_status",
     "input_tensor",
     "layer_config",
+    "layer_info",
     "load_state_request",
     "next_page",
     "output_array",
@@ -95,6 +99,20 @@ _STATE_ORDER = ("weight", "bias", "running_mean", "running_var")  # PyTorch's st
 # Python argument (PyTorch's names) -> LayerConfig field.
 
 
+def _checks_arguments(function: Callable[..., Any]) -> Callable[..., Any]:
+    """A request builder whose refusals of the caller's arrays (the codec's TensorError) are InvalidArgument,
+    as every client-side check's."""
+
+    @functools.wraps(function)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except codec.TensorError as error:
+            raise InvalidArgument(str(error)) from None
+
+    return checked
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff for UNAVAILABLE on idempotent methods (``attempts`` counts the first try)."""
@@ -128,7 +146,7 @@ class SyncGroup:
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} must be in [0, world_size) = [0, {self.world_size})")
+            raise InvalidArgument(f"rank {self.rank} must be in [0, world_size) = [0, {self.world_size})")
 
     def at(self, step: int) -> SyncGroup:
         """This group at training step ``step``."""
@@ -153,7 +171,7 @@ def channel_credentials(
     """TLS credentials: ``ca_cert`` verifies the server (None: the system's roots); a client
     certificate and key (both or neither) answer a server that requires mutual TLS."""
     if (client_cert is None) != (client_key is None):
-        raise ValueError("client_cert and client_key go together: give both (mutual TLS) or neither")
+        raise InvalidArgument("client_cert and client_key go together: give both (mutual TLS) or neither")
     return grpc.ssl_channel_credentials(_pem(ca_cert), _pem(client_key), _pem(client_cert))
 
 
@@ -254,7 +272,9 @@ class ClientBase:
 
     def _new_region(self, name: str, byte_size: int, release: Callable[[], Any]) -> SharedMemoryRegion:
         if name in self._regions:
-            raise ValueError(f"this client already has a region named {name!r}; unregister it or pick another name")
+            raise InvalidArgument(
+                f"this client already has a region named {name!r}; unregister it or pick another name"
+            )
         return SharedMemoryRegion(name, byte_size, release)
 
     def _forget_regions(self, regions: Sequence[pb.SharedMemoryRegion]) -> None:
@@ -384,7 +404,7 @@ class SharedMemoryRegion:
         if offset is None:
             offset = -(-self._next // 64) * 64
         if offset < 0 or offset + nbytes > self.byte_size:
-            raise ValueError(
+            raise InvalidArgument(
                 f"an array of {nbytes} bytes at offset {offset} does not fit region {self.name!r} "
                 f"({self.byte_size} bytes); create a larger region"
             )
@@ -432,6 +452,8 @@ class LayerHandle:
     name = property(lambda self: self.info.name)
     kind = property(lambda self: _kind_name(self.info.config.kind))
     version = property(lambda self: self.info.version)
+    #: The layer's config as PyTorch's keyword arguments (and ``kind``, ``dtype``, ``device``).
+    config = property(lambda self: config_arguments(self.info.config))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, kind={self.kind!r}, version={self.version})"
@@ -468,7 +490,7 @@ class LayerHandle:
         if x is None:
             forward_id = forward_id or self.forward_id
             if forward_id is None:
-                raise ValueError(
+                raise InvalidArgument(
                     "gradient(None, dy) needs a kept forward: call train(x, keep_forward=True) first, "
                     "or pass x or forward_id"
                 )
@@ -511,10 +533,12 @@ def as_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
+@_checks_arguments
 def _wire_enum(wire_dtype: Any) -> int:
     return pb.DTYPE_UNSPECIFIED if wire_dtype is None else codec.dtype_enum(wire_dtype)
 
 
+@_checks_arguments
 def input_tensor(x: Any, wire_dtype: Any, regions: Sequence[SharedMemoryRegion]) -> tuple[pb.Tensor, Any, np.dtype]:
     """(Tensor header, its elements or None when they are in a shared-memory region, the caller's dtype).
 
@@ -546,7 +570,7 @@ def _output_place(out: Any, regions: Sequence[SharedMemoryRegion]) -> pb.SharedM
     ref = _reference(out, regions) if isinstance(out, np.ndarray) else None
     if ref is not None:
         return ref
-    raise ValueError(
+    raise InvalidArgument(
         "out must be an array in a shared-memory region of this client (client.create_shared_memory(...).array(...))"
     )
 
@@ -560,6 +584,7 @@ class Request:
     out: np.ndarray | None  # the caller's shared-memory array the server writes the result into
 
 
+@_checks_arguments
 def _request(
     message: Any, tensors: dict[str, tuple[pb.Tensor, Any]], dtype: np.dtype, out: Any, regions: Any
 ) -> Request:
@@ -618,24 +643,77 @@ def next_page(token: str, response: pb.ListLayersResponse) -> str:
     return following
 
 
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer's description as Python values (``RemoteLayer.refresh()``; the message itself is ``.info``)."""
+
+    name: str
+    kind: str
+    #: PyTorch's constructor arguments, every default resolved, plus ``dtype`` and ``device`` (``layer.config``).
+    config: dict[str, Any]
+    version: int
+    num_batches_tracked: int
+    param_shape: tuple[int, ...]
+    state_keys: tuple[str, ...]
+    #: Why the server could not restore the layer's stored state ("" for a layer that serves).
+    restore_error: str
+    #: How the training batches look to the layer (the LayerStats message: docs/service.md, Monitoring).
+    stats: pb.LayerStats
+
+
+def layer_info(layer: pb.Layer) -> LayerInfo:
+    config = config_arguments(layer.config)
+    return LayerInfo(
+        layer.name,
+        config["kind"],
+        config,
+        layer.version,
+        layer.num_batches_tracked,
+        tuple(layer.param_shape),
+        tuple(layer.state_keys),
+        layer.restore_error,
+        layer.stats,
+    )
+
+
+def config_arguments(config: pb.LayerConfig) -> dict[str, Any]:
+    """A LayerConfig as the keyword arguments :func:`layer_config` takes (its inverse), and ``kind``."""
+    kind = pb.Kind.Name(config.kind).lower() if config.kind in pb.Kind.values() else str(config.kind)
+    arguments: dict[str, Any] = {"kind": kind}
+    known = kinds.config_fields(kind) if kind in kinds.kind_names() else {}  # a newer server's kind: its name only
+    for field, arg in known.items():
+        if field == "normalized_shape":
+            arguments[arg] = tuple(config.normalized_shape)
+        elif field == "momentum" and config.cumulative_average:
+            arguments[arg] = None
+        elif config.DESCRIPTOR.fields_by_name[field].has_presence and not config.HasField(field):
+            arguments[arg] = None  # e.g. RMSNorm's eps=None: the compute dtype's epsilon
+        else:
+            arguments[arg] = getattr(config, field)
+    arguments["dtype"] = "float64" if config.param_dtype == pb.FLOAT64 else "float32"
+    arguments["device"] = config.device
+    return arguments
+
+
 def health_status(response: health_pb2.HealthCheckResponse) -> str:
     """``"SERVING"``, ``"NOT_SERVING"``, ... from a health check answer."""
     with reading_answer("Health/Check"):  # a status this client does not know is not one it can act on
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
+@_checks_arguments
 def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
     """A LayerConfig from PyTorch-style arguments: ``layer_config("group_norm", num_groups=4, num_channels=32)``."""
     try:
         config = pb.LayerConfig(kind=kinds.kind_enum(kind))
     except ValueError:
-        raise ValueError(f"unknown layer kind {kind!r}; choose one of {sorted(kinds.kind_names())}") from None
+        raise InvalidArgument(f"unknown layer kind {kind!r}; choose one of {sorted(kinds.kind_names())}") from None
     fields = {**kinds.argument_fields(), "device": "device"}
     for arg, value in kwargs.items():
         if arg == "dtype":
             config.param_dtype = codec.dtype_enum(value)
         elif arg not in fields:
-            raise TypeError(f"unexpected argument {arg!r} for a layer config; known: {sorted(fields)} + dtype")
+            raise UnknownArgument(f"unexpected argument {arg!r} for a layer config; known: {sorted(fields)} + dtype")
         elif arg == "momentum" and value is None:
             config.cumulative_average = True
         elif value is None:  # e.g. RMSNorm's eps=None: the server's default
@@ -667,6 +745,7 @@ def forward_request(
     return _request(message, {"x": (header, data)}, dtype, out, regions)
 
 
+@_checks_arguments
 def train_options(
     message: Any,
     sync: SyncGroup | None = None,
@@ -706,7 +785,7 @@ class StepSums(NamedTuple):
 def _float64(values: Any, what: str) -> np.ndarray:
     array = as_numpy(values).astype(np.float64, copy=False).reshape(-1)
     if not array.size:
-        raise ValueError(f"{what} is empty: give one value per group")
+        raise InvalidArgument(f"{what} is empty: give one value per group")
     return array
 
 
@@ -824,6 +903,7 @@ def state_dict(state: pb.LayerState, layer: pb.Layer) -> dict[str, np.ndarray]:
     return result
 
 
+@_checks_arguments
 def load_state_request(
     name: str, state: Mapping[str, Any], strict: bool, expected_version: int | None
 ) -> pb.SetStateRequest:

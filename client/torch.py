@@ -29,10 +29,19 @@ twice. An eval forward after a change sends them once with a SetState first
 state to the server at once.
 
 SyncBatchNorm. Give a :class:`~normserve.client.SyncGroup` (``sync_group=``)
-to the batch norm modules of each data-parallel worker: their training
-forwards and backwards become steps of that group, numbered by the module's
-own count of training forwards (:attr:`RemoteNorm.sync_step`), so every rank
-must run the same number of them, as with DistributedDataParallel.
+to the batch norm modules of each data-parallel worker, or under
+torch.distributed a process group (``process_group=``: ``"world"`` or a group;
+:func:`sync_group_of` makes one id for all its ranks, new for every run):
+their training forwards and backwards become steps of that group, numbered by
+the module's own count of training forwards (:attr:`RemoteNorm.sync_step`), so
+every rank must run the same number of them, as with DistributedDataParallel
+(:func:`realign_sync_steps` realigns ranks that did not).
+
+Copies and compiling. A copy of a module (``copy.deepcopy``, pickle,
+``torch.save``) is its torch twin with the module's current state: it computes
+locally and never changes the server's layer (EMA and SWA copies, teachers,
+snapshots); convert it again to put it on a server. Under ``torch.compile``
+each module's forward is a graph break (it calls the server).
 
 Two modes. ``mode="tensors"`` (the default) is the above: x and dy travel,
 the server computes. ``mode="statistics"`` keeps the tensors with the
@@ -52,6 +61,8 @@ compute (a trainer without torch kernels for its device, or to offload).
 from __future__ import annotations
 
 import functools
+import re
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -61,7 +72,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from normserve.client.errors import FailedPrecondition, ResourceExhausted
+from normserve.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
 from normserve.client.protocol import SyncGroup
 
 __all__ = [
@@ -80,6 +91,8 @@ __all__ = [
     "RemoteRMSNorm",
     "convert_to_local",
     "convert_to_remote",
+    "realign_sync_steps",
+    "sync_group_of",
 ]
 
 _PARAMETERS = ("weight", "bias")
@@ -89,7 +102,7 @@ MODES = ("tensors", "statistics")
 EXISTING = ("refuse", "adopt", "overwrite")
 
 
-class ExistingLayerError(RuntimeError):
+class ExistingLayerError(AlreadyExists, RuntimeError):
     """Converting a module would replace a server layer's different, trained state (see ``existing=``)."""
 
 
@@ -120,12 +133,17 @@ class RemoteNorm(nn.Module):
         client: Any,
         name: str,
         sync_group: SyncGroup | None = None,
+        process_group: Any = None,
         remote_device: str | None = None,
         mode: str = "tensors",
         **kwargs: Any,
     ) -> None:
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+            raise InvalidArgument(f"mode must be one of {MODES}, got {mode!r}")
+        if process_group is not None:
+            if sync_group is not None:
+                raise InvalidArgument("give sync_group= or process_group=, not both (process_group= makes the group)")
+            sync_group = sync_group_of(process_group)
         super().__init__()
         twin = self.torch_class(*args, **kwargs)
         for attribute in self.torch_class.__constants__:
@@ -138,7 +156,7 @@ class RemoteNorm(nn.Module):
         for key, buffer in twin.named_buffers(recurse=False):
             self.register_buffer(key, buffer)
         if self._affine_has_bias and self.weight is not None and self.bias is None:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{type(self).__name__}: bias=False is not supported: the server's {self.kind} layers have "
                 "both a weight and a bias when affine"
             )
@@ -165,7 +183,7 @@ class RemoteNorm(nn.Module):
         config = self._constructor_args(self)  # the server takes torch's argument names
         dtype = _dtype_of(self)
         if dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{type(self).__name__}: the server keeps parameters in float32 or float64, not {dtype}; "
                 "build the module in one of those (inputs may still be float16 or bfloat16)"
             )
@@ -233,6 +251,10 @@ class RemoteNorm(nn.Module):
                 target.copy_(torch.as_tensor(np.asarray(value)).to(target.device))
 
     # ------------------------------------------------------------------ compute
+    # torch.compile: the whole forward is one graph break. It makes service calls and keeps Python state that
+    # must change once per call (step numbers, the parameters last sent, buffers mirrored from the answer);
+    # Dynamo must not trace it, and the layers around it still compile (docs/pytorch.md, "Training jobs").
+    @torch.compiler.disable
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
         unbatched = x.dim() == getattr(self, "_no_batch_dim", -1)
@@ -336,7 +358,7 @@ class RemoteNorm(nn.Module):
         converting the same model) never conflict.
         """
         if existing not in EXISTING:
-            raise ValueError(f"existing must be one of {EXISTING}, got {existing!r}")
+            raise InvalidArgument(f"existing must be one of {EXISTING}, got {existing!r}")
         factory = {"device": None, "dtype": _dtype_of(module)}
         remote = cls(**cls._constructor_args(module), **factory, client=client, name=name, **options)
         server = remote.state_dict() if remote.remote.version > 1 else None  # pulled: the server's state
@@ -351,8 +373,8 @@ class RemoteNorm(nn.Module):
                 raise ExistingLayerError(
                     f"the server's layer {name!r} already has a history (version {remote.remote.version}) and its "
                     f"{', '.join(differ)} differ from the module's; nothing was changed. Pass existing='adopt' to "
-                    "continue from the server's state, existing='overwrite' to replace it with the module's, or "
-                    "another prefix"
+                    "continue from the server's state (resuming from a checkpoint: adopt, then load_state_dict), "
+                    "existing='overwrite' to replace it with the module's, or another prefix (or none: new names)"
                 )
         remote.push()
         return remote
@@ -361,9 +383,24 @@ class RemoteNorm(nn.Module):
         """The local torch twin: this module's parameters, and the server's running statistics."""
         self.send_parameters()
         self.pull()
+        return self._local_twin()
+
+    def _local_twin(self) -> nn.Module:
+        """The torch twin holding this module's own Parameter objects and buffers (no call)."""
         module = self.torch_class(**self._constructor_args(self), dtype=_dtype_of(self))
         _adopt(module, self)
         return module
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        """A copy (``copy.deepcopy``, pickle, ``torch.save``) is the torch twin with this module's current
+        parameters and mirrored buffers: it computes locally and can never change this module's server layer
+        (an EMA or SWA copy, a teacher, a snapshot). ``convert_to_remote`` puts a copy on a server again."""
+        return _copied, (self._local_twin(),)  # pickle or deepcopy copy the twin itself, then _copied returns it
+
+
+def _copied(module: nn.Module) -> nn.Module:
+    """A copy of a remote module, unpickled or deep-copied: its torch twin (see RemoteNorm.__reduce_ex__)."""
+    return module
 
 
 class _RemoteFunction(torch.autograd.Function):
@@ -538,18 +575,94 @@ REMOTE_TWINS: dict[type[nn.Module], type[RemoteNorm]] = {
 }
 
 
-def convert_to_remote(model: nn.Module, client: Any, prefix: str = "", **options: Any) -> nn.Module:
+def convert_to_remote(model: nn.Module, client: Any, prefix: str | None = None, **options: Any) -> nn.Module:
     """Swap every torch normalization layer of ``model`` for its remote twin; returns the model.
 
     Layers are named ``prefix`` + their module path (``"encoder.layers.0.norm1"``),
     keep their Parameter objects (an optimizer made before still works) and
-    copy their state to the server. ``options`` go to every twin
-    (``sync_group=``, ``remote_device=``, ``mode=``, ``existing=``: see
-    :meth:`RemoteNorm.from_torch`; a layer that already has a different, trained
-    state on the server is refused by default). Like ``convert_sync_batchnorm``, a
-    model that is itself a normalization layer comes back converted.
+    copy their state to the server. Without a prefix the names are new ones,
+    ``<ModelClass>-<8 random hex digits>.<path>``, so that two models never
+    share a layer by accident; give a prefix to find the layers again (resume
+    a run, serve a trained model). ``options`` go to every twin
+    (``sync_group=``, ``process_group=``, ``remote_device=``, ``mode=``,
+    ``existing=``: see :meth:`RemoteNorm.from_torch`; a layer that already has a
+    different, trained state on the server is refused by default).
+    ``process_group=`` (a torch.distributed group, or ``"world"``) makes the
+    batch norms one sync group of that process group's ranks
+    (:func:`sync_group_of`, one collective call): every rank converts, in the
+    same order. Like ``convert_sync_batchnorm``, a model that is itself a
+    normalization layer comes back converted.
     """
+    process_group = options.pop("process_group", None)
+    default = None if prefix is not None else _unique_name(model)
+    if process_group is not None:
+        if options.get("sync_group") is not None:
+            raise InvalidArgument("give sync_group= or process_group=, not both (process_group= makes the group)")
+        options["sync_group"], default = _agreed(process_group, default)
+    if default is not None:  # the lone layer is named by the unique name itself
+        return _convert(model, "", lambda module, path: _to_remote(module, client, _joined(default, path), options))
     return _convert(model, "", lambda module, path: _to_remote(module, client, prefix + path, options))
+
+
+def _unique_name(model: nn.Module) -> str:
+    return f"{re.sub(r'[^A-Za-z0-9_]', '_', type(model).__name__)}-{uuid.uuid4().hex[:8]}"
+
+
+def _joined(base: str, path: str) -> str:
+    return f"{base}.{path}" if path else base
+
+
+#: ``process_group="world"``: torch.distributed's default group (what ``torch.nn.SyncBatchNorm`` uses by default).
+WORLD = "world"
+
+
+def sync_group_of(process_group: Any = WORLD) -> SyncGroup:
+    """This rank's :class:`SyncGroup` in an initialized torch.distributed process group (default: the world).
+
+    Rank and world size are the process group's; the id is made by the group's
+    rank 0 and broadcast, so every rank has the same one, and every call (so
+    every run, and every restarted attempt of a run) a new one: a new
+    attempt's steps never meet an earlier attempt's. A collective call: every
+    rank of the group makes it, in the same order (as it builds its model).
+    """
+    return _agreed(process_group, None)[0]
+
+
+def _agreed(process_group: Any, proposal: str | None) -> tuple[SyncGroup, str | None]:
+    """(This rank's SyncGroup of ``process_group``, rank 0's ``proposal``): one broadcast from rank 0."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise InvalidArgument(
+            "process_group= needs torch.distributed initialized first (torch.distributed.init_process_group, "
+            "as every torchrun worker calls it); without it, give sync_group=SyncGroup(id, world_size, rank)"
+        )
+    group = dist.group.WORLD if process_group == WORLD else process_group
+    rank, world_size = dist.get_rank(group), dist.get_world_size(group)
+    if rank < 0:
+        raise InvalidArgument("this process is not a member of the process_group it gave")
+    agreed = [f"torch-{uuid.uuid4().hex[:16]}", proposal] if rank == 0 else [None, None]
+    dist.broadcast_object_list(agreed, src=dist.get_global_rank(group, 0), group=group)
+    return SyncGroup(agreed[0], world_size=world_size, rank=rank), agreed[1]
+
+
+def realign_sync_steps(model: nn.Module, process_group: Any = WORLD) -> None:
+    """Give every rank's synchronized batch norms the same step numbers again (a collective call).
+
+    After a rank ran a training forward the others did not (a validation pass
+    left in train mode), the server fails the steps the ranks wait in at
+    different numbers (ABORTED, naming each rank's step); calling this on every
+    rank then moves each layer's :attr:`RemoteNorm.sync_step` to the highest any
+    rank has reached, above every step used, and training goes on.
+    """
+    import torch.distributed as dist
+
+    modules = [m for m in model.modules() if isinstance(m, RemoteNorm) and m.sync_group is not None]
+    group = dist.group.WORLD if process_group == WORLD else process_group
+    ranks: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(ranks, [m.sync_step for m in modules], group=group)  # any backend, any device
+    for module, *steps in zip(modules, *ranks, strict=True):
+        module.sync_step = max(steps)
 
 
 def convert_to_local(model: nn.Module) -> nn.Module:
@@ -562,7 +675,10 @@ def _to_remote(module: nn.Module, client: Any, name: str, options: Mapping[str, 
     if twin is None:
         return None
     if not name:
-        raise ValueError("converting a lone normalization layer needs a prefix: it is the layer's name on the server")
+        raise InvalidArgument(
+            "converting a lone normalization layer with prefix='' leaves it no name: give a prefix (its name on "
+            "the server), or none (a new name)"
+        )
     return twin.from_torch(module, client, name, **options)
 
 

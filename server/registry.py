@@ -649,13 +649,7 @@ class Registry:
                 raise _recreated(key.layer)
             return await finish([part for _, part in parts], owner)
 
-        result = await self.sync.join(
-            key,
-            sync,
-            (owner, part),
-            finish_one_layer,
-            lambda waiting: self._within(waiting, deadline, f"the other ranks of {key.group!r}", phase="sync"),
-        )
+        result = await self.sync.join(key, sync, (owner, part), finish_one_layer, deadline)
         return part, result
 
     async def _publish(

@@ -232,8 +232,11 @@ def test_unsupported_configs_say_so(client, layer_name):
         remote.RemoteBatchNorm1d(3, bias=False, client=client, name=layer_name)
     with pytest.raises(ValueError, match="float32 or float64"):
         remote.RemoteLayerNorm(3, dtype=torch.float16, client=client, name=layer_name)
-    with pytest.raises(ValueError, match="needs a prefix"):
-        remote.convert_to_remote(nn.BatchNorm1d(3), client)
+    with pytest.raises(ValueError, match="leaves it no name"):
+        remote.convert_to_remote(nn.BatchNorm1d(3), client, prefix="")
+    unnamed = [remote.convert_to_remote(nn.BatchNorm1d(3), client) for _ in range(2)]  # new names, no collision
+    assert unnamed[0].layer_name.startswith("BatchNorm1d-")
+    assert unnamed[0].layer_name != unnamed[1].layer_name
     lone = remote.convert_to_remote(nn.BatchNorm1d(3), client, prefix=layer_name)
     assert isinstance(lone, remote.RemoteBatchNorm1d)
     assert lone.layer_name == layer_name
