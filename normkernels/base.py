@@ -381,13 +381,19 @@ class _NormBase:
         }
 
     def _check_finite(self, stats: core.Moments, where: str = "its statistics") -> None:
+        if getattr(stats, "checked_finite", False):  # the kernel that computed them checked them
+            return
         xp = self.xp
         finite = xp.isfinite(stats.var).all() and (stats.mean is None or xp.isfinite(stats.mean).all())
         if not bool(finite):
-            raise NonFiniteError(
-                "the training batch contains NaN or Inf (or values so large that "
-                f"{where} overflow): it was rejected and the layer's running statistics are unchanged"
-            )
+            raise self._non_finite(where)
+
+    @staticmethod
+    def _non_finite(where: str) -> NonFiniteError:
+        return NonFiniteError(
+            "the training batch contains NaN or Inf (or values so large that "
+            f"{where} overflow): it was rejected and the layer's running statistics are unchanged"
+        )
 
     def _after_training_batch(self, stats: core.Moments, n: int) -> core.Moments | None:
         """Refuse a non-finite batch, then update the running statistics (all or nothing).
@@ -395,22 +401,32 @@ class _NormBase:
         ``n`` values stand behind each statistic. Returns the per-channel batch
         statistics folded in (None without running statistics).
         """
-        self._check_finite(stats)
         if not self.track_running_stats:
+            self._check_finite(stats)
             return None
         # Per-instance statistics (instance norm) are averaged over the batch.
         channels = self.running_mean.shape[0]
-        mean = stats.mean.reshape(-1, channels).sum(axis=0)
-        var = stats.var.reshape(-1, channels).sum(axis=0)
         rows = stats.var.size // channels
-        var_scale = 1.0 / rows if self.biased_running_var else n / ((n - 1) * rows)
-        mean, var = mean * (1.0 / rows), var * var_scale
+        var_scale = 1.0 / rows if self.biased_running_var else n / ((n - 1) * rows) if n > 1 else math.inf
         batches = self.num_batches_tracked + 1 if self._counts_batches else self.num_batches_tracked
         factor = self._update_factor(batches)
-        running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(self.dtype, copy=False)
-        running_var = ((1.0 - factor) * self.running_var + factor * var).astype(self.dtype, copy=False)
-        # Finite in the compute dtype may still overflow the state's dtype (float64 x into float32 stats).
-        self._check_finite(core.Moments(running_mean, running_var), f"the running statistics in {self.dtype}")
+        where = f"the running statistics in {self.dtype}"
+        # The compiled CPU path folds the checks and the update into one call (None where it cannot).
+        fold = getattr(self._math, "track_running", None)
+        folded = None if fold is None else fold(stats, self.running_mean, self.running_var, rows, var_scale, factor)
+        if folded is not None:
+            status, running_mean, running_var, mean, var = folded
+            if status:
+                raise self._non_finite("its statistics" if status == 1 else where)
+        else:
+            self._check_finite(stats)
+            mean = stats.mean.reshape(-1, channels).sum(axis=0)
+            var = stats.var.reshape(-1, channels).sum(axis=0)
+            mean, var = mean * (1.0 / rows), var * var_scale
+            running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(self.dtype, copy=False)
+            running_var = ((1.0 - factor) * self.running_var + factor * var).astype(self.dtype, copy=False)
+            # Finite in the compute dtype may still overflow the state's dtype (float64 x into float32 stats).
+            self._check_finite(core.Moments(running_mean, running_var), where)
         if batches > MAX_BATCHES_TRACKED:
             raise StateDictError(f"num_batches_tracked is at its limit ({MAX_BATCHES_TRACKED}); reset it with SetState")
         self.running_mean, self.running_var = running_mean, running_var

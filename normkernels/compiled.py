@@ -54,6 +54,7 @@ from normkernels import core, fused
 from normkernels.backend import Array
 
 __all__ = [
+    "CheckedMoments",
     "CpuLauncher",
     "WarmUp",
     "backend",
@@ -67,6 +68,7 @@ __all__ = [
     "moments",
     "set_threads",
     "threads",
+    "track_running",
     "warm_up",
 ]
 
@@ -85,9 +87,14 @@ PARALLEL_MIN_BYTES = 256 << 10
 _SHORT_LINE = 64
 #: ... when a period has at most this many elements.
 _MAX_PERIOD = 1 << 16
-#: Reductions over lines shorter than this run per column, on tiles of about this many elements.
+#: From this many bytes touched, a kernel splits its work into SPLITS_PER_THREAD chunks per thread,
+#: handed out one at a time (cpu_kernels: on a shared machine, a thread that lost its core holds up one).
+BALANCE_MIN_BYTES = 4 << 20
+SPLITS_PER_THREAD = 4
+#: Reductions over lines shorter than this run per column, on tiles of about this many elements
+#: (128 KiB of float32: the tile stays in L2 for its second pass).
 _COLUMNS_BELOW = 64
-_TILE = 8192
+_TILE = 32768
 _TILE_WIDTH = 1024
 
 
@@ -325,10 +332,22 @@ def _launcher() -> CpuLauncher | None:
 
 # --------------------------------------------------------------------------- the launcher
 def _chunks(items: int, nbytes: int, most: int) -> int:
-    """How many ranges of ``items`` run in parallel: one below PARALLEL_MIN_BYTES, else one per thread."""
-    if nbytes < PARALLEL_MIN_BYTES:
+    """How many ranges of ``items`` run in parallel: one below PARALLEL_MIN_BYTES, one per thread below
+    BALANCE_MIN_BYTES, else SPLITS_PER_THREAD per thread."""
+    if nbytes < PARALLEL_MIN_BYTES or most == 1:
         return 1
-    return max(1, min(items, most))
+    return max(1, min(items, most if nbytes < BALANCE_MIN_BYTES else most * SPLITS_PER_THREAD))
+
+
+def _run(kernel: Any, *args: Any) -> Any:
+    """``kernel(*args)``, whose last argument is its chunk count: several chunks go to the threads one at
+    a time (numba's chunk size 1, for this call on this thread), not as one static range per thread."""
+    if args[-1] == 1:
+        return kernel(*args)
+    import numba
+
+    with numba.parallel_chunksize(1):
+        return kernel(*args)
 
 
 @functools.lru_cache(maxsize=64)
@@ -343,8 +362,8 @@ def _vector(a: Array | None, n: int, fill: float, dtype: np.dtype) -> np.ndarray
     """``a`` as the kernels take it (1-D, contiguous, the compute dtype), or ``n`` times ``fill`` when absent."""
     if a is None:
         return _constant(fill, n, dtype)
-    if a.ndim == 1 and a.dtype == dtype and a.flags.c_contiguous:  # the usual case, at a third of the cost
-        return a
+    if a.dtype == dtype and a.flags.c_contiguous:  # the usual case, at a third of the cost
+        return a if a.ndim == 1 else a.reshape(-1)
     return np.ascontiguousarray(a.reshape(-1), dtype=dtype)
 
 
@@ -399,13 +418,13 @@ class CpuLauncher:
             nseg = -(-K // k.SEGMENT)
             parts = np.empty((A * B * nseg, 4), np.float64)
             chunks = _chunks(A * B * nseg, nbytes, self.sm_count)
-            k.reduce_rows(x, g, int(has_g), A, B, K, nseg, parts, out, chunks)
+            _run(k.reduce_rows, x, g, int(has_g), A, B, K, nseg, parts, out, chunks)
         else:
             width = min(B * K, _TILE_WIDTH)
             R = max(1, _TILE // width)
             parts = np.empty((-(-A // R) * B * K, 4), np.float64)
             chunks = _chunks(-(-A // R) * -(-(B * K) // width), nbytes, self.sm_count)
-            k.reduce_cols(x, g, int(has_g), A, B, K, R, width, parts, out, chunks)
+            _run(k.reduce_cols, x, g, int(has_g), A, B, K, R, width, parts, out, chunks)
         return out
 
     @staticmethod
@@ -422,13 +441,20 @@ class CpuLauncher:
         dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
         stats = self._statistics(g, o, dtype)
         bias = _vector(o.get("bias"), g.params, 0.0, dtype)
-        _kernels.normalize(
-            x.reshape(-1), y.reshape(-1), *g[:8], *stats, bias, _chunks(g.lines, 2 * x.nbytes, self.sm_count)
+        _run(
+            _kernels.normalize,
+            x.reshape(-1),
+            y.reshape(-1),
+            *g[:8],
+            *stats,
+            bias,
+            _chunks(g.lines, 2 * x.nbytes, self.sm_count),
         )
 
     def grad_input(self, x: Array, dy: Array, dx: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
         dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
-        _kernels.grad_input(
+        _run(
+            _kernels.grad_input,
             x.reshape(-1),
             dy.reshape(-1),
             dx.reshape(-1),
@@ -440,9 +466,11 @@ class CpuLauncher:
             _chunks(g.lines, 3 * x.nbytes, self.sm_count),
         )
 
-    def forward_lines(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
+    def forward_lines(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> int:
+        """As the CUDA launcher's; returns how many statistics written are NaN or Inf."""
         dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
-        _kernels.forward_lines(
+        return _run(
+            _kernels.forward_lines,
             x.reshape(-1),
             y.reshape(-1),
             g.lines,
@@ -473,7 +501,8 @@ class CpuLauncher:
         g = _lines(ew, imap)
         chunks = _chunks(g.lines, 3 * x.nbytes, self.sm_count)
         dw, db = np.zeros((chunks, g.params), dtype), np.zeros((chunks, g.params), dtype)
-        _kernels.backward_lines(
+        _run(
+            _kernels.backward_lines,
             x.reshape(-1),
             dy.reshape(-1),
             dx.reshape(-1),
@@ -502,14 +531,64 @@ def _compute(a: Array, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
+class CheckedMoments(core.Moments):
+    """Batch statistics that the kernel which computed them found finite (the layer need not check again)."""
+
+    __slots__ = ()
+    checked_finite = True
+
+
 def forward_train(
     xv: Array, plan: core.Plan, weight: Array | None, bias: Array | None, eps: float, dtype: np.dtype
 ) -> tuple[Array, core.Moments]:
     """As :func:`core.forward_train`."""
-    launcher = _launcher()
+    launcher = _LAUNCHER[0] if _warm is not None else _launcher()
     if launcher is None:
         return core.forward_train(xv, plan, weight, bias, eps, dtype)
-    return fused.forward_train(_compute(xv, dtype), plan, weight, bias, eps, dtype, launcher=launcher)
+    xv = _compute(xv, dtype)
+    geo = fused.geometry(plan, launcher.sm_count)
+    if geo is None:
+        return fused.forward_train(xv, plan, weight, bias, eps, dtype, launcher=launcher)
+    # fused.forward_train's launches, without its array-module and layout checks (xv is this module's
+    # own: contiguous, in the compute dtype): small inputs are bound by them.
+    ew, imap, y = geo.elementwise, geo.train_map, fused._output(xv)
+    moments: type[core.Moments] = core.Moments
+    if geo.per_line_forward:  # one kernel call, which checks the statistics too
+        mean, var = np.empty(ew.lines, dtype), np.empty(ew.lines, dtype)
+        o = {"center": plan.center, "mean_out": mean, "var_out": var}
+        if not launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o):
+            moments = CheckedMoments
+    else:
+        mean, var = fused.batch_moments(launcher, geo, plan, xv, dtype)
+        launcher.normalize(xv, y, ew, imap, mean=mean, var=var, eps=eps, weight=weight, bias=bias, dtype=dtype)
+    return y, moments(mean.reshape(plan.stat_shape) if plan.center else None, var.reshape(plan.stat_shape))
+
+
+def track_running(
+    stats: core.Moments, running_mean: Array, running_var: Array, rows: int, var_scale: float, factor: float
+) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """A training batch's checks and running-statistics update in one compiled call (see
+    ``cpu_kernels.track_running``): ``(status, running_mean, running_var, batch_mean, batch_var)``,
+    status 0 (done), 1 (the batch's statistics are not finite) or 2 (the new running statistics
+    are not). None where the layer's NumPy update must run instead: the statistics are in another
+    dtype than the running ones (float64 data into float32 state), or the kernels are off."""
+    mean, var = stats.mean, stats.var
+    dtype = running_mean.dtype
+    if _warm is None or mean is None or not (mean.dtype == var.dtype == running_var.dtype == dtype):
+        return None
+    channels = running_mean.size
+    out = np.empty((4, channels), dtype)
+    status = _kernels.track_running(
+        _vector(mean, mean.size, 0.0, dtype),
+        _vector(var, var.size, 0.0, dtype),
+        1.0 / rows,
+        float(var_scale),
+        float(factor),
+        _vector(running_mean, channels, 0.0, dtype),
+        _vector(running_var, channels, 0.0, dtype),
+        out,
+    )
+    return status, out[0], out[1], out[2], out[3]
 
 
 def forward_eval(

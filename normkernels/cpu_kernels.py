@@ -385,6 +385,16 @@ def _tile(x, g, has_g, rows, width, stride, parts):
         parts[j, 3] = cg[j] - cs[j] / n * sg[j]
 
 
+@_helper
+def _non_finite(a):
+    """How many elements of ``a`` are NaN or Inf."""
+    count = 0
+    for i in range(a.size):
+        if not np.isfinite(a[i]):
+            count += 1
+    return count
+
+
 # --------------------------------------------------------------------------- ranges of work
 # The per-line kinds' fused ranges work a block of lines (BLOCK elements, in cache) at a time: the
 # block's statistics, then its outputs, where they branch on pdiv once and pass it on as a constant.
@@ -555,10 +565,60 @@ def _merge_groups(parts, G1, B, G2, len1, step1, len2, step2, out):
         out[3, b] = co
 
 
+@_serial
+def _merge_tile_rows(parts, G1, W, A, R, cols):
+    """Per column j: merge ``parts[tr * W + j]`` over the tile rows tr (R rows each, A in all) into ``cols[:, j]``.
+
+    Every column of a tile row holds as many rows, so the merge factors are one per tile row and the
+    loop over the columns vectorizes (Chan's formula, as :func:`_merge`).
+    """
+    for j in range(W):
+        for f in range(4):
+            cols[f, j] = parts[j, f]
+    n = min(R, A)
+    for tr in range(1, G1):
+        nb = min(R, A - tr * R)
+        total = n + nb
+        f = nb / total
+        g = n * f
+        row = parts[tr * W : (tr + 1) * W]
+        mean, m2, sg, co = cols[0], cols[1], cols[2], cols[3]
+        for j in range(W):
+            mb = row[j, 0]
+            delta = mb - mean[j]
+            new = mean[j] + delta * f
+            m2[j] = m2[j] + row[j, 1] + delta * delta * g
+            co[j] = co[j] + row[j, 3] + (mean[j] - new) * sg[j] + (mb - new) * row[j, 2]
+            sg[j] = sg[j] + row[j, 2]
+            mean[j] = new
+        n = total
+
+
+@_serial
+def _merge_columns(cols, B, K, A, out):
+    """Per group b: merge its K columns ``cols[:, b * K + k]`` (A rows each) into ``out[:, b]``."""
+    for b in range(B):
+        n = 0
+        mean = 0.0
+        m2 = 0.0
+        sg = 0.0
+        co = 0.0
+        for k in range(K):
+            j = b * K + k
+            n, mean, m2, sg, co = _merge(n, mean, m2, sg, co, A, cols[0, j], cols[1, j], cols[2, j], cols[3, j])
+        out[0, b] = mean
+        out[1, b] = m2 / n
+        out[2, b] = sg
+        out[3, b] = co
+
+
 # --------------------------------------------------------------------------- kernels
 # Each splits its work into ``chunks`` contiguous ranges that run in parallel. One chunk runs on the
 # calling thread without entering numba's parallel loop: that saves 1.4 us a call, as much as a
-# small input's whole kernel takes.
+# small input's whole kernel takes. With more chunks than threads (large inputs), the caller sets
+# numba's chunk size to 1 (compiled._run), which hands them out one at a time: on a shared machine a
+# thread that lost its core holds up one chunk, not half of the work (numba's default splits the loop
+# into one static range per thread). Set inside a kernel, it would make the kernel uncacheable.
 @_kernel
 def normalize(x, y, lines, K, P, sdiv, smod, pmod, pmul, pdiv, mean, var, eps, w, b, chunks):
     """``y = (x - mean[s]) * rstd[s] * w[p] + b[p]``, rstd = 1/sqrt(var + eps).
@@ -617,13 +677,17 @@ def grad_input(x, dy, dx, lines, K, P, sdiv, smod, pmod, pmul, pdiv, mean, var, 
 
 @_kernel
 def forward_lines(x, y, lines, K, sdiv, smod, pmod, pmul, pdiv, w, b, eps, center, mean_out, var_out, chunks):
-    """Training forward of the per-line kinds: each line's statistics, then its output while it is in cache."""
+    """Training forward of the per-line kinds: each line's statistics, then its output while it is in cache.
+
+    Returns how many of the statistics written are NaN or Inf (the layer's check, without a pass of NumPy calls).
+    """
     if chunks == 1:
         _forward_lines(x, y, 0, lines, K, sdiv, smod, pmod, pmul, pdiv, w, b, eps, center, mean_out, var_out)
-        return
-    for c in prange(chunks):
-        l0, l1 = c * lines // chunks, (c + 1) * lines // chunks
-        _forward_lines(x, y, l0, l1, K, sdiv, smod, pmod, pmul, pdiv, w, b, eps, center, mean_out, var_out)
+    else:
+        for c in prange(chunks):
+            l0, l1 = c * lines // chunks, (c + 1) * lines // chunks
+            _forward_lines(x, y, l0, l1, K, sdiv, smod, pmod, pmul, pdiv, w, b, eps, center, mean_out, var_out)
+    return _non_finite(mean_out) + _non_finite(var_out)
 
 
 @_kernel
@@ -661,7 +725,8 @@ def reduce_rows(x, g, has_g, A, B, K, nseg, parts, out, chunks):
 def reduce_cols(x, g, has_g, A, B, K, R, WB, parts, out, chunks):
     """As :func:`reduce_rows` for short lines: x as an (A, B * K) matrix, reduced per column.
 
-    Tiles of R rows x WB columns give each column a partial state (``parts[tile_row * W + column]``).
+    Tiles of R rows x WB columns give each column a partial state (``parts[tile_row * W + column]``);
+    they merge per column over the tile rows (vectorized), then per group over its K columns.
     """
     W = B * K
     tiles = ((A + R - 1) // R) * ((W + WB - 1) // WB)
@@ -670,12 +735,46 @@ def reduce_cols(x, g, has_g, A, B, K, R, WB, parts, out, chunks):
     else:
         for c in prange(chunks):
             _reduce_tiles(x, g, has_g, A, W, R, WB, parts, c * tiles // chunks, (c + 1) * tiles // chunks)
-    _merge_groups(parts, (A + R - 1) // R, B, K, A, R, K, 1, out)
+    cols = np.empty((4, W), dtype=np.float64)
+    _merge_tile_rows(parts, (A + R - 1) // R, W, A, R, cols)
+    _merge_columns(cols, B, K, A, out)
+
+
+# --------------------------------------------------------------------------- running statistics
+@numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)  # no fastmath: NumPy's roundings
+def track_running(mean, var, mean_scale, var_scale, factor, running_mean, running_var, out):
+    """A training batch folded into the running statistics, with the layer's checks, in one call.
+
+    ``mean`` and ``var`` are the batch's statistics, ``rows`` per channel (instance norm: one per
+    sample) laid out as (rows, channels). Per channel: the batch mean and variance, ``sum(rows) *
+    mean_scale`` and ``sum(rows) * var_scale``, into ``out[2]`` and ``out[3]``; the new running mean
+    and variance, ``(1 - factor) * running + factor * batch``, into ``out[0]`` and ``out[1]``.
+    The same operations in the same order as the NumPy update in ``base._after_training_batch``.
+    Returns 1 when the batch's statistics hold NaN or Inf (nothing is written), 2 when the new
+    running statistics do (they overflow), else 0.
+    """
+    if _non_finite(mean) + _non_finite(var):
+        return 1
+    channels = running_mean.size
+    rows = var.size // channels
+    z = _zero_of(running_mean)
+    ms, vs, f, keep = _as(z, mean_scale), _as(z, var_scale), _as(z, factor), _as(z, 1.0 - factor)
+    for c in range(channels):
+        sm = mean[c]
+        sv = var[c]
+        for r in range(1, rows):
+            sm += mean[r * channels + c]
+            sv += var[r * channels + c]
+        out[2, c] = sm * ms
+        out[3, c] = sv * vs
+        out[0, c] = keep * running_mean[c] + f * out[2, c]
+        out[1, c] = keep * running_var[c] + f * out[3, c]
+    return 2 if _non_finite(out[0]) + _non_finite(out[1]) else 0
 
 
 # --------------------------------------------------------------------------- signatures
 #: Argument kinds: r/w read-only/writable 1-D arrays of the dtype, s a scalar of the dtype, i int64,
-#: F writable 2-D float64 (partial states), O writable 2-D of the dtype.
+#: F writable 2-D float64 (partial states), O writable 2-D of the dtype, d a float64 scalar.
 _ARGS = {
     "normalize": "rwiiiiiiiirrsrri",
     "grad_input": "rrwiiiiiiiirrsrrrii",
@@ -683,6 +782,7 @@ _ARGS = {
     "backward_lines": "rrwiiiiirsiOOi",
     "reduce_rows": "rriiiiiFOi",
     "reduce_cols": "rriiiiiiFOi",
+    "track_running": "rrdddrrO",
 }
 KERNELS = {name: globals()[name] for name in _ARGS}
 
@@ -695,6 +795,7 @@ def _signature(spec: str, dtype: types.Float) -> tuple:
         "i": types.int64,
         "F": types.Array(types.float64, 2, "C"),
         "O": types.Array(dtype, 2, "C"),
+        "d": types.float64,
     }
     return tuple(kinds[k] for k in spec)
 
