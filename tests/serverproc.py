@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from normserve.client import NormClient, NormServeError, RetryPolicy
+from normserve.tools import children
 from normserve.v1 import normalization_pb2 as pb
 
 NORMSERVE = str(Path(sys.executable).with_name("normserve"))
@@ -86,9 +87,8 @@ class ServerProcess:
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server-{self.starts}.log"
         command = self.command or [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
-            )
+            # Ends with the test run, however that ends (a timeout's SIGKILL included): see tools.children.
+            self.process = children.popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while (match := _LISTENING.search(self.log())) is None:
             if self.process.poll() is not None:

@@ -507,8 +507,9 @@ def _replica_list(text: str) -> tuple[str, ...]:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from normserve.tools import bench
+        from normserve.tools import bench, children
 
+        children.exit_on_signals()  # SIGTERM unwinds, stopping the servers it started
         bench.run(args)
     except ImportError as exc:
         print(f"normserve bench needs {exc.name}: from the clone, pip install -e '.[bench]'", file=sys.stderr)
@@ -802,7 +803,7 @@ def _cluster(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[st
 
     grace = _replica_flags(extra, environ).grace_period
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     try:
         cluster = Cluster(
