@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from serverproc import patience
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
@@ -17,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 def quick(script: str, *args: str) -> subprocess.CompletedProcess:
     """``benchmarks/<script> --quick ARGS``, which must succeed."""
     command = [sys.executable, str(SCRIPT.with_name(script)), "--quick", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=patience(30))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -62,7 +63,9 @@ def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) 
     proc = start_server("--shared-memory")
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     command = [NORMSERVE, "bench", "--target", proc.target, "--quick", "--json", str(out), "--plot", str(png)]
-    result = subprocess.run([*command, "--concurrency-seconds", "1"], capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [*command, "--concurrency-seconds", "1"], capture_output=True, text=True, timeout=patience(30)
+    )
     assert result.returncode == 0, result.stderr
     assert f"normserve {proc.target} vs echo" in result.stdout
     assert "bench: 90 of 90 rounds" in result.stderr  # progress, on stderr only
@@ -76,7 +79,7 @@ def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) 
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=600,
+        timeout=patience(30),
     )
     assert merged.returncode == 0, merged.stdout
     assert "\r" not in merged.stdout
@@ -125,7 +128,7 @@ def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: P
         [sys.executable, str(script), "--quick", "--json", str(out), "--plot", str(tmp_path / "gpu.png")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(60),
     )
     if missing:
         assert result.returncode == 2, result.stderr

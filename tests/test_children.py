@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import pytest
-from serverproc import NORMSERVE
+from serverproc import NORMSERVE, patience
 
 from normserve.tools.cluster import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
-#: Seconds a started tree may take to come up on a loaded machine: far more than it needs alone.
-STARTUP = 300.0
-#: Seconds its processes may take to end: a server's --grace-period (30 s) and then some.
-ENDING = 120.0
+#: Seconds a started tree may take to come up (a cluster of one replica: about 10 s alone).
+STARTUP = patience(10)
+#: Seconds its processes may take to end: at most a server's --grace-period (30 s) and its shutdown.
+ENDING = 30 + patience(3)
 
 
 def _stat(pid: int) -> list[str] | None:
@@ -116,7 +116,8 @@ def test_normserve_cluster_replicas_and_nginx_end_with_it(tmp_path, signum) -> N
     _nginx()
     port = free_port_block(2)
     command = [NORMSERVE, "cluster", "--replicas", "1", "--port", str(port), "--state-dir", str(tmp_path)]
-    process, _ = started([*command, "--workers", "1"], "normserve cluster: serving on")
+    command += ["--workers", "1", "--startup-timeout", str(min(600, STARTUP))]
+    process, _ = started(command, "normserve cluster: serving on")
     tree = descendants(process.pid)
     assert len(tree) >= 3  # the replica, nginx's master and its worker(s)
     assert ended(process, signum, tree) == []

@@ -13,13 +13,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serverproc import NORMSERVE, ServerProcess, env_variables
+from serverproc import NORMSERVE, ServerProcess, env_variables, patience
 
 from normserve.client import NormClient, ResourceExhausted
 
 
-def normserve(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def normserve(
+    *args: str, timeout: float | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")} | (env or {})
+    timeout = patience(6) if timeout is None else timeout  # a client command takes about a second alone
     return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=timeout, env=environ)
 
 
@@ -89,7 +92,7 @@ def _imported(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
     """``normserve ARGS`` run under ``python -X importtime``, and every module it imported."""
     command = [sys.executable, "-X", "importtime", "-m", "normserve.tools", *args]
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environ)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=patience(6), env=environ)
     modules = {
         line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
     }
@@ -134,17 +137,19 @@ def test_one_port_setting_reaches_the_server_and_the_client_commands(tmp_path) -
         root = Path(__file__).resolve().parents[1]
         venv = Path(sys.executable).parent.parent
         make = ["make", "-s", "-C", str(root), f"VENV={venv}", "-o", f"{venv}/.installed-serve"]
-        made = subprocess.run([*make, "health", f"PORT={port}"], capture_output=True, text=True, timeout=120)
+        made = subprocess.run([*make, "health", f"PORT={port}"], capture_output=True, text=True, timeout=patience(6))
         assert made.returncode == 0, made.stderr
         assert f":{port}: SERVING" in made.stdout
-        other = subprocess.run([*make, "health", f"PORT={port + 1}"], capture_output=True, text=True, timeout=120)
+        other = subprocess.run(
+            [*make, "health", f"PORT={port + 1}"], capture_output=True, text=True, timeout=patience(6)
+        )
         assert other.returncode != 0  # the setting is what reaches the command: another port finds no server
     finally:
         assert proc.stop() == 0
 
 
 def test_serve_refuses_a_busy_state_dir_and_a_bad_device(server, tmp_path) -> None:
-    result = normserve("serve", "--port", "0", "--state-dir", str(server.state_dir), timeout=60)
+    result = normserve("serve", "--port", "0", "--state-dir", str(server.state_dir))
     assert result.returncode == 1
     assert "in use by another normserve process" in result.stderr
     result = normserve("serve", "--port", "0", "--state-dir", str(tmp_path), "--device", "tpu:0")
@@ -238,7 +243,7 @@ def test_cli_commands_print_only_their_own_messages(start_server, tmp_path) -> N
     proc = start_server()
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=patience(6))
 
     tls = run("health", "--target", proc.target, "--tls", "--timeout", "5")
     assert tls.returncode == 1

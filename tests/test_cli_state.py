@@ -9,7 +9,7 @@ import threading
 
 import numpy as np
 import pytest
-from serverproc import ServerProcess
+from serverproc import ServerProcess, patience
 from test_cli import normserve
 
 from normserve.client import NormClient, NotFound
@@ -160,7 +160,7 @@ def test_backup_is_consistent_while_trains_run_and_restore_serves_it(tmp_path, r
             backups.append(dest)
         stop.set()
         for worker in workers:
-            worker.join(120)
+            worker.join(patience(30))
         assert errors == []
         busy = normserve("restore", str(backups[-1]), "--state-dir", str(proc.state_dir))
         assert busy.returncode == 1
