@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from serverproc import NORMSERVE, patience
 
+from normserve.tools import children
 from normserve.tools.cluster import free_port_block
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def survivors(tree: dict[int, str], timeout: float = ENDING) -> list[str]:
 
 def started(command: list[str], ready: str, **kwargs) -> tuple[subprocess.Popen, queue.Queue]:
     """``command`` running, once a line of its stdout contains ``ready`` (read on a thread: never blocks)."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+    process = children.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
     deadline, seen = time.monotonic() + STARTUP, []
@@ -127,7 +128,7 @@ def test_the_cluster_benchmark_leaves_nothing_behind_on_sigterm(tmp_path) -> Non
     """benchmarks/cluster.py once ignored SIGINT and, after SIGTERM, left a replica, nginx and 8 clients."""
     _nginx()
     command = [sys.executable, str(ROOT / "benchmarks" / "cluster.py"), "--quick", "--json", str(tmp_path / "c.json")]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = children.popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline, tree = time.monotonic() + STARTUP, {}
     while len(tree) < 8 + 3 and process.poll() is None:  # its 8 clients beside a replica and nginx
         assert time.monotonic() < deadline, f"the benchmark's clients did not start within {STARTUP:g} s"

@@ -24,6 +24,7 @@ from test_replicas import refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
 from normserve.client import AsyncNormClient, NormClient, NotFound, RetryPolicy, Unavailable
+from normserve.tools import children
 from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
@@ -333,7 +334,7 @@ def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tm
     port = free_port_block(3)
     (tmp_path / "replica-3").mkdir()  # left by an earlier cluster of 3
     command = [NORMSERVE, "cluster", "--replicas", "2", "--port", str(port), "--state-dir", str(tmp_path)]
-    process = subprocess.Popen(
+    process = children.popen(  # with its replicas and nginx, it ends with the test run, however that ends
         [*command, "--workers", "1", "--startup-timeout", str(min(600, patience(12)))],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
