@@ -9,10 +9,13 @@ PY     := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 TEST_STAMP  := $(VENV)/.installed-test
 
-# `make serve` settings; e.g. `make serve PORT=50052 SERVE_ARGS='--device cuda'`.
-HOST       ?= 127.0.0.1
-PORT       ?= 50051
-STATE_DIR  ?= ./normserve-state
+# `make serve` settings; e.g. `make serve PORT=50052 SERVE_ARGS='--device cuda'`. The same PORT (and HOST)
+# reach the client commands: `make health PORT=50052`, `make layers PORT=50052`. Each defaults to its
+# NORMSERVE_* variable, which `normserve serve` and the client commands read too: export NORMSERVE_PORT=50052
+# once, and `make serve`, `normserve health` and `normserve layers` all use that port.
+HOST       ?= $(or $(NORMSERVE_HOST),127.0.0.1)
+PORT       ?= $(or $(NORMSERVE_PORT),50051)
+STATE_DIR  ?= $(or $(NORMSERVE_STATE_DIR),./normserve-state)
 SERVE_ARGS ?=
 # `make cluster` settings: REPLICAS replicas on PORT+1.., nginx on PORT, e.g. `make cluster REPLICAS=4`.
 REPLICAS          ?= 2
@@ -36,7 +39,7 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CXX ?= g++
 CUDA_SIM_TESTS := tests/test_cudasim.py tests/test_fused.py -k "cpu or edge or walk or cudasim"
 
-.PHONY: serve cluster test lint bench protos clean gpu-wheels gpu-check node-deps cuda-sim-ubsan cuda-sim-tsan
+.PHONY: serve health layers cluster test lint bench protos clean gpu-wheels gpu-check node-deps cuda-sim-ubsan cuda-sim-tsan
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +55,10 @@ $(TEST_STAMP): pyproject.toml | $(PY)
 
 serve: $(SERVE_STAMP)
 	$(VENV)/bin/normserve serve --host $(HOST) --port $(PORT) --state-dir $(STATE_DIR) $(SERVE_ARGS)
+
+# The client commands, pointed where `make serve` (or `make cluster`'s nginx) listens by the same settings.
+health layers: $(SERVE_STAMP)
+	NORMSERVE_HOST=$(HOST) NORMSERVE_PORT=$(PORT) $(VENV)/bin/normserve $@
 
 # Layer-sharded replicas behind nginx on this host (deploy/nginx/README.md); needs nginx (see the top).
 cluster: $(SERVE_STAMP)

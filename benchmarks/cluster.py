@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from normserve.client import NormClient
-from normserve.tools import bench
+from normserve.tools import bench, children
 from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx
 
@@ -84,8 +84,9 @@ def _no() -> None:
 
 
 # ---------------------------------------------------------------------- throughput
-def _client(target: str, ready: Any, seconds: float, results: Any) -> None:
+def _client(target: str, ready: Any, seconds: float, results: Any, parent: int) -> None:
     """One client process: once all are warm (``ready``), Infer round-robin over the layers for ``seconds``."""
+    children.end_with_parent(parent)  # a killed benchmark leaves no client behind
     x = np.random.default_rng(os.getpid()).normal(size=SHAPE).astype(np.float32)
     with NormClient(target, timeout=60) as nc:
         layers = [nc.layer(f"load.{i}") for i in range(LAYERS)]
@@ -106,7 +107,10 @@ def throughput(target: str, server_pids: list[int], nginx_pids: list[int], secon
             nc.create_layer(f"load.{i}", "batch_norm", num_features=bench.CHANNELS)
     spawn = multiprocessing.get_context("spawn")  # gRPC channels and fork do not mix
     results, ready = spawn.Queue(), spawn.Barrier(CLIENTS + 1)
-    clients = [spawn.Process(target=_client, args=(target, ready, seconds, results)) for _ in range(CLIENTS)]
+    clients = [
+        spawn.Process(target=_client, args=(target, ready, seconds, results, os.getpid()), daemon=True)
+        for _ in range(CLIENTS)
+    ]
     for process in clients:
         process.start()
     ready.wait(timeout=120)
@@ -159,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0, help="length of each throughput run")
     parser.add_argument("--json", type=Path, default=OUT / "cluster.json")
     args = parser.parse_args(argv)
+    children.exit_on_signals()  # SIGTERM and SIGHUP unwind as Ctrl-C does: the clusters stop, then the clients
     try:
         find_nginx()
     except NginxMissing as missing:

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from normserve.server.store import StateStore
-from normserve.tools import bench
+from normserve.tools import bench, children
 
 OUT = Path(__file__).parent / "out"
 
@@ -52,6 +52,7 @@ def main() -> None:
     bench.add_arguments(parser.add_argument)
     parser.set_defaults(json=OUT / "service.json", plot=OUT / "service.png")
     args = parser.parse_args()
+    children.exit_on_signals()  # SIGTERM unwinds: the servers bench.run started stop
     report = bench.run(args)
     writes = measure_store_writes(20 if args.quick else 300)
     print(

@@ -45,6 +45,7 @@ from torch import nn
 
 from normserve.client import NormClient, SyncGroup
 from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d
+from normserve.tools import children
 from normserve.tools.bench import Echo, alternate, echo_server, normserve_server
 
 OUT = Path(__file__).parent / "out"
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=OUT / "training.json")
     parser.add_argument("--plot", type=Path, default=OUT / "training.png")
     args = parser.parse_args(argv)
+    children.exit_on_signals()  # SIGTERM unwinds: the servers it started stop
     torch.set_num_threads(os.cpu_count() or 1)
     with echo_server() as echo_target, normserve_server() as target:
         print(f"median ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")

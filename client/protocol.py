@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import grpc
-import ml_dtypes
 import numpy as np
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -399,7 +398,7 @@ class SharedMemoryRegion:
     def array(self, shape: int | Sequence[int], dtype: Any = np.float32, *, offset: int | None = None) -> np.ndarray:
         """A C-contiguous array in the region, at ``offset`` or after the arrays made so far (64-byte aligned)."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
-        dtype = np.dtype(dtype)
+        dtype = codec.as_dtype(dtype)
         nbytes = math.prod(shape) * dtype.itemsize
         if offset is None:
             offset = -(-self._next // 64) * 64
@@ -526,7 +525,7 @@ def as_numpy(x: Any) -> np.ndarray:
 
         tensor = x.detach().cpu()
         if tensor.dtype == torch.bfloat16:  # NumPy has no bfloat16; ml_dtypes does
-            return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return tensor.view(torch.int16).numpy().view(codec.as_dtype("bfloat16"))
         return tensor.numpy()
     if module == "cupy":
         return x.get()

@@ -36,7 +36,7 @@ import sqlite3
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -48,7 +48,15 @@ try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
 except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
-__all__ = ["DATABASE_NAME", "DEFAULT_KEEP_VERSIONS", "KeptVersion", "StateStore", "StoreLocked", "StoredLayer"]
+__all__ = [
+    "DATABASE_NAME",
+    "DEFAULT_KEEP_VERSIONS",
+    "KeptVersion",
+    "StateStore",
+    "StoreLocked",
+    "StoredLayer",
+    "lock_directory",
+]
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +131,20 @@ class StoreLocked(RuntimeError):
     """Another process holds the state directory."""
 
 
+def lock_directory(directory: Path) -> IO[str]:
+    """Hold ``directory``'s LOCK exclusively (StoreLocked when another process does) until the file is closed."""
+    handle = open(directory / "LOCK", "a+")  # noqa: SIM115 - held open for as long as the lock is
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StoreLocked(
+                f"state dir {directory} is in use by another normserve process; stop it or pass a different --state-dir"
+            ) from None
+    return handle
+
+
 @dataclass(frozen=True)
 class StoredLayer:
     name: str
@@ -168,17 +190,7 @@ class StateStore:
         self._record_current_versions()
 
     def _acquire_directory_lock(self):
-        handle = open(self.directory / "LOCK", "a+")  # noqa: SIM115 - held open for the store's lifetime
-        if fcntl is not None:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                raise StoreLocked(
-                    f"state dir {self.directory} is in use by another normserve process; "
-                    "stop it or pass a different --state-dir"
-                ) from None
-        return handle
+        return lock_directory(self.directory)
 
     def _check_schema_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()

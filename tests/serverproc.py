@@ -12,10 +12,24 @@ from pathlib import Path
 from typing import Any
 
 from normserve.client import NormClient, NormServeError, RetryPolicy
+from normserve.tools import children
 from normserve.v1 import normalization_pb2 as pb
 
 NORMSERVE = str(Path(sys.executable).with_name("normserve"))
 _LISTENING = re.compile(r"listening on \S+:(\d+) ")
+
+
+def slowdown() -> float:
+    """How many times slower than alone this machine runs now: its load average per core, at least 1
+    (NORMSERVE_TEST_SLOWDOWN sets it)."""
+    given = os.environ.get("NORMSERVE_TEST_SLOWDOWN")
+    return float(given) if given else max(1.0, os.getloadavg()[0] / (os.cpu_count() or 1))
+
+
+def patience(seconds_alone: float) -> float:
+    """A wall-clock bound for what takes about ``seconds_alone`` on an idle 2-core machine: ten times that,
+    times the slowdown now. A bound catches a hang; it never fails a test for a busy machine."""
+    return 10 * seconds_alone * slowdown()
 
 
 def everything(stub) -> list[bytes]:
@@ -36,8 +50,9 @@ def env_variables(command: str) -> set[str]:
     return set(re.findall(r"\[env (NORMSERVE_[A-Z_]+)\]", " ".join(text.split())))
 
 
-def wait_serving(target: str, timeout: float = 30.0, **client: Any) -> None:
+def wait_serving(target: str, timeout: float | None = None, **client: Any) -> None:
     """Block until the health service at ``target`` answers SERVING (``client``: NormClient's TLS arguments)."""
+    timeout = patience(3) if timeout is None else timeout
     deadline = time.monotonic() + timeout
     with NormClient(target, retry=RetryPolicy(attempts=1), **client) as nc:
         while True:
@@ -81,15 +96,15 @@ class ServerProcess:
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 60.0, ready: bool = True) -> ServerProcess:
+    def start(self, timeout: float | None = None, ready: bool = True) -> ServerProcess:
         """Start, and wait until it listens and (``ready``) its health answers SERVING."""
+        timeout = patience(6) if timeout is None else timeout  # a start loads the cached kernels: seconds
         self.starts += 1
         self.log_path = self.state_dir.parent / f"{self.state_dir.name}-server-{self.starts}.log"
         command = self.command or [NORMSERVE, "serve", "--port", "0", "--state-dir", str(self.state_dir), *self.args]
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
-            )
+            # Ends with the test run, however that ends (a timeout's SIGKILL included): see tools.children.
+            self.process = children.popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env})
         deadline = time.monotonic() + timeout
         while (match := _LISTENING.search(self.log())) is None:
             if self.process.poll() is not None:
@@ -105,9 +120,10 @@ class ServerProcess:
     def log(self) -> str:
         return self.log_path.read_text() if self.log_path.exists() else ""
 
-    def log_lines(self, text: str, timeout: float = 10.0) -> list[str]:
+    def log_lines(self, text: str, timeout: float | None = None) -> list[str]:
         """The log lines containing ``text``, waiting for the first one (the server logs a failed call
         just after the client has its answer)."""
+        timeout = patience(1) if timeout is None else timeout
         deadline = time.monotonic() + timeout
         while not (lines := [line for line in self.log().splitlines() if text in line]):
             if time.monotonic() > deadline:
@@ -115,10 +131,10 @@ class ServerProcess:
             time.sleep(0.02)
         return lines
 
-    def stop(self, timeout: float = 60.0) -> int:
+    def stop(self, timeout: float | None = None) -> int:
         """SIGTERM and wait: the graceful shutdown a deployment does."""
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout)
+        return self.process.wait(patience(6) if timeout is None else timeout)
 
     def rss(self) -> int:
         """Bytes the server process holds in memory now."""
@@ -130,4 +146,4 @@ class ServerProcess:
     def kill(self) -> int:
         """SIGKILL: the crash the store must survive."""
         self.process.kill()
-        return self.process.wait(30)
+        return self.process.wait(patience(3))

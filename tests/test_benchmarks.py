@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from serverproc import patience
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 
@@ -16,7 +18,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kernels.py"
 def quick(script: str, *args: str) -> subprocess.CompletedProcess:
     """``benchmarks/<script> --quick ARGS``, which must succeed."""
     command = [sys.executable, str(SCRIPT.with_name(script)), "--quick", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=patience(30))
     assert result.returncode == 0, result.stderr
     return result
 
@@ -61,12 +63,58 @@ def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) 
     proc = start_server("--shared-memory")
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     command = [NORMSERVE, "bench", "--target", proc.target, "--quick", "--json", str(out), "--plot", str(png)]
-    result = subprocess.run([*command, "--concurrency-seconds", "1"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [*command, "--concurrency-seconds", "1"], capture_output=True, text=True, timeout=patience(30)
+    )
     assert result.returncode == 0, result.stderr
     assert f"normserve {proc.target} vs echo" in result.stdout
-    assert "round/s" in result.stderr or "round" in result.stderr  # the progress bar
+    assert "bench: 90 of 90 rounds" in result.stderr  # progress, on stderr only
+    assert "rounds" not in result.stdout
     _check_service_report(json.loads(out.read_text()))
     assert png.stat().st_size > 10_000
+
+    # Captured as one stream (`2>&1 | tee log`): each row of the table stays one whole line.
+    merged = subprocess.run(
+        [*command, "--concurrency-seconds", "0.2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=patience(30),
+    )
+    assert merged.returncode == 0, merged.stdout
+    assert "\r" not in merged.stdout
+    rows = [line for line in merged.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 2 + 6  # the header, its rule, 3 ops x 2 sizes
+    assert all(line.count("|") == 11 and line.endswith("|") for line in rows), rows
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_bench_plot_tick_labels_do_not_overlap(quick: bool) -> None:
+    from normserve.tools import bench
+
+    rng = np.random.default_rng(7)
+    sizes = [nbytes for nbytes, _ in (bench.QUICK if quick else bench.SIZES)]
+    names = ("bytes", "stream", "shm", "echo", "echo-stream")
+    rows = [
+        {"op": op, "x_bytes": nbytes, "ms": {n: float(nbytes / 1e6 * rng.uniform(0.5, 2) + 0.2) for n in names}}
+        for op in bench.OPS
+        for nbytes in sizes
+    ]
+    fig = bench.figure(rows)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels(which="both") if t.get_visible() and t.get_text()]
+            boxes = [t.get_window_extent(renderer) for t in labels]
+            overlapping = [
+                (labels[i].get_text(), labels[j].get_text())
+                for i in range(len(boxes))
+                for j in range(i + 1, len(boxes))
+                if boxes[i].overlaps(boxes[j])
+            ]
+            assert overlapping == [], ax.get_title()
+        assert [t.get_text() for t in ax.get_xticklabels()] == [bench._label(n) for n in sizes]
 
 
 def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: Path) -> None:
@@ -80,7 +128,7 @@ def test_gpu_benchmark_runs_on_a_gpu_and_refuses_cleanly_without_one(tmp_path: P
         [sys.executable, str(script), "--quick", "--json", str(out), "--plot", str(tmp_path / "gpu.png")],
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=patience(60),
     )
     if missing:
         assert result.returncode == 2, result.stderr

@@ -13,20 +13,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serverproc import NORMSERVE, ServerProcess, env_variables
+from serverproc import NORMSERVE, ServerProcess, env_variables, patience
 
 from normserve.client import NormClient, ResourceExhausted
 
 
-def normserve(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def normserve(
+    *args: str, timeout: float | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")} | (env or {})
+    timeout = patience(6) if timeout is None else timeout  # a client command takes about a second alone
     return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=timeout, env=environ)
 
 
 @pytest.mark.parametrize(
     ("command", "mentions"),
     [
-        ((), ["serve", "health", "layers", "cluster", "rebalance", "nginx-config"]),
+        ((), ["serve", "health", "layers", "cluster", "rebalance", "nginx-config", "describe", "delete", "export"]),
+        ((), ["import", "backup", "restore"]),
         (("cluster",), ["--replicas", "--port", "--state-dir", "--peer-timeout", "--proxy-timeout", "nginx-light"]),
         (("rebalance",), ["--replicas", "--nginx-config", "--drain", "--dry-run", "expected_version"]),
         (("serve",), ["--peers", "--peer-timeout"]),
@@ -61,19 +65,91 @@ def test_layers_lists_names_and_counts(server, layer_name) -> None:
         nc.create_layer(layer_name + ".b", "rms_norm", normalized_shape=[4, 2])
     result = normserve("layers", "--target", server.target, "--prefix", layer_name)
     assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert [line.split("\t")[:3] for line in lines] == [
-        [layer_name + ".a", "group_norm", "6"],
-        [layer_name + ".b", "rms_norm", "4x2"],
+    header, *lines = result.stdout.strip().splitlines()
+    assert header.split("\t") == ["NAME", "KIND", "SHAPE", "DEVICE", "VERSION", "BATCHES"]
+    assert [line.split("\t") for line in lines] == [
+        [layer_name + ".a", "group_norm", "6", "cpu", "1", "0"],
+        [layer_name + ".b", "rms_norm", "4x2", "cpu", "1", "0"],
     ]
     result = normserve("layers", "--target", server.target, "--prefix", layer_name + ".a", "--json")
     (record,) = [json.loads(line) for line in result.stdout.splitlines()]
-    assert record["config"]["num_groups"] == "2"  # proto JSON writes int64 as strings
-    assert record["version"] == "1"
+    assert record["config"]["num_groups"] == 2  # numbers, though proto3's JSON writes 64-bit integers as strings
+    assert record["version"] == 1
+    assert record["num_batches_tracked"] == 0  # shown though it is proto3's default
+    assert record["param_shape"] == [6]
+    empty = normserve("layers", "--target", server.target, "--prefix", layer_name + ".none")
+    assert empty.returncode == 0
+    assert empty.stdout == ""
+    assert f"no layers named {layer_name}.none*" in empty.stderr
+    assert normserve("layers", "--target", server.target, "--prefix", layer_name + ".none", "--json").stdout == ""
+
+
+#: What a client command must not load: the server, the kernels (numba), bfloat16 (ml_dtypes), torch.
+_SERVER_SIDE = ("normserve.server", "normkernels", "numba", "ml_dtypes", "torch")
+
+
+def _imported(*args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """``normserve ARGS`` run under ``python -X importtime``, and every module it imported."""
+    command = [sys.executable, "-X", "importtime", "-m", "normserve.tools", *args]
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("NORMSERVE_")}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=patience(6), env=environ)
+    modules = {
+        line.rpartition("|")[2].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "normserve.tools.cli" in modules, result.stderr[-2000:]
+    return result, modules
+
+
+@pytest.mark.parametrize("command", [(), ("health",), ("layers",), ("describe",), ("export",), ("delete",)])
+def test_help_loads_neither_the_server_nor_the_kernels(command) -> None:
+    """`normserve --help` and a client command's --help answer without the server stack (it took seconds)."""
+    result, modules = _imported(*command, "--help")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(m for m in modules if m.startswith(_SERVER_SIDE)) == []
+
+
+def test_health_and_layers_load_neither_the_server_nor_the_kernels(server) -> None:
+    """What a container HEALTHCHECK runs: the client, grpc and the messages; no numba, ml_dtypes or server."""
+    for command in ("health", "layers"):
+        result, modules = _imported(command, "--target", server.target)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "normserve.client" in modules
+        assert sorted(m for m in modules if m.startswith(_SERVER_SIDE)) == [], command
+    _, served = _imported("serve", "--help")  # the same measure sees the server where it is needed
+    assert "normserve.server.app" in served
+
+
+def test_one_port_setting_reaches_the_server_and_the_client_commands(tmp_path) -> None:
+    """NORMSERVE_PORT (what `make serve PORT=...` and `make health PORT=...` set) points serve and every client
+    command at one port, with no --port or --target given."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {"NORMSERVE_PORT": str(port), "NORMSERVE_HOST": "0.0.0.0"}  # a wildcard: the clients use 127.0.0.1
+    command = [NORMSERVE, "serve", "--state-dir", str(tmp_path / "state")]
+    proc = ServerProcess(tmp_path / "state", env=env, command=command).start()
+    try:
+        assert proc.port == port
+        for args in (("health",), ("layers",)):
+            result = normserve(*args, env=env)
+            assert result.returncode == 0, (args, result.stderr)
+        assert f"127.0.0.1:{port}: SERVING" in normserve("health", env=env).stdout
+        root = Path(__file__).resolve().parents[1]
+        venv = Path(sys.executable).parent.parent
+        make = ["make", "-s", "-C", str(root), f"VENV={venv}", "-o", f"{venv}/.installed-serve"]
+        made = subprocess.run([*make, "health", f"PORT={port}"], capture_output=True, text=True, timeout=patience(6))
+        assert made.returncode == 0, made.stderr
+        assert f":{port}: SERVING" in made.stdout
+        other = subprocess.run(
+            [*make, "health", f"PORT={port + 1}"], capture_output=True, text=True, timeout=patience(6)
+        )
+        assert other.returncode != 0  # the setting is what reaches the command: another port finds no server
+    finally:
+        assert proc.stop() == 0
 
 
 def test_serve_refuses_a_busy_state_dir_and_a_bad_device(server, tmp_path) -> None:
-    result = normserve("serve", "--port", "0", "--state-dir", str(server.state_dir), timeout=60)
+    result = normserve("serve", "--port", "0", "--state-dir", str(server.state_dir))
     assert result.returncode == 1
     assert "in use by another normserve process" in result.stderr
     result = normserve("serve", "--port", "0", "--state-dir", str(tmp_path), "--device", "tpu:0")
@@ -167,7 +243,7 @@ def test_cli_commands_print_only_their_own_messages(start_server, tmp_path) -> N
     proc = start_server()
 
     def run(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=60)
+        return subprocess.run([NORMSERVE, *args], capture_output=True, text=True, timeout=patience(6))
 
     tls = run("health", "--target", proc.target, "--tls", "--timeout", "5")
     assert tls.returncode == 1

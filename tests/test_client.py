@@ -33,6 +33,7 @@ from normserve.client import (
     protocol,
 )
 from normserve.client.protocol import IDEMPOTENT_METHODS, layer_config
+from normserve.tools import children
 from normserve.v1 import normalization_pb2 as pb
 
 
@@ -138,7 +139,7 @@ def test_idempotent_calls_retry_until_the_server_is_up(tmp_path) -> None:
         caller.start()
         time.sleep(1.0)  # the first attempts fail: nothing listens yet
         assert caller.is_alive()
-        server = subprocess.Popen(
+        server = children.popen(  # ends with the test run, however that ends
             [NORMSERVE, "serve", "--port", str(port), "--state-dir", str(tmp_path / "state")],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -21,12 +21,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serverproc import NORMSERVE
+from serverproc import NORMSERVE, patience
 from test_hardening_state import stored_layers
 from test_replicas import calls_about, refuses_misrouted_calls
 from test_sync_batchnorm import sync_steps_match_torch
 
 from normserve.client import AsyncNormClient, NormClient, NotFound, RetryPolicy, Unavailable
+from normserve.tools import children
 from normserve.tools.cluster import Cluster, free_port_block
 from normserve.tools.nginx import NginxMissing, Ring, find_nginx, replicas_in_config
 from normserve.tools.rebalance import rebalance
@@ -47,7 +48,7 @@ NO_RETRY = RetryPolicy(attempts=1)
 
 def start_cluster(replicas: int, state_dir, port: int | None = None) -> Cluster:
     cluster = Cluster(replicas, port or free_port_block(replicas + 1), state_dir, serve_args=("--workers", "1"))
-    cluster.start(timeout=120)
+    cluster.start(timeout=patience(12))
     return cluster
 
 
@@ -383,15 +384,16 @@ def test_rebalance_from_3_to_4_replicas_moves_the_expected_layers_while_trains_r
 
 
 def _normserve_rebalance(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([NORMSERVE, "rebalance", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([NORMSERVE, "rebalance", *args], capture_output=True, text=True, timeout=patience(30))
 
 
 # ---------------------------------------------------------------------- the commands
 def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tmp_path, rng) -> None:
     port = free_port_block(3)
     (tmp_path / "replica-3").mkdir()  # left by an earlier cluster of 3
-    process = subprocess.Popen(
-        [NORMSERVE, "cluster", "--replicas", "2", "--port", str(port), "--state-dir", str(tmp_path), "--workers", "1"],
+    command = [NORMSERVE, "cluster", "--replicas", "2", "--port", str(port), "--state-dir", str(tmp_path)]
+    process = children.popen(  # with its replicas and nginx, it ends with the test run, however that ends
+        [*command, "--workers", "1", "--startup-timeout", str(min(600, patience(12)))],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -410,7 +412,7 @@ def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tm
         pid = pids[int(victim.rsplit(":", 1)[1]) - port - 1]
         subprocess.run(["kill", "-9", str(pid)], check=True)
         assert "exited with -9; starting it again" in process.stdout.readline()
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + patience(6)
         with NormClient(front, retry=NO_RETRY) as nc:
             while True:  # back on its port, with its state
                 with contextlib.suppress(Unavailable):
@@ -421,7 +423,7 @@ def test_the_cluster_command_serves_restarts_a_dead_replica_and_stops_cleanly(tm
             assert nc.health() == "SERVING"
     finally:
         process.send_signal(signal.SIGTERM)
-        rest, _ = process.communicate(timeout=120)
+        rest, _ = process.communicate(timeout=30 + patience(6))
     assert process.returncode == 0, rest
     assert "stopping nginx, then the replicas" in rest
     assert not _running(pids)

@@ -23,6 +23,7 @@ from serverproc import NORMSERVE, ServerProcess, everything
 
 from normserve.server.errors import StateDirFull
 from normserve.server.store import StateStore, _out_of_space
+from normserve.tools import children
 from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
@@ -73,7 +74,7 @@ def _namespace_holder(mount: list[str], why_not_here: str) -> subprocess.Popen:
     """A process that holds a user and mount namespace of its own with ``mount`` done in it (or skip)."""
     script = f"{shlex.join(mount)} && echo mounted && exec sleep infinity"
     try:
-        holder = subprocess.Popen(
+        holder = children.popen(  # `sleep infinity` must not outlive the test run
             ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

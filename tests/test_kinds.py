@@ -114,3 +114,24 @@ def test_every_kind_serves_end_to_end(kind: str, client, layer_name: str, rng) -
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     for key, value in local.state_dict().items():
         np.testing.assert_allclose(remote.state_dict()[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_every_list_of_the_kinds_names_all_of_them() -> None:
+    """The summaries that name the kinds (the .proto header, the package, the README, `normserve --help`)
+    name every one: LayerNorm2d was once missing from two of them."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from serverproc import NORMSERVE
+
+    root = Path(__file__).resolve().parents[1]
+    proto = (root / "protos" / "normserve" / "v1" / "normalization.proto").read_text()
+    header = " ".join(line.lstrip("/ ") for line in proto.split("syntax")[0].splitlines())
+    description = re.search(r'^description = "(.*)"$', (root / "pyproject.toml").read_text(), re.M)[1]
+    readme = " ".join((root / "README.md").read_text().split("\n\n")[1].split())
+    classes = [cls.__name__ for cls in nk.KINDS.values()]
+    for text in (header, description, readme):
+        assert [name for name in classes if not re.search(rf"\b{name}\b", text)] == [], text
+    helped = " ".join(subprocess.run([NORMSERVE, "--help"], capture_output=True, text=True, check=True).stdout.split())
+    assert [name for name in kinds.kind_names() if not re.search(rf"\b{name}\b", helped)] == []

@@ -45,6 +45,7 @@ import numpy as np
 
 from normserve.client import NormClient, NormServeError
 from normserve.client.protocol import DEFAULT_STREAM_THRESHOLD
+from normserve.tools import children
 
 __all__ = ["Echo", "alternate", "echo_server", "main", "normserve_server", "running", "start_process"]
 
@@ -94,7 +95,7 @@ def start_process(command: list[str], pattern: str) -> tuple[subprocess.Popen, s
 
     The rest of its output is read (and dropped) on a thread, so a chatty process never blocks on a full pipe.
     """
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = children.popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         match = re.search(pattern, line)
         if match:
@@ -327,10 +328,23 @@ def summarize(rows: list[dict], concurrency: list[dict]) -> dict[str, Any]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def figure(rows: list[dict]) -> Any:
+    """Latency against payload, one panel per op, log axes; x ticks at the measured sizes, named as the
+    table names them, and no labels on minor ticks (on a short log range matplotlib labels those too, and
+    they overlapped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, NullFormatter, NullLocator
 
     fig, axes = plt.subplots(1, len(OPS), figsize=(5 * len(OPS), 4), sharey=True)
     for ax, op in zip(axes, OPS, strict=True):
@@ -341,13 +355,15 @@ def plot(rows: list[dict], path: Path) -> None:
                 style = "--" if name.startswith("echo") else "-"
                 ax.plot(sizes, [r["ms"][name] for r in ops], style, marker="o", label=name)
         ax.set(xscale="log", yscale="log", title=op, xlabel="x bytes")
+        ax.xaxis.set_major_locator(FixedLocator(sizes))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set_xticklabels([_label(size) for size in sizes], rotation=45, ha="right")
+        ax.yaxis.set_minor_formatter(NullFormatter())
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median latency (ms)")
     axes[0].legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 # ---------------------------------------------------------------------- command line
@@ -368,17 +384,15 @@ def add_arguments(add: Callable[..., Any]) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tqdm import tqdm
-
     sizes = QUICK if args.quick else SIZES
     with contextlib.ExitStack() as running_now:
         echo_target = running_now.enter_context(echo_server())
         target = args.target or running_now.enter_context(normserve_server("--shared-memory"))
         print(f"normserve {target} vs echo {echo_target}; x is (N, {CHANNELS}, L) float32; medians\n")
-        print(HEADER)
+        print(HEADER, flush=True)
         echo = Echo(echo_target)
-        with tqdm(total=sum(r for _, r in sizes) * len(OPS), unit="round", file=sys.stderr) as bar:
-            rows = measure_sizes(target, echo, sizes, _Progress(bar))
+        with _Progress(sum(r for _, r in sizes) * len(OPS)) as progress:
+            rows = measure_sizes(target, echo, sizes, progress)
         echo.channel.close()
         concurrency = [
             measure_concurrency(target, echo_target, nbytes, args.concurrency_seconds / (4 if args.quick else 1))
@@ -407,16 +421,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 class _Progress:
-    """A tqdm bar that rows are printed above."""
+    """Rounds done, on stderr; the table's rows on stdout. On a terminal, a tqdm bar that rows are printed
+    above; elsewhere (a log, a pipe, ``2>&1``) one whole line per row, so the bar's redraws never split a row."""
 
-    def __init__(self, bar: Any) -> None:
-        self._bar = bar
+    def __init__(self, total: int) -> None:
+        self._total, self._done = total, 0
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="round", file=sys.stderr)
+
+    def __enter__(self) -> _Progress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
     def __call__(self) -> None:
-        self._bar.update()
+        self._done += 1
+        if self._bar is not None:
+            self._bar.update()
 
     def write(self, line: str) -> None:
-        self._bar.write(line, file=sys.stdout)
+        if self._bar is not None:
+            self._bar.write(line, file=sys.stdout)
+            return
+        print(line, flush=True)
+        print(f"bench: {self._done} of {self._total} rounds", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser.add_argument)
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    children.exit_on_signals()
     if args.serve_echo:
         asyncio.run(_serve_echo())
         return 0

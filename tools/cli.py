@@ -8,7 +8,6 @@ wins over the variable. ``normserve <command> --help`` lists both.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import logging
@@ -17,17 +16,14 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from normserve.server import logs
-from normserve.server.app import ServerOptions, run
-from normserve.server.cluster_views import parse_peers
-from normserve.server.security import TlsFiles
-from normserve.server.servicer import Limits
+if TYPE_CHECKING:  # imported where used: a client command loads neither the server nor the kernels
+    from normserve.server.app import ServerOptions
 
-__all__ = ["ENV_PREFIX", "env_name", "main"]
+__all__ = ["ENV_PREFIX", "default_target", "env_name", "main"]
 
 ENV_PREFIX = "NORMSERVE_"
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -73,6 +69,8 @@ _peer_seconds = _number(float, 0, inclusive=False, maximum=60)
 
 
 def _peers(text: str) -> tuple[str, ...]:
+    from normserve.server.cluster_views import parse_peers
+
     try:
         return parse_peers(text)
     except ValueError as exc:
@@ -112,7 +110,11 @@ class _Options:
         return value
 
 
-def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
+def _serve_options(add: Callable[..., None]) -> None:
+    from normserve.server import logs
+    from normserve.server.app import ServerOptions
+
+    defaults = ServerOptions()
     add("--host", default=defaults.host, help="address to listen on (0.0.0.0 or :: for all)")
     add("--port", type=_port, default=defaults.port, help="port to listen on; 0 picks a free one")
     add("--device", default=defaults.device, help="default device of new layers: auto, cpu, cuda or cuda:<k>")
@@ -288,9 +290,26 @@ def _serve_options(add: Callable[..., None], defaults: ServerOptions) -> None:
     )
 
 
+#: serve's wildcard addresses, and the address on this host that reaches a server listening on one.
+_THIS_HOST = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1", "[::]": "::1"}
+
+
+def default_target(environ: Mapping[str, str]) -> str:
+    """Where ``normserve serve`` listens by the same environment: NORMSERVE_HOST (127.0.0.1 when unset or a
+    wildcard) and NORMSERVE_PORT (50051), so one setting points both the server and the client commands."""
+    host = environ.get(env_name("--host"), "").strip()
+    host = _THIS_HOST.get(host, host)
+    port = environ.get(env_name("--port"), "").strip() or "50051"
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
 def _client_options(add: Callable[..., None], environ: Mapping[str, str]) -> None:
-    default_target = f"127.0.0.1:{environ.get(env_name('--port'), '50051')}"
-    add("--target", default=default_target, help="server HOST:PORT (default: 127.0.0.1 and NORMSERVE_PORT or 50051)")
+    add(
+        "--target",
+        default=default_target(environ),
+        help="server HOST:PORT (default: serve's NORMSERVE_HOST, 127.0.0.1 when unset or a wildcard, and "
+        "NORMSERVE_PORT, 50051 when unset)",
+    )
     add("--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer")
     add("--tls", action="store_true", help="use TLS (implied by the --tls-* options)")
     add("--tls-ca", type=Path, help="PEM CA bundle that signed the server's certificate (default: system roots)")
@@ -300,10 +319,19 @@ def _client_options(add: Callable[..., None], environ: Mapping[str, str]) -> Non
     add("--token-file", type=Path, help="file whose first line is the bearer token to send")
 
 
-def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+def _parser(environ: Mapping[str, str], only: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the flags of those commands alone (the others keep their help line).
+
+    Building serve's flags imports the server (its defaults), bench's the client: ``main`` builds only the
+    command at hand, so ``normserve health`` and ``normserve --help`` load neither the server nor the kernels.
+    """
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
+
     parser = argparse.ArgumentParser(
         prog="normserve",
-        description="Normalization layers (BatchNorm, LayerNorm, InstanceNorm, GroupNorm, RMSNorm) served by name. "
+        description=f"Normalization layers ({', '.join(_kind_names())}) served by name. "
         "Every flag can also be set by the environment variable shown in brackets; flags win.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -313,20 +341,22 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
         description="Run the gRPC server until SIGTERM/SIGINT/SIGHUP; layer state persists in --state-dir. "
         "Every flag can also be set by the environment variable shown in brackets; flags win.",
     )
-    _serve_options(_Options(serve, environ).add, ServerOptions())
+    if wanted("serve"):
+        _serve_options(_Options(serve, environ).add)
 
     bench = commands.add_parser(
         "bench",
         help="time the service against a bare gRPC echo (needs the bench extra)",
         description="Time Train/Infer/Gradient over bytes, streams and shared memory against a bare gRPC "
-        "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table, "
-        "write JSON and a PNG plot. Without --target it starts a server of its own.",
+        "echo of the same bytes, for payloads from 4 KB to 64 MB and 8 concurrent clients; print a table "
+        "(progress goes to stderr), write JSON and a PNG plot. Without --target it starts a server of its own.",
     )
-    from normserve.tools.bench import add_arguments as bench_options
+    if wanted("bench"):
+        from normserve.tools.bench import add_arguments as bench_options
 
-    bench_options(_Options(bench, environ, "bench").add)
+        bench_options(_Options(bench, environ, "bench").add)
 
-    _cluster_parser(commands, environ)
+    _cluster_parser(commands, environ, wanted("cluster"))
     _rebalance_parser(commands, environ)
     nginx = commands.add_parser(
         "nginx-config",
@@ -340,34 +370,115 @@ def _parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
     add("--listen", type=_listen, default="50051", help="nginx's listen address: PORT or HOST:PORT")
     add("--proxy-timeout", **_PROXY_TIMEOUT)
 
-    for name, text in (("health", "exit 0 when the server is SERVING"), ("layers", "list the server's layers")):
+    for name, (text, own_options) in _CLIENT_COMMANDS.items():
         command = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         _client_options(_Options(command, environ).add, environ)
-        own = _Options(command, environ, name).add
-        if name == "health":
-            own("--service", default="", help="service to check; empty (default) means the whole server")
-        else:
-            own("--prefix", default="", help="only names starting with this")
-            own("--json", action="store_true", help="one JSON object per layer")
-    _rollback_parser(commands, environ)
+        own_options(command, _Options(command, environ, name).add)
+    _state_dir_parsers(commands, environ, wanted)
     return parser
 
 
-def _rollback_parser(commands: Any, environ: Mapping[str, str]) -> None:
-    text = "make a kept version's state a layer's state again (as a new version)"
-    rollback = commands.add_parser("rollback", help=text, description=text[0].upper() + text[1:] + ".")
-    _client_options(_Options(rollback, environ).add, environ)
-    rollback.add_argument("name", help="the layer's name")
-    rollback.add_argument(
+def _kind_names() -> list[str]:
+    """The kinds, as the wire names them (the proto's Kind enum: the one list of them)."""
+    from normserve.v1 import kinds
+
+    return kinds.kind_names()
+
+
+def _health_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    own("--service", default="", help="service to check; empty (default) means the whole server")
+
+
+def _layers_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    own("--prefix", default="", help="only names starting with this")
+    own("--json", action="store_true", help="one JSON object per layer (64-bit integers as JSON numbers)")
+
+
+def _describe_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    command.add_argument("name", help="the layer")
+    own("--json", action="store_true", help="one JSON object (the layer's description and a summary of its state)")
+
+
+def _delete_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    command.add_argument("name", help="the layer")
+    _confirm(command, "delete the layer and its state for good")
+
+
+def _export_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    from normserve.tools.state_files import FORMATS
+
+    command.add_argument("name", help="the layer")
+    command.add_argument("file", type=Path, help="where to write its state (.pt: torch.save; .npz: NumPy)")
+    own("--format", choices=FORMATS, help="the file's format (default: by its extension)")
+
+
+def _import_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    from normserve.tools.state_files import FORMATS
+
+    command.add_argument("name", help="the layer (it must exist: create it with the config `describe` shows)")
+    command.add_argument("file", type=Path, help="a state file: .pt (a torch state_dict) or .npz")
+    own("--format", choices=FORMATS, help="the file's format (default: by its extension)")
+
+
+def _rollback_options(command: argparse.ArgumentParser, own: Callable[..., None]) -> None:
+    command.add_argument("name", help="the layer's name")
+    command.add_argument(
         "version",
         type=_positive_int,
         help="the version to go back to: one of those the server keeps (the layer's oldest_version to version)",
     )
 
 
-def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
-    from normserve.tools.cluster import MAX_REPLICAS
+def _confirm(command: argparse.ArgumentParser, what: str) -> None:
+    """--yes, from the command line only: a confirmation that an environment variable gave would confirm nothing."""
+    command.add_argument("--yes", action="store_true", help=f"{what} (asked for: without it the command refuses)")
 
+
+#: The commands that ask a server: (their help line, their own flags); every one takes the client flags too.
+_CLIENT_COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser, Callable[..., None]], None]]] = {
+    "health": ("exit 0 when the server is SERVING", _health_options),
+    "layers": ("list the server's layers", _layers_options),
+    "describe": ("print one layer's config, version and a summary of its state", _describe_options),
+    "delete": ("delete a layer and its state (needs --yes)", _delete_options),
+    "export": ("write a layer's state to a file that torch.load (.pt) or NumPy (.npz) reads", _export_options),
+    "import": ("replace a layer's state with a file's (.pt or .npz), all or nothing", _import_options),
+    "rollback": ("make a kept version's state a layer's state again (as a new version)", _rollback_options),
+}
+
+
+def _state_dir_parsers(commands: Any, environ: Mapping[str, str], wanted: Callable[[str], bool]) -> None:
+    """backup and restore work on a state directory's database file, on the server's host."""
+
+    def state_dir(parser: argparse.ArgumentParser) -> None:
+        if wanted(parser.prog.split()[-1]):
+            from normserve.server.app import ServerOptions
+
+            help_text = "the server's state folder (serve's --state-dir)"
+            _Options(parser, environ).add("--state-dir", type=Path, default=ServerOptions().state_dir, help=help_text)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy the state database to a file, consistently, while the server runs",
+        description="Copy --state-dir's SQLite database to DEST with SQLite's online backup: a consistent "
+        "snapshot (every layer as of one committed write) taken while the server serves, without stopping "
+        "its writes. DEST is one self-contained file; `normserve restore` puts it back.",
+    )
+    backup.add_argument("dest", type=Path, help="the backup file to write (replaced atomically if it exists)")
+    state_dir(backup)
+    restore = commands.add_parser(
+        "restore",
+        help="put a backup back as a stopped server's state",
+        description="Replace --state-dir's database with the backup SRC. Refuses while a server holds the "
+        "state dir (stop it first) and, unless --yes, when the state dir holds layers already; the database "
+        "it replaces is kept beside it as normserve.sqlite3.before-restore-<time>. The backup is checked "
+        "(SQLite integrity, normserve schema) before anything changes.",
+    )
+    restore.add_argument("src", type=Path, help="a file `normserve backup` wrote")
+    state_dir(restore)
+    _confirm(restore, "replace a state dir that holds layers")
+
+
+def _cluster_parser(commands: Any, environ: Mapping[str, str], wanted: bool) -> None:
     cluster = commands.add_parser(
         "cluster",
         help="run N replicas behind nginx on this host (layers sharded by name)",
@@ -377,6 +488,10 @@ def _cluster_parser(commands: Any, environ: Mapping[str, str]) -> None:
         "stops nginx, then drains and stops the replicas. Any other flag is a `normserve serve` flag and goes to "
         "every replica (e.g. --workers 1 --sync normal). Needs nginx (apt-get install nginx-light).",
     )
+    if not wanted:
+        return
+    from normserve.tools.cluster import MAX_REPLICAS
+
     add = _Options(cluster, environ, "cluster").add
     add("--replicas", type=_number(int, 1, maximum=MAX_REPLICAS), default=2, help="replicas to run")
     add("--port", type=_number(int, 1, maximum=65534), default=50051, help="nginx's port; replica i uses PORT+i")
@@ -451,8 +566,9 @@ def _replica_list(text: str) -> tuple[str, ...]:
 
 def _bench(args: argparse.Namespace) -> int:
     try:
-        from normserve.tools import bench
+        from normserve.tools import bench, children
 
+        children.exit_on_signals()  # SIGTERM unwinds, stopping the servers it started
         bench.run(args)
     except ImportError as exc:
         print(f"normserve bench needs {exc.name}: from the clone, pip install -e '.[bench]'", file=sys.stderr)
@@ -461,6 +577,10 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _server_options(args: argparse.Namespace) -> ServerOptions:
+    from normserve.server.app import ServerOptions
+    from normserve.server.security import TlsFiles
+    from normserve.server.servicer import Limits
+
     if (args.tls_cert is None) != (args.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together: give both to serve TLS, or neither")
     if args.tls_client_ca is not None and args.tls_cert is None:
@@ -506,6 +626,11 @@ def _server_options(args: argparse.Namespace) -> ServerOptions:
 
 
 def _serve(options: ServerOptions, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from normserve.server import logs
+    from normserve.server.app import run
+
     logs.configure(args.log_level, args.log_format, args.debug_libraries)
     try:
         asyncio.run(run(options))
@@ -557,22 +682,168 @@ def _health(args: argparse.Namespace) -> int:
     return 0 if status == "SERVING" else 1
 
 
-def _layers(args: argparse.Namespace) -> int:
+def _message_dict(message: Any) -> dict[str, Any]:
+    """A message as a JSON object, every field shown and 64-bit integers as numbers (proto3's JSON mapping
+    writes them as strings, for JavaScript's sake; a person and ``jq`` read numbers)."""
     from google.protobuf import json_format
 
+    plain = json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(message.DESCRIPTOR, plain)
+
+
+def _numbers(descriptor: Any, plain: dict[str, Any]) -> dict[str, Any]:
+    for name, value in plain.items():
+        field = descriptor.fields_by_name.get(name)
+        if field is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if field.message_type is not None:
+            for item in values:
+                if isinstance(item, dict):  # not a well-known type that JSON writes as a string
+                    _numbers(field.message_type, item)
+        elif field.cpp_type in _INT64_TYPES:
+            plain[name] = [int(v) for v in value] if isinstance(value, list) else int(value)
+    return plain
+
+
+#: protobuf's C++ types of the 64-bit integer fields (int64, uint64, sint64, fixed64, sfixed64).
+_INT64_TYPES = (2, 4)  # FieldDescriptor.CPPTYPE_INT64, CPPTYPE_UINT64
+
+
+def _layer_row(layer: Any) -> str:
+    info = layer.info
+    if info.restore_error:
+        return f"{layer.name}\tUNRESTORABLE\t-\t-\t-\t-\t{info.restore_error}"
+    shape = "x".join(map(str, info.param_shape)) or "-"
+    return f"{layer.name}\t{layer.kind}\t{shape}\t{info.config.device}\t{layer.version}\t{info.num_batches_tracked}"
+
+
+_LAYER_HEADER = "NAME\tKIND\tSHAPE\tDEVICE\tVERSION\tBATCHES"
+
+
+def _layers(args: argparse.Namespace) -> int:
     layers = _ask(args, lambda client: client.list_layers(args.prefix))
+    if args.json:
+        for layer in layers:
+            print(json.dumps(_message_dict(layer.info)))
+        return 0
+    if not layers:
+        where = f" named {args.prefix}*" if args.prefix else ""
+        print(f"{args.target}: no layers{where}", file=sys.stderr)  # stdout stays a (headerless) empty table
+        return 0
+    print(_LAYER_HEADER)
     for layer in layers:
-        if args.json:
-            print(json.dumps(json_format.MessageToDict(layer.info, preserving_proto_field_name=True)))
-        elif layer.info.restore_error:
-            print(f"{layer.name}\tUNRESTORABLE\t{layer.info.restore_error}")
-        else:
-            config = layer.info.config
-            shape = "x".join(map(str, layer.info.param_shape))
-            print(
-                f"{layer.name}\t{layer.kind}\t{shape}\t{config.device}\tversion={layer.version}"
-                f"\tbatches={layer.info.num_batches_tracked}"
-            )
+        print(_layer_row(layer))
+    return 0
+
+
+def _state_summary(state: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    import numpy as np
+
+    summary = {}
+    for key, value in state.items():
+        array = np.asarray(value)
+        entry: dict[str, Any] = {"dtype": str(array.dtype), "shape": list(array.shape)}
+        if array.size and array.dtype.kind == "f":
+            values = array.astype(np.float64)
+            entry |= {"min": float(values.min()), "max": float(values.max()), "mean": float(values.mean())}
+        elif array.size:
+            entry["value"] = array.tolist()
+        summary[key] = entry
+    return summary
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from normserve.client import DataLoss
+
+    def question(client: Any) -> tuple[Any, dict[str, Any] | None]:
+        layer = client.layer(args.name)
+        try:
+            return layer.info, _state_summary(layer.state_dict())
+        except DataLoss:  # an unrestorable layer has no state to read; its description says why
+            return layer.info, None
+
+    info, state = _ask(args, question)
+    described = {"layer": _message_dict(info), "state": state}
+    if args.json:
+        print(json.dumps(described))
+        return 0
+    layer = described["layer"]
+    config = layer.pop("config")
+    print(f"name: {layer.pop('name')}")
+    print(f"kind: {config.pop('kind', 'kind_unspecified').lower()}")
+    print("config: " + " ".join(f"{k}={json.dumps(v)}" for k, v in config.items()))
+    for key in ("version", "num_batches_tracked", "param_shape", "state_keys", "restore_error"):
+        print(f"{key}: {json.dumps(layer.pop(key, None))}")
+    print("stats: " + " ".join(f"{k}={json.dumps(v)}" for k, v in layer.pop("stats", {}).items()))
+    print("state:" + ("" if state else " none (the layer could not be restored)"))
+    for key, entry in (state or {}).items():
+        shape = "x".join(map(str, entry.pop("shape"))) or "scalar"
+        print(
+            f"  {key}\t{entry.pop('dtype')}\t{shape}\t"
+            + " ".join(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items())
+        )
+    return 0
+
+
+def _delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        print(f"normserve delete: refusing to delete {args.name!r} and its state without --yes", file=sys.stderr)
+        return 2
+    deleted = _ask(args, lambda client: client.delete_layer(args.name))
+    print(f"deleted {deleted.name} (it was at version {deleted.version})")
+    return 0
+
+
+@contextlib.contextmanager
+def _failing_with(args: argparse.Namespace, *errors: type[Exception]) -> Iterator[None]:
+    """``errors`` raised in the block: one line on stderr and exit status 1."""
+    try:
+        yield
+    except errors as exc:
+        print(f"normserve {args.command}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _export(args: argparse.Namespace) -> int:
+    from normserve.tools.state_files import StateFileError, file_format, write_state
+
+    with _failing_with(args, StateFileError, OSError):
+        file_format(args.file, args.format)  # a bad name fails before the server is asked
+        state = _ask(args, lambda client: client.layer(args.name).state_dict())
+        kind = write_state(args.file, state, args.format)
+    print(f"wrote {args.name}'s state ({', '.join(state)}) to {args.file} ({kind})")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from normserve.tools.state_files import StateFileError, read_state
+
+    with _failing_with(args, StateFileError, OSError):
+        state = read_state(args.file, args.format)
+    info = _ask(args, lambda client: client.layer(args.name).load_state_dict(state))
+    print(f"loaded {args.file} into {args.name}: now at version {info.version}")
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from normserve.tools.backup import BackupError, backup
+
+    with _failing_with(args, BackupError, OSError):
+        copied = backup(args.state_dir, args.dest)
+    print(f"backed up {copied.layers} layer(s) from {args.state_dir} to {copied.path}")
+    return 0
+
+
+def _restore(args: argparse.Namespace) -> int:
+    from normserve.tools.backup import BackupError, restore
+
+    with _failing_with(args, BackupError, OSError):
+        copied = restore(args.src, args.state_dir, replace=args.yes)
+    kept = f"; the database it replaced is {copied.kept}" if copied.kept else ""
+    print(f"restored {copied.layers} layer(s) from {args.src} into {args.state_dir}{kept}")
     return 0
 
 
@@ -589,7 +860,7 @@ def _replica_flags(extra: Sequence[str], environ: Mapping[str, str]) -> argparse
     """``normserve cluster``'s flags for its replicas, checked as ``normserve serve`` checks them (a bad one
     exits 2 here, before anything starts); the ones the cluster sets itself are refused."""
     serve = argparse.ArgumentParser(prog="normserve cluster", description="replica flags")
-    _serve_options(_Options(serve, environ).add, ServerOptions())
+    _serve_options(_Options(serve, environ).add)
     flags = serve.parse_args(extra)
     own = [f"--{dest.replace('_', '-')}" for dest in _CLUSTER_SETS if getattr(flags, dest) != serve.get_default(dest)]
     if own:
@@ -607,7 +878,7 @@ def _cluster(args: argparse.Namespace, extra: Sequence[str], environ: Mapping[st
 
     grace = _replica_flags(extra, environ).grace_period
     stop = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda *_: stop.set())
     try:
         cluster = Cluster(
@@ -683,8 +954,9 @@ def _rebalance(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     environ = os.environ if environ is None else environ
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = _parser(environ)
+        parser = _parser(environ, only=[word for word in argv[:1] if not word.startswith("-")])
     except BadEnvironment as exc:
         print(f"normserve: error: {exc}", file=sys.stderr)
         return 2
@@ -703,6 +975,12 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         "health": _health,
         "layers": _layers,
         "rollback": _rollback,
+        "describe": _describe,
+        "delete": _delete,
+        "export": _export,
+        "import": _import,
+        "backup": _backup,
+        "restore": _restore,
         "bench": _bench,
         "rebalance": _rebalance,
         "nginx-config": _nginx_config,

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from normserve.client import NormClient, NormServeError, RetryPolicy
+from normserve.tools import children
 from normserve.tools.nginx import Nginx, find_nginx, http_config, main_config
 
 __all__ = ["MAX_REPLICAS", "REPLICA_HOST", "Cluster", "Replica", "free_port_block"]
@@ -189,7 +190,8 @@ class Cluster:
     def _spawn(self, replica: Replica) -> None:
         with open(replica.log_path, "a") as log:
             # Its own session: a Ctrl-C at the terminal reaches the cluster alone, which stops nginx first.
-            replica.process = subprocess.Popen(
+            # ... and the parent-death signal: it ends with the cluster, a SIGKILL of the cluster included.
+            replica.process = children.popen(
                 self._command(replica), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         replica.started = time.monotonic()

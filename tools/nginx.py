@@ -29,6 +29,8 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
+from normserve.tools import children
+
 __all__ = [
     "POINTS_PER_REPLICA",
     "UPSTREAM",
@@ -265,7 +267,8 @@ class Nginx:
         """Check the config, start nginx, and wait until it accepts connections on ``listen``."""
         self.check()
         with open(self.prefix / "nginx.out", "ab") as out:
-            self.process = subprocess.Popen(
+            # Its own session (Ctrl-C reaches its parent, which stops it gracefully), and it ends with its parent.
+            self.process = children.popen(
                 self._command("-g", "daemon off;"), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         deadline = time.monotonic() + timeout

@@ -9,10 +9,10 @@ buffer, and sent as a header plus an array.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from normserve.v1 import normalization_pb2 as pb
@@ -22,6 +22,7 @@ __all__ = [
     "WIRE_DTYPES",
     "TensorError",
     "TensorTooLarge",
+    "as_dtype",
     "check",
     "decode",
     "dtype_enum",
@@ -29,18 +30,47 @@ __all__ = [
     "outgoing",
 ]
 
-#: Element types of the wire, as little-endian NumPy dtypes.
-WIRE_DTYPES: dict[int, np.dtype] = {
-    pb.FLOAT32: np.dtype("<f4"),
-    pb.FLOAT64: np.dtype("<f8"),
-    pb.FLOAT16: np.dtype("<f2"),
-    pb.BFLOAT16: np.dtype(ml_dtypes.bfloat16),  # ml_dtypes' bfloat16 is little-endian on every platform we run
-}
-_ENUM_BY_DTYPE = {dtype.newbyteorder("="): enum for enum, dtype in WIRE_DTYPES.items()}
-_NAMES = ", ".join(pb.DType.Name(e) for e in WIRE_DTYPES)
+#: The wire's element types, in the order errors name them.
+_WIRE_ENUMS = (pb.FLOAT32, pb.FLOAT64, pb.FLOAT16, pb.BFLOAT16)
+_NAMES = ", ".join(pb.DType.Name(e) for e in _WIRE_ENUMS)
 _INT64_MAX = 2**63 - 1
 #: More dimensions than any normalization input has (PyTorch's own limit is 64).
 MAX_RANK = 32
+
+
+@functools.cache
+def _wire_dtypes() -> dict[int, np.dtype]:
+    """Element types of the wire, as little-endian NumPy dtypes (``WIRE_DTYPES``).
+
+    ml_dtypes (bfloat16) takes seconds to import on a busy machine, so the first tensor imports it, not
+    ``import normserve.client``: a command that sends no tensor (``normserve health``) never waits for it.
+    """
+    import ml_dtypes
+
+    dtypes = ("<f4", "<f8", "<f2", ml_dtypes.bfloat16)  # ml_dtypes' bfloat16 is little-endian on every platform
+    return {enum: np.dtype(dtype) for enum, dtype in zip(_WIRE_ENUMS, dtypes, strict=True)}
+
+
+@functools.cache
+def _enum_by_dtype() -> dict[np.dtype, int]:
+    return {dtype.newbyteorder("="): enum for enum, dtype in _wire_dtypes().items()}
+
+
+#: Element types of the wire, as little-endian NumPy dtypes: ``_wire_dtypes()``, bound at first use by __getattr__.
+WIRE_DTYPES: dict[int, np.dtype]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "WIRE_DTYPES":  # computed at first use (see _wire_dtypes), then an ordinary module global
+        globals()[name] = _wire_dtypes()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def as_dtype(dtype: Any) -> np.dtype:
+    """``np.dtype(dtype)``, knowing ``"bfloat16"`` (ml_dtypes') too."""
+    _wire_dtypes()  # registers bfloat16 with NumPy
+    return np.dtype(dtype)
 
 
 class TensorError(ValueError):
@@ -54,12 +84,13 @@ class TensorTooLarge(TensorError):
 def dtype_enum(dtype: Any) -> int:
     """The wire enum for a NumPy dtype (or dtype name such as ``"bfloat16"``)."""
     try:
-        key = np.dtype(dtype).newbyteorder("=")
+        key = as_dtype(dtype).newbyteorder("=")
     except TypeError:
         key = None
-    if key not in _ENUM_BY_DTYPE:
+    enums = _enum_by_dtype()
+    if key not in enums:
         raise TensorError(f"dtype {dtype!r} cannot go on the wire; use one of float32, float64, float16, bfloat16")
-    return _ENUM_BY_DTYPE[key]
+    return enums[key]
 
 
 def outgoing(array: Any, dtype: int | None = None) -> tuple[pb.Tensor, np.ndarray]:
@@ -70,9 +101,10 @@ def outgoing(array: Any, dtype: int | None = None) -> tuple[pb.Tensor, np.ndarra
     """
     array = np.asarray(array)
     enum = dtype_enum(array.dtype) if dtype is None or dtype == pb.DTYPE_UNSPECIFIED else dtype
-    if enum not in WIRE_DTYPES:
+    dtypes = _wire_dtypes()
+    if enum not in dtypes:
         raise TensorError(f"unknown wire dtype {enum}; use one of {_NAMES}")
-    data = np.ascontiguousarray(array, dtype=WIRE_DTYPES[enum])
+    data = np.ascontiguousarray(array, dtype=dtypes[enum])
     return pb.Tensor(dtype=enum, shape=data.shape), data
 
 
@@ -91,7 +123,7 @@ def check(
     max_bytes: int | None = None,
 ) -> tuple[np.dtype, tuple[int, ...], int]:
     """(dtype, shape, byte length) a Tensor header describes, checked against the limits."""
-    dtype = WIRE_DTYPES.get(tensor.dtype)
+    dtype = _wire_dtypes().get(tensor.dtype)
     if dtype is None:
         if tensor.dtype == pb.DTYPE_UNSPECIFIED:
             raise TensorError(f"{what}.dtype is not set; set it to one of {_NAMES}")

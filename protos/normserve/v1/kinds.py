@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import inspect
 
-import normkernels
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["COMMON_ARGUMENTS", "argument_fields", "config_fields", "kind_enum", "kind_names", "required_fields"]
@@ -35,6 +34,8 @@ def kind_enum(kind: str) -> int:
 @functools.cache
 def config_fields(kind: str) -> dict[str, str]:
     """LayerConfig field -> constructor argument, for the kind's own arguments."""
+    import normkernels  # here, not at the top: the kernels (numba) load only when a config is built or read
+
     names = normkernels.config_names(normkernels.KINDS[kind])
     return {_FIELD_OF_ARGUMENT.get(arg, arg): arg for arg in names if arg not in COMMON_ARGUMENTS}
 
@@ -42,6 +43,8 @@ def config_fields(kind: str) -> dict[str, str]:
 @functools.cache
 def required_fields(kind: str) -> tuple[str, ...]:
     """The LayerConfig fields a config of ``kind`` must set (arguments without a default)."""
+    import normkernels
+
     parameters = normkernels.config_parameters(normkernels.KINDS[kind])
     return tuple(f for f, arg in config_fields(kind).items() if parameters[arg].default is inspect.Parameter.empty)
 
