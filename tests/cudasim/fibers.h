@@ -305,8 +305,8 @@ NKSIM_RUNTIME void describe_waits(const char* what) {
         if (same) continue;
         char w[96];
         where(g.threads[start], w, sizeof w);
-        int n = snprintf(buf + used, sizeof buf - used, "%sthreads %d-%d %s", used ? "; " : "", start, i - 1, w);
-        if (n > 0) used += (size_t)n;
+        const int n = snprintf(buf + used, sizeof buf - used, "%sthreads %d-%d %s", used ? "; " : "", start, i - 1, w);
+        if (n > 0) used = std::min(used + (size_t)n, sizeof buf - 1);  // truncated past the buffer
         start = i;
     }
     fail("%s: %s", what, buf);
