@@ -39,7 +39,8 @@ NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 CXX ?= g++
 CUDA_SIM_TESTS := tests/test_cudasim.py tests/test_fused.py -k "cpu or edge or walk or cudasim"
 
-.PHONY: serve health layers cluster test lint bench protos clean gpu-wheels gpu-check node-deps cuda-sim-ubsan cuda-sim-tsan
+.PHONY: serve health layers cluster test lint bench protos clean gpu-wheels gpu-check node-deps \
+	cuda-sim-ubsan cuda-sim-tsan cuda-sim-mutants
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -107,12 +108,17 @@ gpu-check:
 cuda-sim-ubsan: $(TEST_STAMP)
 	NKSIM_FLAVOR=ubsan UBSAN_OPTIONS=print_stacktrace=1 $(PY) -m pytest -q $(CUDA_SIM_TESTS)
 
-# A data race between the threads of a block (a missing __syncthreads) in one order, first-in-first-out;
-# the self-tests' deliberate race is left out. TSan's runtime must be loaded before Python.
+# A data race between the threads of a block (a missing __syncthreads) in one order, first-in-first-out, on
+# a slice of the matrix (TSan is slow); the self-tests' deliberate race is left out. TSan's runtime must be
+# loaded before Python.
 cuda-sim-tsan: $(TEST_STAMP)
 	NKSIM_FLAVOR=tsan LD_PRELOAD="$$($(CXX) -print-file-name=libtsan.so)" \
-		TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0" $(PY) -m pytest -q -p no:faulthandler \
-		tests/test_fused.py -k "cpu-fifo or (edge and fifo) or (walk and fifo)"
+		TSAN_OPTIONS="halt_on_error=1 report_signal_unsafe=0 suppressions=tests/cudasim/tsan.supp" $(PY) -m pytest -q -p no:faulthandler -s \
+		tests/test_fused.py -k "float32-1-cpu-fifo or (edge and fifo) or (walk and fifo)"
+
+# Each __syncthreads of the kernels removed in turn, in a scratch copy: which thread orders catch it.
+cuda-sim-mutants: $(TEST_STAMP)
+	$(PY) tests/cudasim/mutants.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info $(NODE_DIR)/node_modules

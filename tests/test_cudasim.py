@@ -83,6 +83,11 @@ def test_a_deadlock_is_an_error_saying_where_each_thread_waits(kernel, message) 
         module().get_function(kernel)((1,), (64,), (np.zeros(64, np.float32),))
 
 
+def test_a_deadlock_of_many_groups_is_reported_in_part() -> None:
+    with pytest.raises(cudasim.LaunchError, match=r"deadlock: threads 0-0 wait .*; threads 1-1 wait"):
+        module().get_function("t_barrier_two_sites")((1,), (1024,), (np.zeros(1024, np.float32),))
+
+
 def test_shared_memory_starts_as_garbage_in_every_block() -> None:
     out = np.zeros(3 * 32, np.float32)
     module().get_function("t_shared_starts_as_garbage")((3,), (32,), (out,))

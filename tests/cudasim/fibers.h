@@ -42,7 +42,6 @@
 extern "C" {
 void* __tsan_get_current_fiber(void);
 void* __tsan_create_fiber(unsigned flags);
-void __tsan_destroy_fiber(void* fiber);
 void __tsan_switch_to_fiber(void* fiber, unsigned flags);
 void __tsan_acquire(void* addr);
 void __tsan_release(void* addr);
@@ -260,7 +259,11 @@ NKSIM_RUNTIME bool start_thread(Thread& t) {
     t.sp = sp;
 #endif
 #if NKSIM_TSAN
-    t.tsan_fiber = __tsan_create_fiber(0);
+    // One TSan fiber per thread slot, kept across blocks and launches (creating one costs system calls);
+    // blocks are ordered for TSan anyway.
+    static std::vector<void*> fibers;
+    while ((int)fibers.size() <= t.linear) fibers.push_back(__tsan_create_fiber(0));
+    t.tsan_fiber = fibers[t.linear];
 #endif
     return true;
 }
@@ -302,8 +305,8 @@ NKSIM_RUNTIME void describe_waits(const char* what) {
         if (same) continue;
         char w[96];
         where(g.threads[start], w, sizeof w);
-        int n = snprintf(buf + used, sizeof buf - used, "%sthreads %d-%d %s", used ? "; " : "", start, i - 1, w);
-        if (n > 0) used += (size_t)n;
+        const int n = snprintf(buf + used, sizeof buf - used, "%sthreads %d-%d %s", used ? "; " : "", start, i - 1, w);
+        if (n > 0) used = std::min(used + (size_t)n, sizeof buf - 1);  // truncated past the buffer
         start = i;
     }
     fail("%s: %s", what, buf);
@@ -351,9 +354,6 @@ NKSIM_RUNTIME bool run_block() {
         ok = false;
         break;
     }
-#if NKSIM_TSAN
-    for (auto& t : g.threads) __tsan_destroy_fiber(t.tsan_fiber);
-#endif
     return ok;
 }
 

@@ -40,7 +40,7 @@ ROOT = HERE.parent.parent
 #: Where builds are cached (NKSIM_BUILD_DIR overrides; build/ is git-ignored).
 BUILD_DIR = Path(os.environ.get("NKSIM_BUILD_DIR", ROOT / "build" / "cudasim"))
 CXX = os.environ.get("CXX", "g++")
-INSTALL_HINT = "install a C++20 compiler: `sudo apt-get install g++` (Debian/Ubuntu), `sudo dnf install gcc-c++`"
+INSTALL_HINT = "install g++ (12 or later): `sudo apt-get install g++` (Debian/Ubuntu), `sudo dnf install gcc-c++`"
 
 #: Build flavors: the compiler flags beyond the common ones. NKSIM_FLAVOR picks one for the tests.
 FLAVORS = {
