@@ -35,7 +35,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2
 
-from normserve.server import layer_pages
+from normserve.server import layer_pages, transport
 from normserve.server.errors import AnswerTooLarge
 from normserve.server.interceptors import same_kind
 from normserve.server.logs import shorten
@@ -53,7 +53,6 @@ _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 #: A peer that restarts is reconnected to within a second (gRPC's default backoff grows to two minutes, which
 #: would keep the cluster's views failing long after the peer is back).
-_PEER_CHANNEL = (("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 1000))
 #: Metadata of the incoming call that its fan-out calls carry too: peers check the same token.
 _FORWARDED = frozenset({"authorization"})
 
@@ -81,11 +80,7 @@ class ClusterViews(grpc.aio.ServerInterceptor):
         self._peers = tuple(peers)
         self._timeout = timeout
         self._max_message_bytes = max_message_bytes
-        self._channel_options = (
-            *_PEER_CHANNEL,
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        )
+        self._channel_options = transport.peer_channel_options(max_message_bytes)
         self._channels: dict[str, grpc.aio.Channel] = {}  # opened on first use, in the server's event loop
         self._merges: dict[str, tuple[Callable[[bytes], Any], _Merge]] = {
             _LIST_LAYERS: (pb.ListLayersResponse.FromString, _all_layers),

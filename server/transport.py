@@ -35,6 +35,7 @@ __all__ = [
     "Setting",
     "connection_budget",
     "markdown_table",
+    "peer_channel_options",
     "raise_descriptor_limit",
     "receive_limit",
     "server_settings",
@@ -68,6 +69,16 @@ PEER_CHANNEL: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 1000),
 )
+
+
+def peer_channel_options(max_message_bytes: int) -> tuple[tuple[str, int], ...]:
+    """What a channel to a ``--peers`` replica gets: :data:`PEER_CHANNEL`, and the server's own message limit
+    both ways (gRPC's default 4 MiB receive limit made a large peer answer UNAVAILABLE)."""
+    return (
+        *PEER_CHANNEL,
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    )
 
 
 @dataclass(frozen=True)
