@@ -51,8 +51,6 @@ MAX_PEERS = 64
 _LIST_LAYERS = "/normserve.v1.Normalization/ListLayers"
 _HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
-#: A peer that restarts is reconnected to within a second (gRPC's default backoff grows to two minutes, which
-#: would keep the cluster's views failing long after the peer is back).
 #: Metadata of the incoming call that its fan-out calls carry too: peers check the same token.
 _FORWARDED = frozenset({"authorization"})
 
