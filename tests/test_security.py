@@ -144,6 +144,7 @@ def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[
         "Gradient": pb.GradientRequest(layer="kept", x=x, dy=x),
         "GetState": pb.GetStateRequest(name="kept"),
         "SetState": pb.SetStateRequest(name="kept", partial=True, num_batches_tracked=7),
+        "Rollback": pb.RollbackRequest(name="kept", version=1),
         "TrainStatistics": pb.TrainStatisticsRequest(
             layer="kept", statistics=pb.BatchStatistics(count=4, mean=[0.5, 1.0], m2=[2.0, 3.0])
         ),
