@@ -133,11 +133,12 @@ def seeds() -> list[Seed]:
                 layer="f.bn", count=4, sum_dy=RNG.normal(size=3), sum_dy_xmu=RNG.normal(size=3), sync=sync
             ),
         ],
-        "GetState": [pb.GetStateRequest(name="f.in")],
+        "GetState": [pb.GetStateRequest(name="f.in"), pb.GetStateRequest(name="f.bn", version=1)],
         "SetState": [
             pb.SetStateRequest(name="f.bn", tensors={"running_var": tensor(3)}, partial=True, expected_version=2),
             pb.SetStateRequest(name="f.ln", tensors={"weight": tensor(4), "bias": tensor(4)}),
         ],
+        "Rollback": [pb.RollbackRequest(name="f.bn", version=1), pb.RollbackRequest(name="f.ln", version=2)],
         "RegisterSharedMemory": [pb.RegisterSharedMemoryRequest(name="r2", key=SHM_KEY, offset=64, byte_size=64)],
         "UnregisterSharedMemory": [pb.UnregisterSharedMemoryRequest(name="r2")],
         "ListSharedMemory": [pb.ListSharedMemoryRequest()],

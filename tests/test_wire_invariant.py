@@ -119,6 +119,8 @@ def test_every_message_of_every_rpc_writes_each_field_once(start_server, written
         layer.gradient_statistics(30, dy.sum(axis=(0, 2)), (dy * x).sum(axis=(0, 2)), sync=step)
         layer.infer(x)
         layer.load_state_dict(layer.state_dict())
+        layer.state_dict(version=2)
+        layer.rollback(2)
         nc.layer("bn").refresh()
         nc.list_layers()
         streamed = streaming.layer("bn")
