@@ -92,7 +92,7 @@ def test_layers_land_on_their_ring_owner_and_the_front_end_lists_them_all(cluste
         [NORMSERVE, "layers", "--target", cluster.front, "--prefix", "spread."], capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
-    assert len(result.stdout.splitlines()) == 30
+    assert len(result.stdout.splitlines()) == 1 + 30  # its header, then a row per layer
     result = subprocess.run([NORMSERVE, "health", "--target", cluster.front], capture_output=True, text=True)
     assert (result.returncode, result.stdout.split()[-1]) == (0, "SERVING")
 

@@ -89,7 +89,7 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(tmp_path, 
         with_cert = [*layers, "--tls-client-cert", str(client.cert), "--tls-client-key", str(client.key)]
         listed = subprocess.run(with_cert, capture_output=True, text=True, timeout=30)
         assert listed.returncode == 0, listed.stderr
-        assert listed.stdout.splitlines()[1].startswith("mtls\tbatch_norm")  # under the header line
+        assert listed.stdout.splitlines()[1].startswith("mtls\tbatch_norm")  # below the header
     finally:
         assert proc.stop() == 0
 
