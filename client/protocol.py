@@ -704,24 +704,11 @@ def health_status(response: health_pb2.HealthCheckResponse) -> str:
 def layer_config(kind: str, **kwargs: Any) -> pb.LayerConfig:
     """A LayerConfig from PyTorch-style arguments: ``layer_config("group_norm", num_groups=4, num_channels=32)``."""
     try:
-        config = pb.LayerConfig(kind=kinds.kind_enum(kind))
-    except ValueError:
-        raise InvalidArgument(f"unknown layer kind {kind!r}; choose one of {sorted(kinds.kind_names())}") from None
-    fields = {**kinds.argument_fields(), "device": "device"}
-    for arg, value in kwargs.items():
-        if arg == "dtype":
-            config.param_dtype = codec.dtype_enum(value)
-        elif arg not in fields:
-            raise UnknownArgument(f"unexpected argument {arg!r} for a layer config; known: {sorted(fields)} + dtype")
-        elif arg == "momentum" and value is None:
-            config.cumulative_average = True
-        elif value is None:  # e.g. RMSNorm's eps=None: the server's default
-            continue
-        elif arg == "normalized_shape":
-            config.normalized_shape.extend([value] if isinstance(value, int) else value)
-        else:
-            setattr(config, fields[arg], value)
-    return config
+        return kinds.layer_config(kind, **kwargs)
+    except TypeError as exc:
+        raise UnknownArgument(str(exc)) from None
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from None
 
 
 _FORWARD_REQUESTS = {"Train": pb.TrainRequest, "Infer": pb.InferRequest}

@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from normkernels import NormError
-from normserve.client.protocol import layer_config
 from normserve.server.errors import LayerExists, LayerNotFound, ServiceError
 from normserve.server.layer_config import build_layer, check_name
 from normserve.server.registry import Registry, Unrestorable
+from normserve.v1 import kinds
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["DeclaredLayer", "LayersFileError", "apply", "read"]
@@ -75,7 +75,7 @@ def _entry(index: int, entry: Any) -> DeclaredLayer:
                 values[key] = np.asarray(value, dtype=np.float64)
             except (TypeError, ValueError):
                 raise ValueError(f"state[{key!r}] must be a list of numbers") from None
-    declared = DeclaredLayer(entry["name"], layer_config(entry["kind"], **config), values)
+    declared = DeclaredLayer(entry["name"], kinds.layer_config(entry["kind"], **config), values)
     build_layer(declared.config, "cpu").load_state_dict(values, strict=False)  # refused now, not half-created
     return declared
 

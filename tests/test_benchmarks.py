@@ -29,7 +29,7 @@ def test_kernel_benchmark_quick_mode(tmp_path: Path) -> None:
     assert "geometric mean time ratio ours/torch" in result.stdout
     report = json.loads(out.read_text())
     kinds = {case["kind"] for case in report["cases"]}
-    assert kinds == {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm"}
+    assert kinds == {"batch_norm", "instance_norm", "group_norm", "layer_norm", "rms_norm", "layer_norm_2d"}
     assert {case["op"] for case in report["cases"]} == {"train forward", "eval forward", "train fwd+bwd"}
     assert all(case["ours_ms"] > 0 and case["torch_ms"] > 0 for case in report["cases"])
     assert report["geomean_ratio"] > 0

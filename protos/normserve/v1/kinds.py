@@ -10,10 +10,20 @@ from __future__ import annotations
 
 import functools
 import inspect
+from typing import Any
 
+from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["COMMON_ARGUMENTS", "argument_fields", "config_fields", "kind_enum", "kind_names", "required_fields"]
+__all__ = [
+    "COMMON_ARGUMENTS",
+    "argument_fields",
+    "config_fields",
+    "kind_enum",
+    "kind_names",
+    "layer_config",
+    "required_fields",
+]
 
 #: Constructor arguments kept in a LayerConfig field of another name (the kinds share the message's fields).
 _FIELD_OF_ARGUMENT = {"num_channels": "num_features", "elementwise_affine": "affine"}
@@ -53,3 +63,30 @@ def required_fields(kind: str) -> tuple[str, ...]:
 def argument_fields() -> dict[str, str]:
     """Constructor argument -> LayerConfig field, over every kind (a client's keyword arguments)."""
     return {arg: field for kind in kind_names() for field, arg in config_fields(kind).items()}
+
+
+def layer_config(kind: str, **arguments: Any) -> pb.LayerConfig:
+    """A LayerConfig from PyTorch-style arguments: ``layer_config("group_norm", num_groups=4, num_channels=32)``.
+
+    The one encoder of constructor arguments (the clients and the server's --layers-file use it): ValueError
+    for an unknown kind, TypeError for an argument no kind takes.
+    """
+    try:
+        config = pb.LayerConfig(kind=kind_enum(kind))
+    except ValueError:
+        raise ValueError(f"unknown layer kind {kind!r}; choose one of {sorted(kind_names())}") from None
+    fields = {**argument_fields(), "device": "device"}
+    for arg, value in arguments.items():
+        if arg == "dtype":
+            config.param_dtype = codec.dtype_enum(value)
+        elif arg not in fields:
+            raise TypeError(f"unexpected argument {arg!r} for a layer config; known: {sorted(fields)} + dtype")
+        elif arg == "momentum" and value is None:
+            config.cumulative_average = True
+        elif value is None:  # e.g. RMSNorm's eps=None: the server's default
+            continue
+        elif arg == "normalized_shape":
+            config.normalized_shape.extend([value] if isinstance(value, int) else value)
+        else:
+            setattr(config, fields[arg], value)
+    return config
