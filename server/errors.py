@@ -41,6 +41,7 @@ __all__ = [
     "SyncAborted",
     "SyncTimeout",
     "TooManyLayers",
+    "VersionDamaged",
     "VersionNotKept",
     "WaitTimeout",
     "reason_for",
@@ -84,6 +85,20 @@ class VersionNotKept(ServiceError):
         super().__init__(
             f"layer {name!r} has no version {version}: the server keeps versions {oldest} to {current} "
             "(the last --keep-versions; GetLayer's oldest_version and version)"
+        )
+
+
+class VersionDamaged(ServiceError):
+    """A kept version whose stored rows cannot be read back (or no longer fit the layer); the current state is
+    untouched."""
+
+    code = grpc.StatusCode.DATA_LOSS
+
+    def __init__(self, name: str, version: int, why: str) -> None:
+        super().__init__(
+            f"layer {name!r}'s kept version {version} cannot be read from the state directory ({why}); the "
+            "layer's current state is unchanged. Choose another kept version, or restore the state directory "
+            "from a backup"
         )
 
 

@@ -37,7 +37,7 @@ from typing import Any, Generic, TypeVar
 
 import numpy as np
 
-from normkernels import NormLayer, StateTooLarge, distributed, synced
+from normkernels import NormError, NormLayer, StateTooLarge, distributed, synced
 from normkernels.backend import to_numpy
 from normkernels.core import GradSums
 from normkernels.monitor import BatchReport
@@ -53,6 +53,7 @@ from normserve.server.errors import (
     StaleVersion,
     SyncAborted,
     TooManyLayers,
+    VersionDamaged,
     VersionNotKept,
     WaitTimeout,
 )
@@ -802,7 +803,10 @@ class Registry:
             state: dict[str, Any] = dict(kept.tensors)
             if "num_batches_tracked" in layer.state_keys:
                 state["num_batches_tracked"] = np.int64(kept.num_batches_tracked)
-            await self._compute(layer.load_state_dict, state)
+            try:
+                await self._compute(layer.load_state_dict, state)
+            except NormError as exc:  # the server's own rows, not the client's request, do not fit
+                raise VersionDamaged(name, version, f"its state does not fit the layer: {exc}") from None
             snapshot = current.after(layer, self.keep_versions)
             await self._write(
                 self._store.update_state, name, snapshot.version, layer.num_batches_tracked, host_state(layer)

@@ -40,7 +40,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from normserve.server.errors import StateDirFull
+from normserve.server.errors import StateDirFull, VersionDamaged
 from normserve.server.layer_config import NAME_PATTERN
 
 try:  # an exclusive lock keeps two servers off one state dir (POSIX only)
@@ -201,18 +201,21 @@ class StateStore:
                 f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
             )
 
+    # Only rows that can be a layer's version: a damaged row (a NULL name, a version that is no integer) must not
+    # stop the start with a constraint error; it is reported by load_all instead.
     def _record_current_versions(self) -> None:
         """Keep every layer's current version that is not kept yet (a database from before versions were kept,
         or written by such a server since). Without room it stays unrecorded until the layer's next change."""
         try:
             with self._transaction() as db:
                 db.execute(
-                    "INSERT INTO versions SELECT name, version, num_batches_tracked FROM layers WHERE NOT EXISTS "
+                    "INSERT INTO versions SELECT name, version, num_batches_tracked FROM layers WHERE "
+                    f"{_RECORDABLE} AND NOT EXISTS "
                     "(SELECT 1 FROM versions WHERE versions.layer = layers.name AND versions.version = layers.version)"
                 )
                 db.execute(
                     "INSERT OR IGNORE INTO version_tensors SELECT tensors.layer, layers.version, key, dtype, shape, "
-                    "data FROM tensors JOIN layers ON layers.name = tensors.layer"
+                    f"data FROM tensors JOIN layers ON layers.name = tensors.layer WHERE {_RECORDABLE}"
                 )
         except StateDirFull:
             log.warning("the state directory %s is full: current versions are kept from their next change", self.path)
@@ -284,7 +287,12 @@ class StateStore:
 
     def oldest_versions(self) -> dict[str, int]:
         """Each layer's oldest kept version (layers with none kept are left out)."""
-        return dict(self._db.execute("SELECT layer, MIN(version) FROM versions GROUP BY layer"))
+        return dict(
+            self._db.execute(
+                "SELECT layer, MIN(version) FROM versions WHERE typeof(layer) = 'text' AND typeof(version) = 'integer' "
+                "AND version >= 1 GROUP BY layer"
+            )
+        )
 
     def load_version(self, name: str, version: int) -> KeptVersion | None:
         """Layer ``name``'s whole state at ``version``; None when that version is not kept."""
@@ -296,9 +304,13 @@ class StateStore:
         rows = self._db.execute(
             "SELECT key, dtype, shape, data FROM version_tensors WHERE layer = ? AND version = ?", (name, version)
         )
-        return KeptVersion(
-            version, row[0], {key: _stored_tensor(key, dtype, shape, data) for key, dtype, shape, data in rows}
-        )
+        try:  # kept rows are trusted no more than current ones
+            if not _counter(row[0], 0):
+                raise ValueError(f"its stored num_batches_tracked {str(row[0])[:40]!r} is not an integer in range")
+            tensors = {key: _stored_tensor(key, dtype, shape, data) for key, dtype, shape, data in rows}
+        except ValueError as exc:
+            raise VersionDamaged(name, version, str(exc)) from None
+        return KeptVersion(version, row[0], tensors)
 
     def disk_bytes(self) -> int:
         """Bytes of the database and its WAL on disk (any thread may ask)."""
@@ -386,6 +398,9 @@ class StateStore:
 
 def _is_name(name: Any) -> bool:
     return isinstance(name, str) and NAME_PATTERN.fullmatch(name) is not None
+
+
+_RECORDABLE = "typeof(layers.name) = 'text' AND typeof(layers.version) = 'integer' AND layers.version >= 1"
 
 
 def _counter(value: Any, minimum: int) -> bool:

@@ -134,6 +134,7 @@ class SyncSteps:
         self._open_at: dict[tuple[str, int, str], set[StepKey]] = {}  # (layer, step, phase) -> its groups' steps
         self._closed: OrderedDict[StepKey, ServiceError] = OrderedDict()  # why a step can no longer be joined
         self._last_closed: OrderedDict[StepSeries, int] = OrderedDict()  # the series' last committed step
+        self._finishing: dict[StepKey, asyncio.Future] = {}  # complete steps whose finish runs
 
     def check(self, key: StepKey, spec: SyncSpec) -> None:
         """Refuse (alone, failing no one else) a rank that cannot join ``key``: closed, world size, rank twice."""
@@ -199,6 +200,7 @@ class SyncSteps:
                 ),
             )
             task = asyncio.ensure_future(finish([step.parts[rank] for rank in range(step.world_size)]))
+            self._finishing[key] = task
             task.add_done_callback(functools.partial(self._committed, key))
             step.complete.set_result(task)
         else:
@@ -207,6 +209,8 @@ class SyncSteps:
             with phases.timed("sync"):  # the wait for the other ranks (finish's own work counts as its phases)
                 task = await asyncio.wait_for(asyncio.shield(step.complete), self._answer_within(deadline))
         except asyncio.TimeoutError:
+            if step.complete.done() and step.complete.exception() is None:  # completed as the wait timed out
+                return await asyncio.shield(step.complete.result())
             self._expire(key, f"before rank {spec.rank}'s call deadline")
             failure = self._closed.get(key) or SyncTimeout(f"the {key.describe()} did not complete in time")
             raise type(failure)(str(failure)) from None
@@ -268,7 +272,9 @@ class SyncSteps:
                 )
                 return
         at = {rank: k for k in group for rank in self._open[k].parts}
-        if len(group) > 1 and len(at) == step.world_size:  # every rank waits, each at a step the others are not
+        # Every rank waits, at steps of different numbers (or phases): none can complete. Steps of one number on
+        # several layers are not that: a rank may train several layers at once (asyncio), its peers in another order.
+        if len({(k.step, k.phase) for k in group}) > 1 and len(at) == step.world_size:
             named = ", ".join(
                 f"rank {rank} at {at[rank].phase} step {at[rank].step} on layer {at[rank].layer!r}"
                 for rank in sorted(at)[:NAMED_RANKS]
@@ -318,7 +324,7 @@ class SyncSteps:
         of its steps is dropped, so a new layer of that name starts afresh."""
         for key in [key for key in self._open if key.layer == layer]:
             self.fail(key, "the layer was deleted")
-        for memory in (self._closed, self._last_closed):
+        for memory in (self._closed, self._last_closed, self._finishing):
             for key in [key for key in memory if key.layer == layer]:
                 del memory[key]
 
@@ -335,9 +341,10 @@ class SyncSteps:
     def _committed(self, key: StepKey, task: asyncio.Future) -> None:
         """A step's ``finish`` ended: when it succeeded (the step committed), its series' mark moves up to it.
         A failed step moves nothing, so later steps stay open to all."""
+        finishing = self._finishing.pop(key, None)
         if task.cancelled() or task.exception() is not None:  # retrieved even if nobody awaits
             return
-        if key not in self._closed:
+        if finishing is None:
             return  # its layer was deleted (forget_layer) while it finished: nothing of it is remembered
         series = key.series
         self._last_closed[series] = max(key.step, self._last_closed.get(series, key.step))

@@ -778,7 +778,10 @@ def _describe(args: argparse.Namespace) -> int:
     for key in ("version", "num_batches_tracked", "param_shape", "state_keys", "restore_error"):
         print(f"{key}: {json.dumps(layer.pop(key, None))}")
     print("stats: " + " ".join(f"{k}={json.dumps(v)}" for k, v in layer.pop("stats", {}).items()))
-    print("state:" + ("" if state else " none (the layer could not be restored)"))
+    if state is None:
+        print("state: none (the layer could not be restored)")
+    else:
+        print("state:" + ("" if state else " empty (the layer keeps no tensors)"))
     for key, entry in (state or {}).items():
         shape = "x".join(map(str, entry.pop("shape"))) or "scalar"
         print(
