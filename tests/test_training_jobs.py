@@ -327,3 +327,30 @@ def test_layers_describe_themselves_as_python_values(client, layer_name):
         2,
         4,
     )
+
+
+def test_ranks_training_several_layers_at_once_are_not_taken_for_desynchronized(server, client, layer_name, rng):
+    """A rank may train two synchronized layers at once (asyncio, threads): rank 0 reaching layer a while rank 1
+    reaches layer b is every rank waiting, each at a step the other is not at, yet both steps complete once the
+    other calls arrive. Only different step numbers are a desync (a false one failed all four calls)."""
+    names = [f"{layer_name}.a", f"{layer_name}.b"]
+    for name in names:
+        client.create_layer(name, "batch_norm", num_features=3)
+    xs = {(rank, name): rng.normal(size=(4, 3)).astype(np.float32) for rank in range(2) for name in names}
+    order = ((0, names[0]), (1, names[1]), (0, names[1]), (1, names[0]))
+    clients = [NormClient(server.target, timeout=60) for _ in range(2)]
+    try:
+        with ThreadPoolExecutor(4) as pool:
+            calls = []
+            for rank, name in order:
+                group = SyncGroup(layer_name, 2, rank)
+                calls.append(pool.submit(clients[rank].layer(name).train, xs[rank, name], sync=group.at(0)))
+                time.sleep(0.5)  # this order: the first two calls wait at different layers' steps
+            outputs = [call.result() for call in calls]
+    finally:
+        for nc in clients:
+            nc.close()
+    for (rank, name), y in zip(order, outputs, strict=True):
+        both = np.concatenate([xs[0, name], xs[1, name]])  # synchronized: the statistics of both ranks' batches
+        expected = (xs[rank, name] - both.mean(0)) / np.sqrt(both.var(0) + 1e-5)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-5)

@@ -3,13 +3,14 @@ find the rolled-back state again after a restart."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 
 import numpy as np
 import pytest
 from serverproc import NORMSERVE, ServerProcess
 
-from normserve.client import NormClient, NotFound
+from normserve.client import DataLoss, NormClient, NotFound
 
 
 def _equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
@@ -100,5 +101,37 @@ def test_layers_without_running_statistics_keep_their_set_states(tmp_path) -> No
             assert (layer.version, layer.info.oldest_version) == (1, 1)
             with pytest.raises(NotFound):
                 layer.state_dict(version=4)
+    finally:
+        proc.stop()
+
+
+def test_a_damaged_kept_version_answers_data_loss_and_changes_nothing(tmp_path) -> None:
+    """Kept versions are read back as warily as the current state: a version whose stored rows were damaged
+    answers DATA_LOSS (reason VERSION_DAMAGED) when read or rolled back to, the current state stays as it was,
+    and so do the other kept versions."""
+    rng = np.random.default_rng(31)
+    proc = ServerProcess(tmp_path / "state", "--keep-versions", "4").start()
+    try:
+        with NormClient(proc.target) as nc:
+            layer = nc.create_layer("bn", "batch_norm", num_features=3)
+            for _ in range(3):
+                layer.train(rng.normal(size=(8, 3)).astype(np.float32))
+            current, kept = layer.state_dict(), layer.state_dict(version=3)
+        proc.stop()
+        with sqlite3.connect(tmp_path / "state" / "normserve.sqlite3") as db:
+            db.execute("UPDATE version_tensors SET data = x'00' WHERE layer = 'bn' AND version = 2")
+            db.execute("UPDATE versions SET num_batches_tracked = 'many' WHERE layer = 'bn' AND version = 1")
+        proc.start()
+        with NormClient(proc.target) as nc:
+            layer = nc.layer("bn")
+            for version in (1, 2):
+                with pytest.raises(DataLoss, match=f"kept version {version} cannot be read") as caught:
+                    layer.state_dict(version=version)
+                assert caught.value.reason == "VERSION_DAMAGED"
+                with pytest.raises(DataLoss, match="current state is unchanged"):
+                    layer.rollback(version)
+            assert layer.refresh().version == 4
+            assert _equal(layer.state_dict(), current)
+            assert _equal(layer.state_dict(version=3), kept)
     finally:
         proc.stop()
