@@ -240,10 +240,13 @@ class ClientBase:
         if layer is None:
             return self._metadata
         if not routing.NAME_PATTERN.fullmatch(layer):  # refused here: gRPC would fail it as a bad header
-            raise InvalidArgument(
+            problem = (
                 f"layer name {layer[:80]!r} (length {len(layer)}) is not a valid layer name: use 1 to 256 "
                 "characters from A-Z a-z 0-9 _ . : / -"
             )
+            field = "layer" if "layer" in request.DESCRIPTOR.fields_by_name else "name"
+            # The details the server would give, so that code branching on them sees no difference.
+            raise InvalidArgument(problem, reason="INVALID_REQUEST", field_violations=((field, problem),))
         return (*self._metadata, (routing.LAYER_HEADER, layer))
 
     def _timeout(self, timeout: float | None) -> float | None:

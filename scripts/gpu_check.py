@@ -46,6 +46,8 @@ CARRIED = (
     "protobuf==7.36.2",
     "grpcio-health-checking==1.85.1",
     "grpcio-reflection==1.85.1",
+    "grpcio-status==1.85.3",  # google.rpc status details of every refusal
+    "googleapis-common-protos==1.76.0",  # grpcio-status's google.rpc messages
     "tbb==2023.2.0",  # numba's thread-safe threading layer for the compiled CPU kernels (not in the image)
 )
 #: The distributions the GPU tests rely on that the GPU machine's Python already
