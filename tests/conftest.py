@@ -210,9 +210,11 @@ def server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def client(server):
+    from serverproc import patience
+
     from normserve.client import NormClient
 
-    with NormClient(server.target, timeout=60) as nc:
+    with NormClient(server.target, timeout=patience(6)) as nc:
         yield nc
 
 

@@ -17,6 +17,7 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.settings
+from serverproc import patience
 
 #: Headers of a gRPC call besides its path.
 _CALL = (("content-type", "application/grpc"), ("te", "trailers"))
@@ -27,11 +28,16 @@ def grpc_frame(payload: bytes, compressed: bool = False) -> bytes:
     return struct.pack(">BI", int(compressed), len(payload)) + payload
 
 
+def _bound(timeout: float | None) -> float:
+    """``timeout``, or by default what catches a hang of a call or a read that takes milliseconds alone."""
+    return patience(1) if timeout is None else timeout
+
+
 class RawConnection:
     """One HTTP/2 connection to ``127.0.0.1:port``; ``status[stream]`` is each ended call's (code, message)."""
 
-    def __init__(self, port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(self, port: int, timeout: float | None = None, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=_bound(timeout))
         config = h2.config.H2Configuration(client_side=True, header_encoding="utf-8")
         self.conn = h2.connection.H2Connection(config)
         self._keep_open_after_goaway()
@@ -68,7 +74,7 @@ class RawConnection:
 
     def ignore_stream_limit(self) -> None:
         """Open streams past the server's SETTINGS_MAX_CONCURRENT_STREAMS (h2 itself would refuse to)."""
-        self.pump(lambda: self.advertised_streams is not None, 10)
+        self.pump(lambda: self.advertised_streams is not None, _bound(None))
         self.conn.remote_settings[h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS] = 1 << 30
         self.conn.remote_settings.acknowledge()
 
@@ -80,9 +86,9 @@ class RawConnection:
         self._flush()
         return stream
 
-    def send(self, stream: int, data: bytes, end: bool = True, timeout: float = 10.0) -> bool:
+    def send(self, stream: int, data: bytes, end: bool = True, timeout: float | None = None) -> bool:
         """Send ``data`` on ``stream`` as flow control allows; False if the stream or connection ended first."""
-        view = memoryview(data)
+        view, timeout = memoryview(data), _bound(timeout)
         while True:
             if not self.pump(lambda: self.conn.local_flow_control_window(stream) > 0 or self._ended(stream), timeout):
                 return False
@@ -96,9 +102,9 @@ class RawConnection:
             if last:
                 return True
 
-    def call(self, path: str, data: bytes, headers: Sequence[tuple[str, str]] = (), timeout: float = 10.0):
+    def call(self, path: str, data: bytes, headers: Sequence[tuple[str, str]] = (), timeout: float | None = None):
         """A whole unary call: its (code, message), or None if no status came within ``timeout``."""
-        stream = self.start_call(path, headers)
+        stream, timeout = self.start_call(path, headers), _bound(timeout)
         self.send(stream, data, timeout=timeout)
         self.pump(lambda: self._ended(stream), timeout)
         return self.status.get(stream)

@@ -32,6 +32,17 @@ def patience(seconds_alone: float) -> float:
     return 10 * seconds_alone * slowdown()
 
 
+def wait_for(condition, timeout: float, step: float = 0.1) -> bool:
+    """Whether ``condition()`` holds within ``timeout`` seconds (asked every ``step``): for what a server does
+    soon after an answer (memory given back, a connection closed), which a busy machine does later."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
 def everything(stub) -> list[bytes]:
     """Every layer's description and state on a server, serialized deterministically.
 
@@ -57,7 +68,7 @@ def wait_serving(target: str, timeout: float | None = None, **client: Any) -> No
     with NormClient(target, retry=RetryPolicy(attempts=1), **client) as nc:
         while True:
             try:
-                if nc.health(timeout=1) == "SERVING":
+                if nc.health(timeout=patience(0.1)) == "SERVING":
                     return
             except NormServeError:
                 pass

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-from serverproc import everything
+from serverproc import everything, patience
 
 import normkernels as nk
 from normserve.v1 import codec
@@ -332,7 +332,7 @@ def test_corpus_is_large_enough() -> None:
 def test_bad_request_is_refused_and_changes_nothing(stub, method, request_, code, message) -> None:
     before = everything(stub)
     with pytest.raises(grpc.RpcError) as caught:
-        getattr(stub, method)(request_, timeout=30)
+        getattr(stub, method)(request_, timeout=patience(3))
     assert caught.value.code() == code, caught.value.details()
     assert caught.value.details(), "every refusal carries a message"
     assert re.search(message, caught.value.details()), caught.value.details()

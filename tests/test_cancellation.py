@@ -13,7 +13,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from serverproc import ServerProcess, everything
+from serverproc import ServerProcess, everything, patience, wait_for
 
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
@@ -152,8 +152,9 @@ def test_a_storm_of_calls_that_end_early_leaves_the_server_whole(start_server) -
             np.testing.assert_array_equal(var, mean + 1)  # both tensors from that same write
             assert state.version - 1 >= len(storm.values_acked)
         assert stub.Infer(pb.InferRequest(layer="s.read", x=codec.encode(np.ones((2, CHANNELS), np.float32))))
-        time.sleep(1.0)
-        assert _rss(proc) - before < 300 << 20, "memory of ended calls outlived them"
+        assert wait_for(lambda: _rss(proc) - before < 300 << 20, patience(0.1), 0.2), (
+            "memory of ended calls outlived them"
+        )
         acknowledged = everything(stub)
     proc.kill()  # acknowledged writes survive a crash, and nothing half written appears
     proc.start()

@@ -134,7 +134,7 @@ def test_backup_is_consistent_while_trains_run_and_restore_serves_it(tmp_path, r
     def train(name: str, seed: int) -> None:
         local = np.random.default_rng(seed)
         try:
-            with NormClient(proc.target, timeout=60) as nc:
+            with NormClient(proc.target, timeout=patience(6)) as nc:
                 layer = nc.layer(name)
                 for _ in range(500):  # bounded; stopped as soon as the backups are done
                     if stop.is_set():
@@ -145,7 +145,7 @@ def test_backup_is_consistent_while_trains_run_and_restore_serves_it(tmp_path, r
             errors.append(exc)
 
     try:
-        with NormClient(proc.target, timeout=60) as nc:
+        with NormClient(proc.target, timeout=patience(6)) as nc:
             for name in names:
                 nc.create_layer(name, "batch_norm", num_features=4)
         workers = [threading.Thread(target=train, args=(n, i)) for i, n in enumerate(names)]

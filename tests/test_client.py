@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import functools
 import inspect
 import socket
 import subprocess
@@ -13,7 +14,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from serverproc import NORMSERVE
+from serverproc import NORMSERVE, patience
 
 import normkernels as nk
 from normserve.client import (
@@ -120,13 +121,16 @@ def test_per_call_timeout(client, layer_name, rng) -> None:
 def test_idempotent_calls_retry_until_the_server_is_up(tmp_path) -> None:
     assert {"Train", "SetState", "DeleteLayer"}.isdisjoint(IDEMPOTENT_METHODS)
     port = free_port()
-    policy = RetryPolicy(attempts=120, initial_backoff=0.25, max_backoff=0.25)  # up to 30 s of retries
-    with NormClient(f"127.0.0.1:{port}", retry=policy, timeout=5) as nc:
+    # A resent call would wait a backoff first: made long, it tells "sent once" from "resent" on any machine.
+    backoff = patience(1)
+    with NormClient(f"127.0.0.1:{port}", retry=RetryPolicy(2, initial_backoff=backoff, max_backoff=backoff)) as nc:
         started = time.monotonic()
         with pytest.raises(Unavailable):  # Train is never resent: it fails at once
             nc.call("Train", pb.TrainRequest(layer="bn"))
-        assert time.monotonic() - started < 0.25
-
+        assert time.monotonic() - started < backoff
+    retrying = patience(3)  # a start loads the cached kernels: seconds alone
+    policy = RetryPolicy(attempts=int(retrying / 0.25), initial_backoff=0.25, max_backoff=0.25)
+    with NormClient(f"127.0.0.1:{port}", retry=policy, timeout=patience(0.5)) as nc:
         result = {}
 
         def list_layers() -> None:
@@ -145,11 +149,11 @@ def test_idempotent_calls_retry_until_the_server_is_up(tmp_path) -> None:
             stderr=subprocess.DEVNULL,
         )
         try:
-            caller.join(60)
+            caller.join(patience(6))
             assert result == {"layers": []}
         finally:
             server.terminate()
-            assert server.wait(30) == 0
+            assert server.wait(patience(3)) == 0
 
 
 UPDATES = [
@@ -168,22 +172,26 @@ async def _answer(call):
 
 @pytest.mark.parametrize("client_class", [NormClient, AsyncNormClient])
 def test_both_clients_resend_reads_after_each_backoff_and_updates_never(client_class) -> None:
-    backoff = 0.2
-    policy = RetryPolicy(attempts=3, initial_backoff=backoff, max_backoff=backoff)
-
-    async def seconds_to_fail(nc, method: str, request) -> float:
-        started = time.monotonic()
-        with pytest.raises(Unavailable):
-            await _answer(lambda: nc.call(method, request))
-        return time.monotonic() - started
+    async def seconds_to_fail(backoff: float, calls) -> list[float]:
+        policy = RetryPolicy(attempts=3, initial_backoff=backoff, max_backoff=backoff)
+        nc = client_class(f"127.0.0.1:{free_port()}", retry=policy, timeout=patience(0.5))  # nothing listens there
+        waited = []
+        for method, request in calls:
+            started = time.monotonic()
+            with pytest.raises(Unavailable):
+                await _answer(functools.partial(nc.call, method, request))
+            waited.append(time.monotonic() - started)
+        await _answer(nc.close)
+        return waited
 
     async def scenario() -> None:
-        nc = client_class(f"127.0.0.1:{free_port()}", retry=policy, timeout=5)  # nothing listens there
-        for method, request in UPDATES:
-            assert await seconds_to_fail(nc, method, request) < backoff, method  # sent once: a reply may be lost
-        for method, request in READS:
-            assert await seconds_to_fail(nc, method, request) >= 2 * backoff, method  # 3 attempts, 2 waits
-        await _answer(nc.close)
+        # A resent update would wait a backoff first: made long, it tells "sent once" apart on any machine.
+        backoff = patience(1)
+        for (method, _), waited in zip(UPDATES, await seconds_to_fail(backoff, UPDATES), strict=True):
+            assert waited < backoff, method  # sent once: a reply may be lost
+        backoff = 0.2
+        for (method, _), waited in zip(READS, await seconds_to_fail(backoff, READS), strict=True):
+            assert waited >= 2 * backoff, method  # 3 attempts, 2 waits
 
     asyncio.run(scenario())
 

@@ -188,10 +188,10 @@ def test_the_cluster_lists_more_than_4_mib_of_layers_a_page_at_a_time(tmp_path) 
         stored_layers(tmp_path / f"replica-{i}", replica_names)
     with start_cluster(2, tmp_path) as cluster:
         with grpc.insecure_channel(cluster.front) as channel:  # gRPC's default 4 MiB receive limit
-            first = pb_grpc.NormalizationStub(channel).ListLayers(pb.ListLayersRequest(), timeout=60)
+            first = pb_grpc.NormalizationStub(channel).ListLayers(pb.ListLayersRequest(), timeout=patience(6))
         assert [layer.name for layer in first.layers] == names[1][:1000]
         assert first.next_page_token
-        with NormClient(cluster.front, timeout=60) as nc:
+        with NormClient(cluster.front, timeout=patience(6)) as nc:
             listed = nc.list_layers()
             assert [layer.name for layer in listed] == names[1] + names[2]
             assert sum(layer.info.ByteSize() for layer in listed) > 4 << 20
@@ -230,7 +230,7 @@ def test_a_killed_replica_takes_only_its_layers_down_and_brings_them_back(cluste
         before = {name: nc.layer(name).state_dict() for name in names}
     index = cluster.addresses.index(victim) + 1
     cluster.replicas[index - 1].process.kill()
-    cluster.replicas[index - 1].process.wait(30)
+    cluster.replicas[index - 1].process.wait(patience(3))
     try:
         with NormClient(cluster.front, retry=NO_RETRY) as nc:
             for name in names:
@@ -368,7 +368,7 @@ def test_rebalance_from_3_to_4_replicas_moves_the_expected_layers_while_trains_r
         finally:
             stop.set()
             for thread in threads:
-                thread.join(60)
+                thread.join(patience(6))
         assert moved.returncode == 0, moved.stdout + moved.stderr
         assert set(re.findall(r"^(move\.\d+): .* moved \(", moved.stdout, flags=re.M)) == expected
         placed = on_replicas(four, "move.")
@@ -459,7 +459,10 @@ def _running(pids: list[int]) -> list[int]:
 )
 def test_the_cluster_command_refuses_bad_flags_before_starting_anything(tmp_path, args, says) -> None:
     result = subprocess.run(
-        [NORMSERVE, "cluster", "--state-dir", str(tmp_path / "c"), *args], capture_output=True, text=True, timeout=60
+        [NORMSERVE, "cluster", "--state-dir", str(tmp_path / "c"), *args],
+        capture_output=True,
+        text=True,
+        timeout=patience(6),
     )
     assert result.returncode == 2
     assert says in result.stderr

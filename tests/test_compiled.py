@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import core_float64, randomize, stored_values
+from serverproc import patience
 from test_deploy import IMAGES, image_environment
 from test_fused import CASES
 
@@ -245,7 +246,7 @@ def test_a_second_process_starts_from_the_cache_without_compiling(tmp_path) -> N
     shutil.copytree(warm.cache_dir, cache)
     code = "from normkernels import compiled; w = compiled.warm_up(); print(w.compiled, w.signatures, w.cache_dir)"
     env = {**os.environ, "NORMKERNELS_CACHE_DIR": str(cache), "HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=patience(30))
     assert done.returncode == 0, done.stderr
     compiled_now, signatures, where = done.stdout.split()
     assert (int(compiled_now), int(signatures), where) == (0, warm.signatures, str(cache))

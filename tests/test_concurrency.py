@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pytest
+from serverproc import patience
 
 from normserve.client import NormClient
 from normserve.server.registry import INLINE_ELEMENTS, Registry
@@ -79,12 +80,12 @@ def test_readers_never_wait_for_a_writer_and_layers_are_independent(registry) ->
             train_a = asyncio.ensure_future(registry.train("a", x))
             await asyncio.sleep(0.05)
             assert not train_a.done()  # queued behind the writer
-            _, snapshot = await asyncio.wait_for(registry.infer("a", x), 10)  # readers do not wait
+            _, snapshot = await asyncio.wait_for(registry.infer("a", x), patience(1))  # readers do not wait
             assert snapshot.version == 1
-            await asyncio.wait_for(registry.gradient("a", x, x, True), 10)
-            _, trained_b, _ = await asyncio.wait_for(registry.train("b", x), 10)  # other layers do not wait
+            await asyncio.wait_for(registry.gradient("a", x, x, True), patience(1))
+            _, trained_b, _ = await asyncio.wait_for(registry.train("b", x), patience(1))  # other layers do not wait
             assert trained_b.version == 2
-        _, trained_a, _ = await asyncio.wait_for(train_a, 10)
+        _, trained_a, _ = await asyncio.wait_for(train_a, patience(1))
         assert trained_a.version == 2
         await registry.close()
 

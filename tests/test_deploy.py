@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from serverproc import NORMSERVE, ServerProcess, env_variables
+from serverproc import NORMSERVE, ServerProcess, env_variables, patience
 from test_observability import free_port, scrape
 
 import normkernels as nk
@@ -82,7 +82,7 @@ def container(service: str, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
 
 
 def _run(argv: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+    return subprocess.run(argv, capture_output=True, text=True, timeout=patience(6), env={**os.environ, **env})
 
 
 # ---------------------------------------------------------------------- the files agree with each other and the CLI
@@ -166,7 +166,7 @@ def test_the_compose_service_serves_and_passes_its_healthchecks(tmp_path) -> Non
             assert used <= families, (rule["alert"], used - families)
     finally:
         proc.process.send_signal(signal.SIGTERM)  # what `docker compose stop` sends
-        assert proc.process.wait(60) == 0
+        assert proc.process.wait(patience(6)) == 0
     assert any((tmp_path / "state").iterdir())  # the state went where NORMSERVE_STATE_DIR said
 
 

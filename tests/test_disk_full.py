@@ -19,7 +19,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serverproc import NORMSERVE, ServerProcess, everything
+from serverproc import NORMSERVE, ServerProcess, everything, patience
 
 from normserve.server.errors import StateDirFull
 from normserve.server.store import StateStore, _out_of_space
@@ -117,7 +117,7 @@ def t(array: np.ndarray) -> pb.Tensor:
 def refused(call, request, disk: SmallDisk) -> None:
     """``call(request)`` answers RESOURCE_EXHAUSTED, saying the state dir is full and where."""
     with pytest.raises(grpc.RpcError) as info:
-        call(request, timeout=10)
+        call(request, timeout=patience(1))
     assert info.value.code() == EXHAUSTED, info.value.details()
     assert "full" in info.value.details()
     assert str(disk.state_dir) in info.value.details()

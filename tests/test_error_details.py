@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from serverproc import patience
 
 from normserve.client import AlreadyExists, InvalidArgument, NormServeError, NotFound
 from normserve.v1 import normalization_pb2 as pb
@@ -61,7 +62,7 @@ def test_a_raw_grpc_call_sees_the_status_details(server, layer_name) -> None:
         )
         bad_tensor = pb.TrainRequest(layer=layer_name, x=pb.Tensor(dtype=pb.FLOAT32, shape=[2, 4], data=b"\0" * 7))
         with pytest.raises(grpc.RpcError) as caught:
-            stub.Train(bad_tensor, timeout=30)
+            stub.Train(bad_tensor, timeout=patience(3))
     error = caught.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     status = rpc_status.from_call(error)

@@ -14,7 +14,6 @@ derandomized, so a failure reproduces; ``NORMSERVE_FUZZ_EXAMPLES`` runs more.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from multiprocessing import shared_memory
 from pathlib import Path
@@ -28,7 +27,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serverproc import ServerProcess, everything
+from serverproc import ServerProcess, everything, patience, wait_for
 
 from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
@@ -330,10 +329,10 @@ class Target:
         self.calls += 1
         try:
             if seed.streamed:
-                for _ in self.channel.stream_stream(seed.path)(iter(parts), timeout=10):
+                for _ in self.channel.stream_stream(seed.path)(iter(parts), timeout=patience(1)):
                     pass
             else:
-                self.channel.unary_unary(seed.path)(parts[0], timeout=10)
+                self.channel.unary_unary(seed.path)(parts[0], timeout=patience(1))
         except grpc.RpcError as error:
             return error.code()
         return grpc.StatusCode.OK
@@ -348,7 +347,7 @@ class Target:
             self.reset()
         if self.calls % 100 == 0:
             health = health_pb2.HealthCheckResponse.FromString(
-                self.channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=2)
+                self.channel.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=patience(0.2))
             )
             assert health.status == health_pb2.HealthCheckResponse.SERVING
 
@@ -402,8 +401,7 @@ def test_field_mutations_of_every_rpc(target, call) -> None:
 
 def test_the_fuzzed_server_is_whole_afterwards(target) -> None:
     """Runs after the fuzzing (file order): every base layer serves, and memory came back down."""
-    time.sleep(0.5)
-    assert _rss(target.proc) - target.rss < 150 << 20
+    assert wait_for(lambda: _rss(target.proc) - target.rss < 150 << 20, patience(0.05)), _rss(target.proc) - target.rss
     for name in BASE:
         target.stub.GetState(pb.GetStateRequest(name=name))
     target.stub.Infer(pb.InferRequest(layer="f.ln", x=tensor(2, 4)))

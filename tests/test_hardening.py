@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from serverproc import NORMSERVE, ServerProcess, everything, patience
+from serverproc import NORMSERVE, ServerProcess, everything, patience, wait_for
 
 from normserve.client import (
     AlreadyExists,
@@ -48,17 +48,26 @@ def rss_bytes(proc: ServerProcess) -> int:
     raise AssertionError("no VmRSS")
 
 
+def grows_less(proc: ServerProcess, before: int, limit: int, seconds_alone: float) -> bool:
+    """Whether the server's resident bytes come under ``before + limit`` within patience(seconds_alone): memory
+    given back (a heap trimmed after a second without calls) comes back later on a busy machine, memory held
+    for good never."""
+    return wait_for(lambda: rss_bytes(proc) - before < limit, patience(seconds_alone), 0.2)
+
+
 def assert_alive(proc: ServerProcess) -> None:
-    """The process runs and answers a health check within a second."""
+    """The process runs and answers a health check within a second (times the slowdown)."""
     assert proc.process.poll() is None, f"server died with {proc.process.returncode}:\n{proc.log()[-3000:]}"
     with NormClient(proc.target, retry=ONCE) as nc:
-        assert nc.health(timeout=1) == "SERVING"
+        assert nc.health(timeout=patience(0.1)) == "SERVING"
 
 
-def raw_call(channel: grpc.Channel, method: str, payload: bytes, timeout: float = 10) -> tuple[grpc.StatusCode, str]:
+def raw_call(
+    channel: grpc.Channel, method: str, payload: bytes, timeout: float | None = None
+) -> tuple[grpc.StatusCode, str]:
     """Send ``payload`` as the request bytes of ``method``; the status code and details."""
     try:
-        channel.unary_unary(SERVICE + method)(payload, timeout=timeout)
+        channel.unary_unary(SERVICE + method)(payload, timeout=patience(1) if timeout is None else timeout)
     except grpc.RpcError as error:
         return error.code(), error.details() or ""
     return grpc.StatusCode.OK, ""
@@ -85,7 +94,7 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def nc(server):
-    with NormClient(server.target, retry=ONCE, timeout=60) as client:
+    with NormClient(server.target, retry=ONCE, timeout=patience(6)) as client:
         yield client
 
 
@@ -106,7 +115,7 @@ def test_answers_dropped_while_being_written_never_crash_the_server(server, nc, 
             layer.infer(x, timeout=timeout)
     infer_stream = nc._rpc("InferStream")
     for _ in range(3):
-        call = infer_stream(nc._stream_parts(infer_payload(layer_name, x[:8])), timeout=30)
+        call = infer_stream(nc._stream_parts(infer_payload(layer_name, x[:8])), timeout=patience(3))
         next(call)  # the head of the answer
         call.cancel()
     time.sleep(0.5)  # the server finishes its side of the cancelled calls
@@ -120,7 +129,7 @@ def test_answer_chunks_fit_a_small_message_limit(start_server, rng) -> None:
     with NormClient(proc.target, retry=ONCE, stream_threshold=64 * 1024, chunk_bytes=128 * 1024) as client:
         layer = client.create_layer("bn", "batch_norm", num_features=3)
         x = rng.normal(size=(16, 3, 20_000)).astype(np.float32)  # 3.8 MB streamed in 128 KiB chunks
-        y = layer.infer(x, timeout=30)
+        y = layer.infer(x, timeout=patience(3))
         scale = 1 / np.sqrt(1 + 1e-5)
         np.testing.assert_allclose(y, x * scale, rtol=1e-5, atol=1e-6)
     assert_alive(proc)
@@ -282,7 +291,7 @@ def test_truncating_shared_memory_during_calls_is_an_error_not_a_crash(shm_serve
     shm = shared_memory.SharedMemory(create=True, size=2 * size)
     stop = threading.Event()
     try:
-        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+        with NormClient(shm_server.target, retry=ONCE, timeout=patience(3)) as client:
             layer = client.create_layer("bn", "batch_norm", num_features=4)
             client.register_shared_memory("io", shm.name, 2 * size)
             shape = (size // 16, 4)
@@ -332,13 +341,13 @@ def test_shared_memory_symlinks_and_fifos_are_refused(shm_server, tmp_path) -> N
     link.symlink_to(secret)
     os.mkfifo(fifo)
     try:
-        with NormClient(shm_server.target, retry=ONCE, timeout=10) as client:
+        with NormClient(shm_server.target, retry=ONCE, timeout=patience(1)) as client:
             with pytest.raises(InvalidArgument, match=r"symbolic link|regular file"):
                 client.register_shared_memory("stolen", link.name, 64)
             started = time.monotonic()
-            with pytest.raises(InvalidArgument, match="regular file"):
+            with pytest.raises(InvalidArgument, match="regular file"):  # an open that blocked would time out
                 client.register_shared_memory("fifo", fifo.name, 64)
-            assert time.monotonic() - started < 5
+            assert time.monotonic() - started < patience(0.5)
             assert client.list_shared_memory() == []
         assert_alive(shm_server)
         assert secret.read_bytes() == b"do not touch " * 100
@@ -358,8 +367,8 @@ def test_world_size_is_bounded_before_any_work(server, stub, layer_name, rng) ->
         stub.Train(pb.TrainRequest(layer=layer_name, x=x, sync=pb.SyncGroup(id="g", world_size=2**32 - 1, rank=5)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "world_size" in caught.value.details()
-    assert "--max-world-size" in caught.value.details()
-    assert time.monotonic() - started < 2
+    assert "--max-world-size" in caught.value.details()  # refused by the bound, not after building the set
+    assert time.monotonic() - started < patience(0.2)
     assert rss_bytes(server) - before < 50 * MiB
     assert_alive(server)
 
@@ -408,9 +417,10 @@ def test_a_rank_refused_before_joining_aborts_its_step_for_the_others(server, st
     stub.CreateLayer(pb.CreateLayerRequest(name=layer_name, config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=2)))
     x = codec.encode(rng.normal(size=(4, 2)).astype(np.float32))
     waiting = stub.Train.future(
-        pb.TrainRequest(layer=layer_name, x=x, sync=pb.SyncGroup(id="job", world_size=2, rank=0, step=1)), timeout=30
+        pb.TrainRequest(layer=layer_name, x=x, sync=pb.SyncGroup(id="job", world_size=2, rank=0, step=1)),
+        timeout=patience(3),
     )
-    time.sleep(0.2)
+    time.sleep(patience(0.02))  # rank 0 is waiting
     started = time.monotonic()
     bad_request = pb.TrainRequest(layer=layer_name, x=x, sync=pb.SyncGroup(id="job", world_size=2, rank=1, step=1))
     for key, value in bad.items():
@@ -423,9 +433,10 @@ def test_a_rank_refused_before_joining_aborts_its_step_for_the_others(server, st
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as aborted:
         waiting.result()
+    # ABORTED, not the DEADLINE_EXCEEDED of the --sync-timeout (60 s) or of the call's own deadline: at once
     assert aborted.value.code() == grpc.StatusCode.ABORTED, aborted.value.details()
     assert "rank 1" in aborted.value.details()
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < patience(0.5)
 
 
 # ---------------------------------------------------------------------- 5, 7. memory that outlives calls
@@ -442,8 +453,7 @@ def test_kept_forwards_count_the_bytes_they_really_hold(start_server, rng) -> No
             request = pb.TrainRequest(layer="bn", keep_forward=True, x=codec.encode(rng.normal(size=(2, 1))))
             code, details = raw_call(channel, "Train", request.SerializeToString() + padding)
             assert code == grpc.StatusCode.OK, details
-        time.sleep(0.2)
-        assert rss_bytes(proc) - before < 150 * MiB
+        assert grows_less(proc, before, 150 * MiB, 0.2), rss_bytes(proc) - before
     assert_alive(proc)
 
 
@@ -451,14 +461,13 @@ def test_reduction_lengths_chosen_by_clients_leave_no_memory_behind(start_server
     """Finding 7: a ones vector per distinct reduction length was cached (128 of them): 40 Infers of
     8 MiB left 1.4 GB resident while idle."""
     proc = start_server()
-    with NormClient(proc.target, retry=ONCE, timeout=60) as client:
+    with NormClient(proc.target, retry=ONCE, timeout=patience(6)) as client:
         layer = client.create_layer("in", "instance_norm", num_features=1)  # eval uses batch statistics
         layer.infer(rng.normal(size=(1, 1, 1000)))
         before = rss_bytes(proc)
         for i in range(40):  # float64, 8 MiB each: the statistics reduce over a client-chosen length
             layer.infer(rng.normal(size=(1, 1, MiB + 17 * i)))
-        time.sleep(3)
-        assert rss_bytes(proc) - before < 120 * MiB
+        assert grows_less(proc, before, 120 * MiB, 0.3), rss_bytes(proc) - before
     assert_alive(proc)
 
 
@@ -471,8 +480,8 @@ def test_a_layer_over_the_state_budget_is_refused_before_any_allocation(server, 
     with pytest.raises(grpc.RpcError) as caught:
         stub.CreateLayer(pb.CreateLayerRequest(name=f"huge{features}", config=config))
     assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value.details()
-    assert "--max-layer-state-bytes" in caught.value.details()
-    assert time.monotonic() - started < 2
+    assert "--max-layer-state-bytes" in caught.value.details()  # refused by the budget, before allocating
+    assert time.monotonic() - started < patience(0.2)
     assert rss_bytes(server) - before < 50 * MiB
     assert f"huge{features}" not in [layer.name for layer in stub.ListLayers(pb.ListLayersRequest()).layers]
 
@@ -546,7 +555,7 @@ def test_malformed_bytes_answer_invalid_argument(server, case) -> None:
     method, payload = MALFORMED[case]
     with grpc.insecure_channel(server.target) as channel:
         if method.endswith("Stream"):
-            call = channel.stream_stream(SERVICE + method)(iter([payload]), timeout=10)
+            call = channel.stream_stream(SERVICE + method)(iter([payload]), timeout=patience(1))
             with pytest.raises(grpc.RpcError) as caught:
                 list(call)
             code = caught.value.code()
@@ -595,7 +604,7 @@ def test_a_stream_head_naming_a_missing_layer_is_refused_before_its_chunks(serve
         ):
             sent.clear()
             with pytest.raises(grpc.RpcError) as caught:
-                list(stream(parts(name), timeout=30))
+                list(stream(parts(name), timeout=patience(3)))
             assert caught.value.code() == code
             assert len(sent) < 64, f"the server took {len(sent)} MiB of chunks before refusing the head"
 
@@ -604,11 +613,12 @@ def test_a_stream_that_goes_quiet_is_ended_and_frees_its_slot(start_server) -> N
     """Finding 12: a stream that sent a head and stopped held a --max-concurrent-rpcs slot forever."""
     proc = start_server("--default-deadline", "1", "--max-concurrent-rpcs", "2")
     release = threading.Event()
+    quiet = patience(2)  # far longer than the 1 s deadline: a server that waits for the client waits this long
 
     def quiet_parts():
         head = pb.InferRequest(layer="bn", x=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 2]))
         yield wire.serialize_part(wire.Payload(head))
-        release.wait(30)
+        release.wait(quiet)
 
     with NormClient(proc.target, retry=ONCE) as client, grpc.insecure_channel(proc.target) as channel:
         client.create_layer("bn", "batch_norm", num_features=2)
@@ -618,7 +628,7 @@ def test_a_stream_that_goes_quiet_is_ended_and_frees_its_slot(start_server) -> N
         release.set()
         assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert "sent nothing" in caught.value.details()
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < quiet  # ended by the server while the client was still quiet
         assert client.layer("bn").version == 1  # the slot is free again
 
 
@@ -637,7 +647,7 @@ def test_a_client_that_reads_nothing_of_its_answer_cannot_hold_its_slot(start_se
         started = time.monotonic()
         while True:  # the other client gets the one slot once the stalled call is gone
             try:
-                assert other.layer("bn", timeout=2).version == 1
+                assert other.layer("bn", timeout=patience(0.2)).version == 1
                 break
             except NormServeError:  # RESOURCE_EXHAUSTED while the slot is held, UNAVAILABLE while reconnecting
                 # about 3 s alone (connection age 2 s + grace 1 s); held, the slot would stay taken for good
@@ -662,8 +672,10 @@ def test_client_chosen_text_cannot_forge_or_flood_log_lines(start_server) -> Non
         for name in ("a\n2026-01-01 00:00:00 INFO FORGED: admin logged in", "\x1b[2J\x1b[31mred", "x" * (8 * MiB)):
             with pytest.raises(grpc.RpcError):
                 stub.GetLayer(pb.GetLayerRequest(name=name))
-    proc.log_lines("failed: INVALID_ARGUMENT")
-    time.sleep(0.3)
+    deadline = time.monotonic() + patience(1)  # the server logs each failed call just after its answer
+    while len(proc.log_lines("GetLayer failed: ")) < 3:
+        assert time.monotonic() < deadline, proc.log()[-3000:]
+        time.sleep(0.05)
     lines = proc.log().splitlines()
     assert not any(line.startswith("2026-01-01") or "FORGED" in line.split(" ")[0] for line in lines)
     assert not any("\x1b" in line for line in lines)
@@ -696,7 +708,7 @@ def test_memory_under_load_stays_within_the_documented_bound(start_server, rng) 
         "4",
     )
     x = rng.normal(size=(tensor_bytes // 4 // 64, 64)).astype(np.float32)
-    with NormClient(proc.target, retry=ONCE, timeout=60, stream_threshold=4 * MiB) as client:
+    with NormClient(proc.target, retry=ONCE, timeout=patience(6), stream_threshold=4 * MiB) as client:
         layer = client.create_layer("bn", "batch_norm", num_features=64)
         layer.infer(x[:8])
         baseline = rss_bytes(proc)
@@ -738,8 +750,8 @@ def test_a_message_of_millions_of_tiny_fields_is_refused_at_once(server, layer_n
         started, before = time.monotonic(), rss_bytes(server)
         code, details = raw_call(channel, "Infer", field(1, 2, b"bn") + b"\x78\x00" * (8 << 20))
         assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "fields" in details
-        assert time.monotonic() - started < 3
+        assert "fields" in details  # refused by the field count, not after a scan of 8 M fields
+        assert time.monotonic() - started < patience(0.3)
         assert rss_bytes(server) - before < 100 * MiB
     assert_alive(server)
 
@@ -756,12 +768,9 @@ def test_refused_large_calls_leave_no_memory_behind(start_server) -> None:
         before = rss_bytes(proc)
         for _ in range(6):
             with pytest.raises(grpc.RpcError):
-                stub.Infer(body, timeout=60)
-        # The server trims its heaps after a quiet second: a few seconds alone, longer on a loaded machine.
-        deadline = time.monotonic() + patience(0.5)
-        while (held := rss_bytes(proc) - before) >= 100 * MiB and time.monotonic() < deadline:
-            time.sleep(0.25)
-        assert held < 100 * MiB, f"{held / MiB:.0f} MiB still held"
+                stub.Infer(body, timeout=patience(6))
+        # the server trims its heaps after a second without calls
+        assert grows_less(proc, before, 100 * MiB, 0.4), rss_bytes(proc) - before
     assert_alive(proc)
 
 
@@ -784,7 +793,7 @@ def test_state_tensors_are_checked_before_they_are_read(shm_server) -> None:
     """A Train whose parameters map named 16 made-up keys of 256 MiB shared memory read 4 GiB before refusing."""
     shm = shared_memory.SharedMemory(create=True, size=64 * MiB)
     try:
-        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+        with NormClient(shm_server.target, retry=ONCE, timeout=patience(3)) as client:
             client.create_layer("bn", "batch_norm", num_features=4)
             client.register_shared_memory("big", shm.name, 64 * MiB)
             ref = pb.Tensor(
@@ -800,7 +809,7 @@ def test_state_tensors_are_checked_before_they_are_read(shm_server) -> None:
             ):
                 with pytest.raises(InvalidArgument, match=r"unknown state key|needs \(4,\)"):
                     client.call(type(request).__name__.removesuffix("Request"), request)
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < patience(0.2)  # and memory (below) says nothing was read
             assert rss_bytes(shm_server) - before < 50 * MiB
             assert client.layer("bn").version == 1
     finally:
@@ -810,15 +819,17 @@ def test_state_tensors_are_checked_before_they_are_read(shm_server) -> None:
 
 def test_a_step_open_when_its_layer_is_deleted_fails_and_never_reaches_the_new_layer(start_server, rng) -> None:
     """A step gathering on a deleted layer finished against the layer created under the same name."""
-    proc = start_server("--sync-timeout", "3")
+    # Rank 0 waits far longer than the deletion takes: ABORTED by the deletion, never by the --sync-timeout.
+    proc = start_server("--sync-timeout", f"{patience(3):g}")
     with grpc.insecure_channel(proc.target) as channel:
         stub = pb_grpc.NormalizationStub(channel)
         stub.CreateLayer(pb.CreateLayerRequest(name="bn", config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=1)))
         x1, x3 = (codec.encode(rng.normal(size=(4, c)).astype(np.float32)) for c in (1, 3))
         waiting = stub.Train.future(
-            pb.TrainRequest(layer="bn", x=x1, sync=pb.SyncGroup(id="job", world_size=2, rank=0, step=1)), timeout=30
+            pb.TrainRequest(layer="bn", x=x1, sync=pb.SyncGroup(id="job", world_size=2, rank=0, step=1)),
+            timeout=patience(6),
         )
-        time.sleep(0.3)
+        time.sleep(patience(0.03))  # rank 0 is waiting (its --sync-timeout is far longer)
         stub.DeleteLayer(pb.DeleteLayerRequest(name="bn"))
         with pytest.raises(grpc.RpcError) as aborted:
             waiting.result()
@@ -826,8 +837,9 @@ def test_a_step_open_when_its_layer_is_deleted_fails_and_never_reaches_the_new_l
         assert "deleted" in aborted.value.details()
         stub.CreateLayer(pb.CreateLayerRequest(name="bn", config=pb.LayerConfig(kind=pb.BATCH_NORM, num_features=3)))
         before = everything(stub)
+        late_rank = pb.TrainRequest(layer="bn", x=x3, sync=pb.SyncGroup(id="job", world_size=2, rank=1, step=1))
         with pytest.raises(grpc.RpcError) as late:  # rank 1 alone on the new layer: the step never completes
-            stub.Train(pb.TrainRequest(layer="bn", x=x3, sync=pb.SyncGroup(id="job", world_size=2, rank=1, step=1)))
+            stub.Train(late_rank, timeout=patience(0.3))  # ten times what completing with rank 0's x1 would take
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert everything(stub) == before
 
@@ -876,7 +888,7 @@ def test_empty_stream_chunks_are_refused(server, layer_name, stub) -> None:
     head = pb.InferRequest(layer=layer_name, x=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 2]))
     parts = [wire.serialize_part(wire.Payload(head)), wire.serialize_part(wire.Chunk(b""))]
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as caught:
-        list(channel.stream_stream(SERVICE + "InferStream")(iter(parts), timeout=10))
+        list(channel.stream_stream(SERVICE + "InferStream")(iter(parts), timeout=patience(1)))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "empty chunk" in caught.value.details()
 
@@ -886,7 +898,7 @@ def test_shared_memory_references_are_read_only_as_far_as_their_checked_size(shm
     byte_size 64 MiB read 64 MiB past --max-tensor-bytes before the length was refused."""
     shm = shared_memory.SharedMemory(create=True, size=64 * MiB)
     try:
-        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+        with NormClient(shm_server.target, retry=ONCE, timeout=patience(3)) as client:
             client.create_layer("ln", "layer_norm", normalized_shape=1)
             client.register_shared_memory("big", shm.name, 64 * MiB)
             ref = pb.SharedMemoryRef(region="big", byte_size=64 * MiB)
@@ -905,7 +917,7 @@ def test_an_output_object_truncated_before_the_write_is_refused_not_regrown(shm_
     """Writing past the end of a shrunk object grew it again and answered OK."""
     shm = shared_memory.SharedMemory(create=True, size=MiB)
     try:
-        with NormClient(shm_server.target, retry=ONCE, timeout=30) as client:
+        with NormClient(shm_server.target, retry=ONCE, timeout=patience(3)) as client:
             client.create_layer("bn", "batch_norm", num_features=4)
             client.register_shared_memory("io", shm.name, MiB)
             os.truncate(f"/dev/shm/{shm.name}", 4096)
@@ -938,18 +950,18 @@ def test_a_streamed_rank_that_breaks_off_aborts_its_step_for_the_others(server, 
     x = rng.normal(size=(4, 2)).astype(np.float32)
     sync = {"id": "job", "world_size": 2, "step": 1}
     waiting = stub.Train.future(
-        pb.TrainRequest(layer=layer_name, x=codec.encode(x), sync=pb.SyncGroup(rank=0, **sync)), timeout=30
+        pb.TrainRequest(layer=layer_name, x=codec.encode(x), sync=pb.SyncGroup(rank=0, **sync)), timeout=patience(3)
     )
-    time.sleep(0.2)
+    time.sleep(patience(0.02))  # rank 0 is waiting
     head = pb.TrainRequest(
         layer=layer_name, x=pb.Tensor(dtype=pb.FLOAT32, shape=[4, 2]), sync=pb.SyncGroup(rank=1, **sync)
     )
     parts = [wire.serialize_part(wire.Payload(head)), wire.serialize_part(wire.Chunk(x.tobytes() * 2))]
     started = time.monotonic()
     with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as refused:
-        list(channel.stream_stream(SERVICE + "TrainStream")(iter(parts), timeout=10))
+        list(channel.stream_stream(SERVICE + "TrainStream")(iter(parts), timeout=patience(1)))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as aborted:
         waiting.result()
-    assert aborted.value.code() == grpc.StatusCode.ABORTED
-    assert time.monotonic() - started < 5
+    assert aborted.value.code() == grpc.StatusCode.ABORTED  # not the --sync-timeout's DEADLINE_EXCEEDED
+    assert time.monotonic() - started < patience(0.5)

@@ -10,6 +10,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+from serverproc import patience
 
 from normserve.client import NormClient
 from normserve.server.store import DATABASE_NAME, StateStore
@@ -17,7 +18,7 @@ from normserve.v1 import codec
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
-SYNC_TIMEOUT = 1.0
+SYNC_TIMEOUT = patience(0.1)  # a second alone: the ranks of a step, sent together, meet well within it
 
 
 def stored_layers(state_dir, names: list[str]) -> None:
@@ -53,7 +54,7 @@ def test_a_list_larger_than_a_message_is_answered_in_pages_that_fit(start_server
 
 def _train(stub, layer: str, x: np.ndarray, step: int, rank: int = 0, world_size: int = 2, **request) -> grpc.Future:
     sync = pb.SyncGroup(id="job", world_size=world_size, rank=rank, step=step)
-    return stub.Train.future(pb.TrainRequest(layer=layer, x=codec.encode(x), sync=sync, **request), timeout=60)
+    return stub.Train.future(pb.TrainRequest(layer=layer, x=codec.encode(x), sync=sync, **request), timeout=patience(6))
 
 
 def _status(future: grpc.Future) -> grpc.StatusCode:
@@ -97,7 +98,9 @@ def test_a_failed_step_with_any_number_leaves_later_steps_open(start_server, rng
 
 def _register(stub, name: str, key: str) -> grpc.StatusCode:
     try:
-        stub.RegisterSharedMemory(pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=4096), timeout=10)
+        stub.RegisterSharedMemory(
+            pb.RegisterSharedMemoryRequest(name=name, key=key, byte_size=4096), timeout=patience(1)
+        )
     except grpc.RpcError as error:
         return error.code()
     return grpc.StatusCode.OK
@@ -130,7 +133,7 @@ def test_shared_memory_registrations_are_bounded_and_leave_descriptors_for_conne
                 break
         assert 50 < registered < 400 - 100, registered  # stopped with a quarter of 400 (at least 256) still free
         for _ in range(50):  # new connections, as load balancers' health checks open them, are still served
-            wait_serving(proc.target, timeout=10)
+            wait_serving(proc.target)
         stubs[0].UnregisterSharedMemory(pb.UnregisterSharedMemoryRequest())
         assert _register(stubs[0], "again", shm.name) == grpc.StatusCode.OK
     finally:

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from serverproc import patience
 
 from normserve.client import (
     AsyncNormClient,
@@ -54,7 +55,7 @@ class FakeServer:
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-        assert self._started.wait(30), "the fake server did not start"
+        assert self._started.wait(patience(3)), "the fake server did not start"
 
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
@@ -69,9 +70,9 @@ class FakeServer:
         await self._server.start()
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(30)
+        asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result(patience(3))
         self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+        self._thread.join(patience(3))
 
     @property
     def target(self) -> str:
@@ -113,7 +114,9 @@ def fake() -> FakeServer:
 def nc(fake):
     fake.answers = {SERVICE + "GetLayer": LAYER.SerializeToString}
     fake.calls.clear()
-    with NormClient(fake.target, timeout=2, retry=RetryPolicy(attempts=1), stream_threshold=64 << 10) as client:
+    with NormClient(
+        fake.target, timeout=patience(0.2), retry=RetryPolicy(attempts=1), stream_threshold=64 << 10
+    ) as client:
         yield client
 
 
@@ -129,7 +132,7 @@ def _streamed(head: Any, chunks: int, chunk: bytes = b"\0" * MiB) -> Callable[[]
 
 
 async def _stall() -> bytes:
-    await asyncio.sleep(30)
+    await asyncio.sleep(patience(3))  # far past the client's deadline
     return b""
 
 
@@ -271,7 +274,7 @@ def test_the_asyncio_client_refuses_lies_alike(fake) -> None:
     fake.answers["/grpc.health.v1.Health/Check"] = lambda: b"\x08\x63"
 
     async def main() -> None:
-        async with AsyncNormClient(fake.target, timeout=5, stream_threshold=64 << 10) as client:
+        async with AsyncNormClient(fake.target, timeout=patience(0.5), stream_threshold=64 << 10) as client:
             layer = await client.layer("bn")
             for x in (X, BIG_X):
                 with pytest.raises(MalformedAnswer):

@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from serverproc import NORMSERVE, ServerProcess
+from serverproc import NORMSERVE, ServerProcess, patience
 
 from normserve.client import NormClient
 
@@ -23,7 +23,7 @@ def _refused(tmp_path, layers_file: str, state_dir) -> str:
         [NORMSERVE, "serve", "--port", "0", "--state-dir", str(state_dir), "--layers-file", layers_file],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=patience(12),
     )
     assert result.returncode == 1, result.stderr
     assert "listening" not in result.stderr

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import NODE_CLIENT
+from serverproc import patience
 
 from normserve.client import NormClient, NotFound
 from normserve.v1 import codec
@@ -41,7 +42,7 @@ def test_a_node_client_gets_the_python_clients_numbers(node, start_server, rng) 
         capture_output=True,
         text=True,
         env=env,
-        timeout=120,
+        timeout=patience(12),
     )
     assert result.returncode == 0, result.stderr
     answers = json.loads(result.stdout)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serverproc import patience
+
 ROOT = Path(__file__).resolve().parents[1]
 GENERATED = ("normalization_pb2.py", "normalization_pb2.pyi", "normalization_pb2_grpc.py")
 
@@ -16,7 +18,7 @@ def test_generated_code_matches_the_proto(tmp_path) -> None:
         ["make", "-s", "-C", str(ROOT), "protos", f"PROTO_OUT={tmp_path}", f"VENV={venv}"],
         check=True,
         capture_output=True,
-        timeout=120,
+        timeout=patience(12),
     )
     for name in GENERATED:
         fresh = (tmp_path / "normserve" / "v1" / name).read_text()

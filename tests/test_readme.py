@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from serverproc import patience
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
@@ -25,7 +27,7 @@ def test_readme_and_docs_python_blocks_run(server) -> None:
     for page, code in blocks:
         code = code.replace("localhost:50051", server.target)  # the snippet's target is the test server
         for run in ("first", "second"):  # a reader runs a snippet again: it must not collide with its first run
-            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(12))
             assert result.returncode == 0, f"{page.name}, {run} run: {result.stderr}"
             assert "num_batches_tracked" in result.stdout, page.name
     assert (
@@ -34,7 +36,7 @@ def test_readme_and_docs_python_blocks_run(server) -> None:
             [sys.executable, "-m", "normserve.server", "layers", "--target", server.target],
             capture_output=True,
             text=True,
-            timeout=60,
+            timeout=patience(6),
         ).stdout
     )
 
@@ -43,7 +45,9 @@ def test_docs_node_block_runs(server, node) -> None:
     executable, env = node
     ((page, code),) = _blocks("js")
     code = code.replace("localhost:50051", server.target)
-    result = subprocess.run([executable, "-e", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [executable, "-e", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=patience(12)
+    )
     assert result.returncode == 0, f"{page.name}: {result.stderr}"
     # The answer's tensor read whole by protobuf.js: dtype, shape, then x normalized per channel.
     assert result.stdout.startswith("FLOAT32 [ 2, 3 ] [")

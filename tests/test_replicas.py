@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serverproc import NORMSERVE
+from serverproc import NORMSERVE, patience
 from test_observability import free_port
 
 from normserve.client import NormClient
@@ -63,7 +63,10 @@ def test_a_call_whose_routing_header_names_another_layer_is_refused(server, clie
 def _list(target: str, metadata=()) -> list[str]:
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.NormalizationStub(channel)
-        return [layer.name for layer in stub.ListLayers(pb.ListLayersRequest(), metadata=metadata, timeout=10).layers]
+        return [
+            layer.name
+            for layer in stub.ListLayers(pb.ListLayersRequest(), metadata=metadata, timeout=patience(1)).layers
+        ]
 
 
 def _health(target: str, metadata=()) -> str:
@@ -119,7 +122,7 @@ def test_a_server_without_peers_ignores_the_mark(server, client, layer_name) -> 
 
 def _serve(state_dir, *args: str) -> subprocess.CompletedProcess:
     command = [NORMSERVE, "serve", "--port", "0", "--state-dir", str(state_dir), *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+    return subprocess.run(command, capture_output=True, text=True, timeout=patience(6))
 
 
 @pytest.mark.parametrize(

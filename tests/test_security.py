@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from certs import make_pki
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serverproc import NORMSERVE, ServerProcess, everything
+from serverproc import NORMSERVE, ServerProcess, everything, patience
 
 from normserve.client import AsyncNormClient, NormClient, RetryPolicy, Unauthenticated, Unavailable
 from normserve.v1 import normalization_pb2 as pb
@@ -37,7 +37,10 @@ def _round_trip(client: NormClient, name: str) -> None:
 
 def _refused(**client) -> None:
     """The server turns this client away at the handshake."""
-    with NormClient(client.pop("target"), retry=ONCE, timeout=5, **client) as nc, pytest.raises(Unavailable):
+    with (
+        NormClient(client.pop("target"), retry=ONCE, timeout=patience(0.5), **client) as nc,
+        pytest.raises(Unavailable),
+    ):
         nc.list_layers()
 
 
@@ -63,8 +66,8 @@ def test_tls_serves_verified_clients_only(tmp_path, pki) -> None:
         _refused(target=target)  # plaintext
         _refused(target=target, ca_cert=pki["rogue_ca"])  # a server this client cannot verify
         health = [NORMSERVE, "health", "--target", target, "--tls-ca", str(pki["ca"].ca)]
-        assert subprocess.run(health, capture_output=True, text=True, timeout=30).returncode == 0
-        assert subprocess.run(health[:4], capture_output=True, timeout=30).returncode == 1
+        assert subprocess.run(health, capture_output=True, text=True, timeout=patience(3)).returncode == 0
+        assert subprocess.run(health[:4], capture_output=True, timeout=patience(3)).returncode == 1
     finally:
         assert proc.stop() == 0
 
@@ -85,9 +88,9 @@ def test_mutual_tls_refuses_clients_without_a_certificate_from_the_ca(tmp_path, 
         rogue = pki["rogue_client"]
         _refused(target=target, ca_cert=pki["ca"].ca, client_cert=rogue.cert, client_key=rogue.key)
         layers = [NORMSERVE, "layers", "--target", target, "--tls-ca", str(pki["ca"].ca)]
-        assert subprocess.run(layers, capture_output=True, timeout=30).returncode == 1
+        assert subprocess.run(layers, capture_output=True, timeout=patience(3)).returncode == 1
         with_cert = [*layers, "--tls-client-cert", str(client.cert), "--tls-client-key", str(client.key)]
-        listed = subprocess.run(with_cert, capture_output=True, text=True, timeout=30)
+        listed = subprocess.run(with_cert, capture_output=True, text=True, timeout=patience(3))
         assert listed.returncode == 0, listed.stderr
         assert listed.stdout.splitlines()[1].startswith("mtls\tbatch_norm")  # below the header
     finally:
@@ -105,7 +108,7 @@ def test_serve_refuses_half_a_tls_config(tmp_path, pki) -> None:
             [NORMSERVE, "serve", "--port", "0", "--state-dir", str(tmp_path), *args],
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=patience(3),
         )
         assert result.returncode == 2
         assert "--tls-cert and --tls-key" in result.stderr
@@ -157,7 +160,7 @@ def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[
         request = requests[method.name]
         try:
             answer = getattr(stub, method.name)(
-                iter([request]) if method.client_streaming else request, metadata=metadata, timeout=10
+                iter([request]) if method.client_streaming else request, metadata=metadata, timeout=patience(1)
             )
             if method.server_streaming:
                 list(answer)
@@ -190,9 +193,9 @@ def test_tokens_guard_every_method_but_health_and_change_nothing(token_server) -
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         with pytest.raises(grpc.RpcError) as refused:
-            list(reflect.ServerReflectionInfo(iter([request]), timeout=10))
+            list(reflect.ServerReflectionInfo(iter([request]), timeout=patience(1)))
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        assert list(reflect.ServerReflectionInfo(iter([request]), metadata=good, timeout=10))
+        assert list(reflect.ServerReflectionInfo(iter([request]), metadata=good, timeout=patience(1)))
 
     async def listed_by_async_client() -> list[str]:
         async with AsyncNormClient(proc.target, token=TOKENS[0]) as nc:
@@ -204,7 +207,7 @@ def test_tokens_guard_every_method_but_health_and_change_nothing(token_server) -
         assert anonymous.health() == "SERVING"  # load balancers carry no token
         with pytest.raises(Unauthenticated, match="requires a token"):
             anonymous.list_layers()
-    assert subprocess.run([NORMSERVE, "health", "--target", proc.target], timeout=30).returncode == 0
+    assert subprocess.run([NORMSERVE, "health", "--target", proc.target], timeout=patience(3)).returncode == 0
 
     proc.log_lines("code=UNAUTHENTICATED")
     log = proc.log()
@@ -222,7 +225,7 @@ def test_token_file_is_reloaded_when_it_changes(token_server, tmp_path) -> None:
         with pytest.raises(Unauthenticated):
             new.list_layers()
         tokens.write_text("rotated-token-5d1e\n")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + patience(1)
         while True:  # re-read at most once a second
             try:
                 new.list_layers()
@@ -233,14 +236,20 @@ def test_token_file_is_reloaded_when_it_changes(token_server, tmp_path) -> None:
         with pytest.raises(Unauthenticated):
             old.list_layers()
         tokens.write_text("# nobody\n")  # an empty file keeps the tokens it had
-        time.sleep(1.2)
+        deadline = time.monotonic() + patience(1)
+        while "keeping the previous tokens" not in proc.log():  # re-read by a call a second after the last
+            assert new.list_layers() == []
+            assert time.monotonic() < deadline, proc.log()
+            time.sleep(0.2)
         assert new.list_layers() == []
-    assert "keeping the previous tokens" in proc.log()
     token_file = tmp_path / "client-token"
     token_file.write_text("rotated-token-5d1e\n")
     cli = [NORMSERVE, "layers", "--target", proc.target]
-    assert subprocess.run(cli, capture_output=True, timeout=30).returncode == 1
-    assert subprocess.run([*cli, "--token-file", str(token_file)], capture_output=True, timeout=30).returncode == 0
+    assert subprocess.run(cli, capture_output=True, timeout=patience(3)).returncode == 1
+    assert (
+        subprocess.run([*cli, "--token-file", str(token_file)], capture_output=True, timeout=patience(3)).returncode
+        == 0
+    )
 
 
 def test_an_empty_token_file_stops_startup(tmp_path) -> None:
@@ -250,7 +259,7 @@ def test_an_empty_token_file_stops_startup(tmp_path) -> None:
         [NORMSERVE, "serve", "--port", "0", "--state-dir", str(tmp_path / "s"), "--auth-token-file", str(tokens)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=patience(6),
     )
     assert result.returncode == 1
     assert "holds no tokens" in result.stderr
@@ -264,4 +273,4 @@ class _AuthStub:
 
     def __getattr__(self, method):
         rpc = getattr(self._stub, method)
-        return lambda request: rpc(request, metadata=self._metadata, timeout=10)
+        return lambda request: rpc(request, metadata=self._metadata, timeout=patience(1))

@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serverproc import ServerProcess
+from serverproc import ServerProcess, patience
 
 from normkernels import compiled
 from normserve.client import NormClient, RetryPolicy, Unavailable
@@ -18,8 +18,8 @@ from normserve.server.app import LIVENESS_SERVICE, SERVICE_NAME
 
 pytestmark = pytest.mark.skipif(not compiled.wanted(), reason="NORMKERNELS_CPU=numpy: no kernels to compile")
 
-#: Generous for a loaded 2-core machine: compiling one kernel takes seconds there, a first start minutes.
-READY_SECONDS = 600
+#: Compiling one kernel takes seconds alone, a whole first start a minute or more.
+READY_SECONDS = patience(60)
 
 
 def _statuses(target: str) -> dict[str, str]:
@@ -27,7 +27,7 @@ def _statuses(target: str) -> dict[str, str]:
         stub = health_pb2_grpc.HealthStub(channel)
         return {
             service: health_pb2.HealthCheckResponse.ServingStatus.Name(
-                stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+                stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=patience(1)).status
             )
             for service in ("", SERVICE_NAME, LIVENESS_SERVICE)
         }
@@ -76,7 +76,8 @@ def test_a_server_stopped_while_it_compiles_exits_at_once(tmp_path) -> None:
     proc.start(timeout=READY_SECONDS, ready=False)
     assert _statuses(proc.target)[""] == "NOT_SERVING"  # a whole first start compiles for long
     started = time.monotonic()
-    assert proc.stop(timeout=60) == 0
-    assert time.monotonic() - started < 30  # not the minutes the compile would take
+    assert proc.stop() == 0
+    # A second or so alone, not the minutes (alone) the compile would take: both grow with the slowdown.
+    assert time.monotonic() - started < patience(3)
     assert "ready: SERVING" not in proc.log()
     assert "stopped; state is in" in proc.log()

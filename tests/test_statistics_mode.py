@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import clone, randomize
-from serverproc import everything
+from serverproc import everything, patience
 
 import normkernels as nk
 from normkernels import statistics
@@ -186,7 +186,7 @@ def test_bad_statistics_requests_are_refused_with_a_clear_error_and_change_nothi
 
 def _ranks(target: str, world: int, work):
     def run(rank: int):
-        with NormClient(target, timeout=30) as nc:
+        with NormClient(target, timeout=patience(3)) as nc:
             return work(nc, rank)
 
     with ThreadPoolExecutor(world) as pool:
@@ -274,7 +274,7 @@ def test_fifty_sgd_steps_in_statistics_mode_match_local_torch(client, layer_name
 
 def test_eval_and_kinds_without_running_statistics_make_no_call(start_server) -> None:
     proc = start_server()
-    with NormClient(proc.target, timeout=10) as nc:
+    with NormClient(proc.target, timeout=patience(1)) as nc:
         model = convert_to_remote(_mlp(), nc, prefix="offline.", mode="statistics")
         model(torch.randn(8, 12)).sum().backward()  # trains: one TrainStatistics (batch norm)
         proc.kill()  # from here on, no server

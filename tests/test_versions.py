@@ -8,7 +8,7 @@ import subprocess
 
 import numpy as np
 import pytest
-from serverproc import NORMSERVE, ServerProcess
+from serverproc import NORMSERVE, ServerProcess, patience
 
 from normserve.client import DataLoss, NormClient, NotFound
 
@@ -61,14 +61,20 @@ def test_a_bad_batch_is_rolled_back_and_the_rollback_survives_a_restart(tmp_path
             assert _equal(layer.state_dict(version=5), polluted)  # older versions are kept across restarts
             assert not _equal(first, good)
         cli = subprocess.run(
-            [NORMSERVE, "rollback", "bn", "5", "--target", proc.target], capture_output=True, text=True, timeout=60
+            [NORMSERVE, "rollback", "bn", "5", "--target", proc.target],
+            capture_output=True,
+            text=True,
+            timeout=patience(6),
         )
         assert cli.returncode == 0, cli.stderr
         assert "bn: version 7 holds the state of version 5 (kept: 4 to 7)" in cli.stdout
         with NormClient(proc.target) as nc:
             assert _equal(nc.layer("bn").state_dict(), polluted)
         missing = subprocess.run(
-            [NORMSERVE, "rollback", "bn", "1", "--target", proc.target], capture_output=True, text=True, timeout=60
+            [NORMSERVE, "rollback", "bn", "1", "--target", proc.target],
+            capture_output=True,
+            text=True,
+            timeout=patience(6),
         )
         assert missing.returncode == 1
         assert "NOT_FOUND" in missing.stderr
