@@ -17,7 +17,7 @@ the event loop.
 Each registration holds a file descriptor, so registrations are bounded: in
 all (``--max-shared-memory-regions``), per client (its connection,
 ``--max-shared-memory-regions-per-client``), and by the descriptors left
-under the process's RLIMIT_NOFILE, of which :data:`RESERVED_DESCRIPTORS`
+under the process's RLIMIT_NOFILE, of which :data:`normserve.server.transport.RESERVED_DESCRIPTORS`
 (or a quarter, whichever is more) stay free for accepting connections and
 the state database: a client cannot lock others out by registering one
 object under many names.
@@ -43,6 +43,7 @@ import numpy as np
 
 from normserve.server.errors import InvalidRequest, RegionExists, RegionNotFound, SharedMemoryOff, TooManyRegions
 from normserve.server.layer_config import check_name
+from normserve.server.transport import RESERVED_DESCRIPTORS
 from normserve.v1 import normalization_pb2 as pb
 
 __all__ = ["Region", "SharedMemoryRegions"]
@@ -52,9 +53,6 @@ SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared-memory objects (shm_open'
 _KEY = re.compile(r"/?[A-Za-z0-9_.:-]{1,250}")
 #: Transfers up to this many bytes run on the event loop (a thread hop costs more than the copy).
 INLINE_BYTES = 1 << 20
-#: Descriptors under RLIMIT_NOFILE that registrations never take (or a quarter of the limit, if more):
-#: room for accepting connections, the state database, and transfers' duplicated descriptors.
-RESERVED_DESCRIPTORS = 256
 _FD_DIR = "/proc/self/fd"
 
 
@@ -276,7 +274,10 @@ class SharedMemoryRegions:
 
 
 def _descriptors_free() -> tuple[int | None, int]:
-    """(descriptors the process may still open, or None when that is not known; how many to keep free)."""
+    """(descriptors the process may still open, or None when that is not known; how many to keep free).
+
+    Registrations never take the descriptors the transport keeps out of its connection budget (or a quarter
+    of the limit, if more): room for accepting connections, the state database, and transfers' duplicates."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return None, RESERVED_DESCRIPTORS

@@ -201,11 +201,12 @@ class StateStore:
                 f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
             )
 
-    # Only rows that can be a layer's version: a damaged row (a NULL name, a version that is no integer) must not
-    # stop the start with a constraint error; it is reported by load_all instead.
     def _record_current_versions(self) -> None:
         """Keep every layer's current version that is not kept yet (a database from before versions were kept,
-        or written by such a server since). Without room it stays unrecorded until the layer's next change."""
+        or written by such a server since). Without room it stays unrecorded until the layer's next change.
+
+        Only rows that can be a layer's version are copied: a damaged row (a NULL name, a version that is no
+        integer) must not stop the start with a constraint error; load_all reports it instead."""
         try:
             with self._transaction() as db:
                 db.execute(
