@@ -5,6 +5,7 @@ Their methods are the operations of :mod:`normserve.client.operations`, carried 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -12,10 +13,12 @@ from typing import Any, TypeVar
 import grpc
 
 from normserve.client import operations, protocol
+from normserve.client.statistics_pipeline import StatisticsPipeline
 
 __all__ = ["NormClient", "RemoteLayer"]
 
 _T = TypeVar("_T")
+_PIPELINE_MADE = threading.Lock()
 
 
 def _run(plan: operations.Plan[_T]) -> _T:
@@ -75,6 +78,15 @@ class NormClient(operations.ClientOperations, make_method=_blocking_method):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def statistics_pipeline(self) -> StatisticsPipeline:
+        """This client's statistics-mode training updates in flight (made on first use): how
+        ``mode="statistics"`` modules send their updates off the step's critical path
+        (:mod:`normserve.client.statistics_pipeline`)."""
+        with _PIPELINE_MADE:
+            if self._pipeline is None:
+                self._pipeline = StatisticsPipeline(self)
+        return self._pipeline
 
     def _stream(self, rpc: Any, request: Any, **kwargs: Any) -> Any:
         assembly = protocol.AnswerAssembly(request)

@@ -25,6 +25,7 @@ __all__ = [
     "Unavailable",
     "UnknownArgument",
     "error_from_rpc",
+    "error_from_status",
 ]
 
 
@@ -34,6 +35,11 @@ class NormServeError(Exception):
     ``field_violations`` the BadRequest's (field, description) pairs."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    #: Statistics mode: the module's training steps whose updates this error is about (see
+    #: :mod:`normserve.client.statistics_pipeline`); empty for any other failure.
+    steps: tuple[int, ...] = ()
+    #: Statistics mode: the layer those steps are of.
+    layer: str = ""
 
     def __init__(
         self,
@@ -161,12 +167,28 @@ def _rich_details(error: grpc.RpcError) -> tuple[str, tuple[tuple[str, str], ...
 def error_from_rpc(error: grpc.RpcError, method: str = "") -> NormServeError:
     """The NormServeError subclass for a failed gRPC call."""
     code = error.code()
-    cls = _BY_CODE.get(code, NormServeError)
     # gRPC's own connection errors end in the status of a sub-step, ": OK", which reads as a contradiction.
     details = (error.details() or "").removesuffix(": OK")
     if code == grpc.StatusCode.INTERNAL and details == _UNPARSED_ANSWER:  # the answer, not the server, failed
         return MalformedAnswer("the server's answer is not a valid message of its type", method=method)
     reason, violations = _rich_details(error)
+    return error_from_status(code, details, method, reason, violations)
+
+
+def error_from_status(
+    code: grpc.StatusCode,
+    details: str,
+    method: str = "",
+    reason: str = "",
+    field_violations: tuple[tuple[str, str], ...] = (),
+) -> NormServeError:
+    """The NormServeError subclass for a status ``code`` with the server's ``details`` (a failed call's, or
+    one update's outcome within a PushStatistics answer)."""
+    cls = _BY_CODE.get(code, NormServeError)
     return cls(
-        details or _WITHOUT_DETAILS.get(code, ""), code=code, method=method, reason=reason, field_violations=violations
+        details or _WITHOUT_DETAILS.get(code, ""),
+        code=code,
+        method=method,
+        reason=reason,
+        field_violations=field_violations,
     )

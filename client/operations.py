@@ -107,11 +107,23 @@ class ClientOperations(protocol.ClientBase, _Operations):
 
     @operation
     def close(self) -> Plan[None]:
-        """Unregister the shared-memory regions this client created (best effort), and close the channel."""
+        """Wait for the statistics-mode updates in flight (blocking client), unregister the shared-memory
+        regions this client created (best effort), and close the channel. A statistics-mode failure no
+        module raised yet is raised then."""
+        pipeline, unfinished = self._pipeline, None
+        if pipeline is not None:
+            try:
+                yield pipeline.close
+            except NormServeError as error:  # still in flight after the timeout: said after closing
+                unfinished = error
         if self._regions:
             with contextlib.suppress(NormServeError):
                 yield functools.partial(self.unregister_shared_memory, *self._regions, timeout=2)
         yield self._channel.close
+        if unfinished is not None:
+            raise unfinished
+        if pipeline is not None:
+            yield pipeline.raise_unreported
 
     @operation
     def call(self, method: str, request: Any, timeout: float | None = None) -> Plan[Any]:

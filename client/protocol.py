@@ -61,6 +61,7 @@ __all__ = [
     "reading_answer",
     "running_stats",
     "state_dict",
+    "statistics_update",
     "step_sums",
     "train_options",
     "train_statistics_request",
@@ -206,6 +207,7 @@ class ClientBase:
         self.stream_threshold = min(stream_threshold, max_message_bytes // 2)
         self.chunk_bytes = chunk_bytes
         self._regions: dict[str, SharedMemoryRegion] = {}
+        self._pipeline: Any = None  # the blocking client's StatisticsPipeline, made on first use
         if token is not None and not (token.isascii() and token.isprintable() and " " not in token and token):
             raise ValueError("token must be printable ASCII without spaces (it travels as a header)")
         self._metadata = () if token is None else (("authorization", f"Bearer {token}"),)
@@ -791,6 +793,21 @@ def train_statistics_request(
     request = pb.TrainStatisticsRequest(layer=name, statistics=statistics)
     train_options(request, sync, parameters)
     return request
+
+
+def statistics_update(
+    name: str, step: int, count: int, mean: Any, m2: Any, parameters: Mapping[str, Any] | None
+) -> pb.StatisticsUpdate:
+    """One update of a PushStatistics message: as :func:`train_statistics_request`, numbered ``step``."""
+    update = pb.StatisticsUpdate(
+        layer=name,
+        step=step,
+        count=int(count),
+        mean=codec.encode(_float64(mean, "mean")),
+        m2=codec.encode(_float64(m2, "m2")),
+    )
+    train_options(update, None, parameters)
+    return update
 
 
 def running_stats(tensors: Mapping[str, pb.Tensor], layer: pb.Layer) -> dict[str, np.ndarray]:

@@ -60,6 +60,7 @@ compute (a trainer without torch kernels for its device, or to offload).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import uuid
@@ -72,8 +73,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from normserve.client.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted
+from normserve.client.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NormServeError,
+    ResourceExhausted,
+)
 from normserve.client.protocol import SyncGroup
+from normserve.client.statistics_pipeline import StatisticsPipeline, UpdateLog, running_after
 
 __all__ = [
     "EXISTING",
@@ -96,6 +104,7 @@ __all__ = [
 ]
 
 _PARAMETERS = ("weight", "bias")
+_RUNNING_KEYS = ("running_mean", "running_var")
 #: How a module uses its server (see the module docstring).
 MODES = ("tensors", "statistics")
 #: What converting a module does with a server layer that already has a history (see RemoteNorm.from_torch).
@@ -169,6 +178,7 @@ class RemoteNorm(nn.Module):
         #: Training forwards so far: the step number of the next synchronized step.
         self.sync_step = 0
         self._sent: dict[str, torch.Tensor] = {}  # parameter values the server holds (as last sent or read)
+        self._updates: UpdateLog | None = None  # statistics mode: this module's updates in flight, and failures
         self._layer = client.create_layer(name, self.kind, **self._server_config(remote_device))
         if self._layer.version > 1:  # an existing layer with a history: its state wins
             self.pull()
@@ -216,33 +226,74 @@ class RemoteNorm(nn.Module):
         self._sent = {key: p.detach().clone() for key in _PARAMETERS if (p := getattr(self, key)) is not None}
 
     def _changed_parameters(self) -> dict[str, torch.Tensor]:
-        """Parameters whose values differ from what the server holds."""
+        """Parameters whose values differ from what the server holds (all, when that is not known)."""
         return {
             key: p.detach()
             for key in _PARAMETERS
-            if (p := getattr(self, key)) is not None and not torch.equal(p.detach(), self._sent[key].to(p.device))
+            if (p := getattr(self, key)) is not None
+            and (key not in self._sent or not torch.equal(p.detach(), self._sent[key].to(p.device)))
         }
 
     def send_parameters(self) -> None:
-        """Write the parameters to the server if they changed since it last saw them (else no call)."""
+        """Write the parameters to the server if they changed since it last saw them (else no call), after
+        the statistics-mode updates in flight (which may carry earlier values)."""
+        self.settle_updates()
         changed = self._changed_parameters()
         if changed:
             self._layer.load_state_dict(changed, strict=False)
             self._sent.update({key: value.clone() for key, value in changed.items()})
 
     def sync_state(self) -> None:
-        """Bring the server up to date with this module (statistics mode: parameters stepped locally)."""
+        """Bring the server up to date with this module and back (statistics mode: wait for the updates in
+        flight, raise any that failed, send parameters stepped locally)."""
         self.send_parameters()
 
     def push(self) -> None:
         """Write this module's whole state (parameters, running statistics) to the server."""
+        self.settle_updates()
         self._layer.load_state_dict({key: value.detach() for key, value in self.state_dict().items()})
         self._remember_sent()
 
     def pull(self) -> None:
         """Read the server's state into this module's parameters and buffers."""
+        self.settle_updates()
         self._copy_in(self._layer.state_dict())
         self._remember_sent()
+
+    # ------------------------------------------------------------------ statistics mode's updates in flight
+    def _pipeline(self) -> StatisticsPipeline:
+        return self.client.statistics_pipeline()
+
+    def settle_updates(self) -> None:
+        """Statistics mode: wait until this module's training updates in flight are stored, mirror the
+        server's running statistics after them, and raise any that failed (naming their steps); the
+        state reads (``state_dict``, eval forwards, ``convert_to_local``, ``sync_state``) do this first."""
+        log = self._updates
+        if log is None:
+            return
+        self._pipeline().wait(log)
+        after = running_after(log)
+        if after is not None:
+            self._mirror(*after)
+        self._raise_update_failure()
+
+    def _raise_update_failure(self) -> None:
+        """Raise what became of this module's failed updates, with the server's running statistics read back
+        (each refused update changed nothing there); a server out of reach leaves them, and the parameters
+        are sent again with the next update."""
+        log = self._updates
+        if log is None or not log.failed:
+            return
+        self._pipeline().wait(log)
+        error = log.take_failure()
+        assert error is not None
+        self._sent = {}
+        with contextlib.suppress(NormServeError):
+            state = self._layer.state_dict()
+            self._copy_in({key: value for key, value in state.items() if key in _RUNNING_KEYS})
+            self.num_batches_tracked.fill_(int(state["num_batches_tracked"]))
+            self._sent = {key: torch.as_tensor(state[key]) for key in _PARAMETERS if key in state}
+        raise error
 
     def _copy_in(self, state: Mapping[str, np.ndarray]) -> None:
         with torch.no_grad():
@@ -281,26 +332,35 @@ class RemoteNorm(nn.Module):
         self.num_batches_tracked.fill_(num_batches_tracked)
 
     def _forward_with_statistics(self, x: torch.Tensor) -> torch.Tensor:
-        """Statistics mode: torch computes. A training batch of a layer with running statistics, or of a
-        synchronized batch norm, sends its per-group statistics (and changed parameters); the running
-        statistics that come back are mirrored."""
+        """Statistics mode: torch computes. A training batch of a layer with running statistics updates them
+        here as torch does and queues its per-group statistics (and changed parameters) for the server,
+        without waiting (:mod:`~normserve.client.statistics_pipeline`). A synchronized batch norm's training
+        batch waits for the step's statistics, and mirrors the running statistics that come back."""
         batch = self.training or not self._tracks()  # normalize with the batch's own statistics
         synchronized = self.training and self.sync_group is not None
         if not (self.training and self._tracks()) and not synchronized:
+            self.settle_updates()  # eval: normalize with the server's running statistics after what is in flight
             return _LOCAL_FORWARD[self.kind](self, x, batch)  # these forwards change nothing on the server
+        self._raise_update_failure()
+        step = self.sync_step
         sync = self._next_sync()
         changed = self._changed_parameters()
         exact = x.dtype in (torch.float32, torch.float64)  # else torch's own forward, statistics in float32
         values = x if exact else x.detach().float()
-        y, count, mean, m2 = _normalized(self, values.detach() if synchronized else values)
+        if sync is None:
+            y, count, mean, m2 = _normalized(self, values, track=True)
+            if self._updates is None:
+                self._updates = UpdateLog(self._layer.info)
+            self._pipeline().push(self._updates, step, count, mean, m2, changed)
+            self._sent.update({key: value.clone() for key, value in changed.items()})
+            return y if exact else _LOCAL_FORWARD[self.kind](self, x, batch)
+        y, count, mean, m2 = _normalized(self, values.detach())
         result = self._layer.train_statistics(count, mean, m2, sync=sync, parameters=changed)
         self._sent.update({key: value.clone() for key, value in changed.items()})
         if result.running_mean is not None:  # this module's own answer, not a handle other modules may share
             running = {"running_mean": result.running_mean, "running_var": result.running_var}
             self._mirror(running, result.num_batches_tracked)
-        if sync is not None:
-            return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
-        return y if exact else _LOCAL_FORWARD[self.kind](self, x, batch)
+        return _SyncedStatistics.apply(self, x, self.weight, self.bias, result, sync)
 
     def _running(self, batch: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The running statistics a local forward normalizes with (None: the batch's own); never updated."""
@@ -381,7 +441,7 @@ class RemoteNorm(nn.Module):
 
     def to_torch(self) -> nn.Module:
         """The local torch twin: this module's parameters, and the server's running statistics."""
-        self.send_parameters()
+        self.send_parameters()  # after the updates in flight
         self.pull()
         return self._local_twin()
 
@@ -395,6 +455,7 @@ class RemoteNorm(nn.Module):
         """A copy (``copy.deepcopy``, pickle, ``torch.save``) is the torch twin with this module's current
         parameters and mirrored buffers: it computes locally and can never change this module's server layer
         (an EMA or SWA copy, a teacher, a snapshot). ``convert_to_remote`` puts a copy on a server again."""
+        self.settle_updates()  # a copy reads the state: what is in flight first
         return _copied, (self._local_twin(),)  # pickle or deepcopy copy the twin itself, then _copied returns it
 
 
@@ -469,27 +530,50 @@ class _SyncedStatistics(torch.autograd.Function):
         return None, dx.to(x.dtype), dweight, dbias, None, None
 
 
-def _normalized(module: RemoteNorm, x: torch.Tensor) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+def _normalized(
+    module: RemoteNorm, x: torch.Tensor, track: bool = False
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     """torch's training-mode normalization of ``x`` (autograd intact) and the statistics it used: the values
     per group, each group's mean and m2 (float64); groups are channels, or each sample's channels for
-    instance norm, in (N, C) order.
+    instance norm, in (N, C) order. ``track``: also update the module's running statistics (and count of
+    batches) exactly as its torch twin's training forward does, in the same call.
 
     One pass: torch's batch norm also returns each group's mean and 1 / sqrt(var + eps), from which the
     variance is recovered in float64, as torch.nn.SyncBatchNorm recovers it (torch.var_mean would be a second,
     and on a CPU slower, pass).
     """
     weight, bias, view = module.weight, module.bias, x
-    if module.kind == "instance_norm":  # batch norm of (1, N * C, *spatial), as torch computes instance norm
+    running = (module.running_mean, module.running_var) if track else (None, None)
+    momentum = _momentum(module) if track else 0.0
+    instance = module.kind == "instance_norm"
+    if instance:  # batch norm of (1, N * C, *spatial), as torch computes instance norm
         n, c = x.shape[:2]
         view = x.reshape(1, n * c, *x.shape[2:])
-        weight, bias = (None if p is None else p.repeat(n) for p in (weight, bias))
-    y, mean, invstd = torch.native_batch_norm(view, weight, bias, None, None, True, 0.0, module.eps)
+        weight, bias, repeated = (None if p is None else p.repeat(n) for p in (weight, bias, running[0]))
+        running_of_view = (repeated, None if running[1] is None else running[1].repeat(n))
+    else:
+        running_of_view = running
+    y, mean, invstd = torch.native_batch_norm(view, weight, bias, *running_of_view, True, momentum, module.eps)
+    if track and instance:  # each channel's running statistics: the mean over the samples' (as torch)
+        with torch.no_grad():
+            for target, updated in zip(running, running_of_view, strict=True):
+                target.copy_(updated.view(n, c).mean(0))
     count = view.numel() // view.shape[1]
     with torch.no_grad():
         var = (invstd.double().pow(-2) - module.eps).clamp_min(0)
         if bool((var < module.eps).any()):  # invstd no longer carries the variance's digits: compute it
             var = torch.var_mean(view.detach().double(), dim=[0, *range(2, view.dim())], correction=0)[0]
     return y.reshape(x.shape), count, mean.detach().double(), var * count
+
+
+def _momentum(module: RemoteNorm) -> float:
+    """The running statistics' update factor of a training forward, as the torch twin's forward takes it
+    (counting the batch first for batch norm: momentum=None averages over all batches)."""
+    if module.kind == "batch_norm":
+        module.num_batches_tracked.add_(1)
+        if module.momentum is None:
+            return 1.0 / float(module.num_batches_tracked)
+    return 0.0 if module.momentum is None else module.momentum
 
 
 def _tensor(array: np.ndarray, like: torch.Tensor) -> torch.Tensor:

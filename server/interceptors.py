@@ -62,7 +62,7 @@ from normserve.server.logs import shorten
 from normserve.server.metrics import Metrics
 from normserve.server.security import TokenSet
 from normserve.server.transport import MAX_WATCH_STREAMS, receive_limit
-from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER, layer_of
+from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER, layer_of, layers_of
 
 __all__ = ["CallSlots", "GuardCalls", "Malformed", "RequireToken", "UntilReady", "same_kind"]
 
@@ -254,8 +254,8 @@ class _Call:
 
     def misrouted(self, request: Any) -> str | None:
         """Why ``request`` must be refused when its layer is not the one its routing header names, else None."""
-        layer = layer_of(request)
-        if layer is None or layer == self.routed:
+        layer = next((name for name in layers_of(request) if name != self.routed), None)
+        if layer is None:
             return None
         if self.routed is None:
             if not self.proxied:

@@ -30,7 +30,7 @@ import asyncio
 import contextlib
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
@@ -59,11 +59,11 @@ from normserve.server.errors import (
 )
 from normserve.server.forwards import Forward, ForwardCache
 from normserve.server.layer_config import build_layer, check_name
-from normserve.server.store import KeptVersion, StateStore
+from normserve.server.store import KeptVersion, StateStore, StateUpdate
 from normserve.server.sync_groups import StepKey, SyncSpec, SyncSteps
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "TrainingStats", "Unrestorable", "host_state"]
+__all__ = ["RUNNING_KEYS", "Registry", "Snapshot", "StatisticsUpdate", "TrainingStats", "Unrestorable", "host_state"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,6 +113,19 @@ class Snapshot:
     def kept(self) -> KeptVersion:
         """This version's whole state, as the store keeps it."""
         return KeptVersion(self.version, self.layer.num_batches_tracked, host_state(self.layer))
+
+
+@dataclass(frozen=True)
+class StatisticsUpdate:
+    """One layer's training batch given as its statistics, as a PushStatistics message carries it."""
+
+    layer: str
+    part: GradSums
+    parameters: Mapping[str, np.ndarray]
+
+
+#: What became of an update of :meth:`Registry.push_statistics`: the snapshot after it, or why it was refused.
+Outcome = Snapshot | Exception
 
 
 @dataclass(frozen=True)
@@ -582,6 +595,76 @@ class Registry:
             return part, entry.snapshot
 
         return await self._with_lock(name, work, wait)
+
+    async def push_statistics(self, updates: Sequence[StatisticsUpdate], *, wait: float | None = None) -> list[Outcome]:
+        """Each update as :meth:`train_statistics` without sync would apply it, in order (a layer's second
+        update after its first), all stored in one transaction: per update, the snapshot after it or the
+        exception that refused it. A refused update changes nothing; the others are stored or refused each
+        on their own, except a failed store, which refuses every update of the message."""
+        outcomes: list[Outcome | None] = [None] * len(updates)
+        entries: dict[str, _Entry] = {}
+        for index, update in enumerate(updates):
+            try:
+                entries.setdefault(update.layer, self._entry(update.layer))
+            except Exception as exc:  # unknown or unrestorable: this update alone
+                outcomes[index] = exc
+        locks = await self._locks_of([entries[name] for name in sorted(entries)], self._deadline(wait))
+
+        async def work() -> None:
+            after: dict[str, Snapshot] = {}
+            for index, update in enumerate(updates):
+                if outcomes[index] is None:
+                    outcomes[index] = await self._tracked(entries[update.layer], after, update)
+            writes = [
+                StateUpdate(
+                    update.layer,
+                    outcome.version,
+                    outcome.layer.num_batches_tracked,
+                    host_state(outcome.layer, (*update.parameters, *RUNNING_KEYS)),
+                )
+                for update, outcome in zip(updates, outcomes, strict=True)
+                if isinstance(outcome, Snapshot)
+            ]
+            if not writes:
+                return
+            try:
+                await self._write(self._store.update_states, writes)
+            except Exception as exc:  # nothing of the message is stored: every update it would have stored fails
+                outcomes[:] = [exc if isinstance(outcome, Snapshot) else outcome for outcome in outcomes]
+                return
+            for name, snapshot in after.items():
+                entries[name].snapshot = snapshot
+
+        await self._commit(locks, work)
+        return [outcome for outcome in outcomes if outcome is not None]  # every one is set by now
+
+    async def _locks_of(self, entries: list[_Entry], deadline: float | None) -> list[asyncio.Lock]:
+        """The locks of ``entries``, taken in the order given (sorted by name: writers never deadlock)."""
+        taken: list[asyncio.Lock] = []
+        try:
+            for entry in entries:
+                await self._within(entry.lock.acquire(), deadline, "the earlier writes of the message's layers")
+                taken.append(entry.lock)
+        except BaseException:
+            for lock in reversed(taken):
+                lock.release()
+            raise
+        return taken
+
+    async def _tracked(self, entry: _Entry, after: dict[str, Snapshot], update: StatisticsUpdate) -> Outcome:
+        """``update`` applied after the updates of its layer before it in the message (``after``)."""
+        try:
+            if entry.deleted:  # deleted while the message queued
+                raise LayerNotFound(update.layer)
+            current = after.get(update.layer, entry.snapshot)
+            assert isinstance(current, Snapshot)  # _entry refused unrestorable layers
+            start = _with_parameters(current, update.parameters)
+            layer = start.layer.copy()
+            report = await self._compute(layer.track_statistics, update.part, elements=np.size(update.part.moments.var))
+        except Exception as exc:
+            return exc
+        after[update.layer] = snapshot = start.after(layer, self.keep_versions, current.stats.after(report))
+        return snapshot
 
     async def _training_step(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,6 +49,7 @@ from normserve.server.registry import (
     TRAINING_PHASE,
     Registry,
     Snapshot,
+    StatisticsUpdate,
     TrainingStats,
     Unrestorable,
     host_state,
@@ -72,6 +74,8 @@ ANSWER_OVERHEAD_BYTES = 4 << 10
 #: Characters of an error's message sent to the client: twice, as grpc-message and in the google.rpc.Status
 #: beside it, well inside gRPC's 8 KiB default metadata limit.
 DETAILS_CHARACTERS = 2048
+#: Updates one PushStatistics message may hold (a step of a very deep model, or many steps of a small one).
+MAX_UPDATES_PER_MESSAGE = 4096
 #: States up to this many bytes are encoded on the event loop.
 INLINE_STATE_BYTES = 1 << 20
 _HALF_DTYPES = (pb.FLOAT16, pb.BFLOAT16)
@@ -168,6 +172,24 @@ def _streaming(
     return handler
 
 
+def _rpc_stream(
+    method: Callable[[Any, AsyncIterator[Request], Any], AsyncIterator[Response]],
+) -> Callable[[Any, AsyncIterator[Request], Any], AsyncIterator[Response]]:
+    """A streaming method whose domain errors end the stream with their status codes (as :func:`_rpc`)."""
+    abort = _translate_errors(method.__name__)
+
+    @functools.wraps(method)
+    async def handler(self: Any, requests: AsyncIterator[Request], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in method(self, requests, context):
+                yield response
+        except Exception as exc:
+            await abort(context, exc)
+            raise
+
+    return handler
+
+
 def _state_bytes(layer: Any, keys: tuple[str, ...]) -> int:
     """Bytes of those of the layer's state tensors ``keys`` names that it has."""
     return layer.tensor_nbytes * sum(key in layer.state_keys for key in keys)
@@ -203,9 +225,30 @@ def _count(count: int, what: str) -> int:
 def batch_statistics(message: pb.BatchStatistics) -> GradSums:
     """A BatchStatistics message as a step's part (moments: mean and biased variance per group); the layer
     checks the groups against itself (``check_statistics``) before anything changes."""
-    count = _count(message.count, "statistics.count")
-    mean, m2 = (np.asarray(values, dtype=np.float64) for values in (message.mean, message.m2))
+    return statistics_part(message.count, message.mean, message.m2, "statistics")
+
+
+def statistics_part(count: int, mean: Any, m2: Any, where: str) -> GradSums:
+    """``count`` values behind each group's ``mean`` and ``m2`` (float64 arrays or sequences) as a part."""
+    count = _count(count, f"{where}.count")
+    mean, m2 = (np.asarray(values, dtype=np.float64) for values in (mean, m2))
     return GradSums(count, Moments(mean, m2 / count), None, None)
+
+
+def describe_outcome(outcome: Snapshot | Exception) -> pb.StatisticsOutcome:
+    """What became of one update of a PushStatistics message, as its answer says it."""
+    if isinstance(outcome, Snapshot):
+        running = {key: codec.encode(value) for key, value in host_state(outcome.layer, RUNNING_KEYS).items()}
+        return pb.StatisticsOutcome(
+            version=outcome.version, num_batches_tracked=outcome.layer.num_batches_tracked, **running
+        )
+    code = status_for(outcome)
+    if code is None:
+        log.error("PushStatistics: an update failed", exc_info=outcome)
+        code, text = grpc.StatusCode.INTERNAL, f"the update failed inside the server ({type(outcome).__name__})"
+    else:
+        text = shorten(str(outcome), DETAILS_CHARACTERS)
+    return pb.StatisticsOutcome(code=code.value[0], message=text, reason=reason_for(outcome))
 
 
 def describe_statistics(total: GradSums) -> pb.BatchStatistics:
@@ -497,6 +540,66 @@ class NormalizationServicer(pb_grpc.NormalizationServicer):
             )
         total = await self._registry.gradient_statistics(request.layer, part, sync, wait=self._wait(context))
         return pb.GradientStatisticsResponse(count=total.count, sum_dy=total.sum_dy, sum_dy_xmu=total.sum_dy_xmu)
+
+    @_rpc_stream
+    async def PushStatistics(
+        self, requests: AsyncIterator[pb.PushStatisticsRequest], context: Any
+    ) -> AsyncIterator[pb.PushStatisticsResponse]:
+        expected = 1
+        async for request in requests:
+            if request.sequence != expected:  # a sender that lost count: its answers would be misread
+                raise InvalidRequest(
+                    f"message {request.sequence} of the stream, expected {expected}: number a stream's messages "
+                    "1, 2, 3, ... (nothing of it was applied)",
+                    field="sequence",
+                )
+            expected += 1
+            yield await self._pushed(request)
+
+    async def _pushed(self, request: pb.PushStatisticsRequest) -> pb.PushStatisticsResponse:
+        """One PushStatistics message applied: every update decoded, refused or stored, and answered."""
+        decoded: list[StatisticsUpdate | Exception] = []
+        for index, update in enumerate(request.updates):
+            try:
+                if index >= MAX_UPDATES_PER_MESSAGE:
+                    raise InvalidRequest(
+                        f"a PushStatistics message holds at most {MAX_UPDATES_PER_MESSAGE} updates, this one "
+                        f"{len(request.updates)}: send the rest in the next message (nothing of these was applied)"
+                    )
+                decoded.append(await self._statistics_update(update, f"updates[{index}]"))
+            except Exception as exc:
+                decoded.append(exc)
+        try:
+            results = iter(
+                await self._registry.push_statistics(
+                    [u for u in decoded if isinstance(u, StatisticsUpdate)], wait=self._limits.default_deadline
+                )
+            )
+        except Exception as exc:  # the message as a whole could not run (shutting down, locks not had in time)
+            results = itertools.repeat(exc)
+        outcomes = (describe_outcome(u if isinstance(u, Exception) else next(results)) for u in decoded)
+        return pb.PushStatisticsResponse(sequence=request.sequence, outcomes=outcomes)
+
+    async def _statistics_update(self, update: pb.StatisticsUpdate, where: str) -> StatisticsUpdate:
+        """One update of a PushStatistics message decoded and checked against its layer."""
+        check_name(update.layer, f"{where}.layer")
+        layer = self._registry.get(update.layer).layer
+        mean, m2 = [await self._float64_tensor(getattr(update, key), f"{where}.{key}") for key in ("mean", "m2")]
+        part = statistics_part(update.count, mean, m2, where)
+        keys = tuple(key for key in ("weight", "bias") if key in layer.state_keys)
+        parameters = await self._state_tensors(
+            update.parameters, layer, keys, f"{where}.parameters", "the layer's weight and bias"
+        )
+        return StatisticsUpdate(update.layer, part, parameters)
+
+    async def _float64_tensor(self, tensor: pb.Tensor, what: str) -> np.ndarray:
+        if tensor.dtype != pb.FLOAT64 or len(tensor.shape) != 1:
+            raise InvalidRequest(
+                f"{what} must be a FLOAT64 tensor of shape [groups], got {pb.DType.Name(tensor.dtype)} of shape "
+                f"{shorten(str(list(tensor.shape)), 100)}",
+                field=what,
+            )
+        return await self._tensor(tensor, what)
 
     # ------------------------------------------------------------------ compute
     async def _train(self, request: wire.Payload, context: Any, streamed: bool = False) -> wire.Payload:

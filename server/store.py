@@ -33,10 +33,10 @@ import json
 import logging
 import shutil
 import sqlite3
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 
@@ -53,6 +53,7 @@ __all__ = [
     "DEFAULT_KEEP_VERSIONS",
     "KeptVersion",
     "StateStore",
+    "StateUpdate",
     "StoreLocked",
     "StoredLayer",
     "lock_directory",
@@ -163,6 +164,15 @@ class KeptVersion:
     version: int
     num_batches_tracked: int
     tensors: dict[str, np.ndarray]
+
+
+class StateUpdate(NamedTuple):
+    """One layer's new version: its counters and the tensors that changed."""
+
+    name: str
+    version: int
+    num_batches_tracked: int
+    tensors: Mapping[str, np.ndarray]
 
 
 class StateStore:
@@ -335,15 +345,21 @@ class StateStore:
         self, name: str, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
     ) -> None:
         """Overwrite the given tensors and the counters of an existing layer."""
+        self.update_states([StateUpdate(name, version, num_batches_tracked, tensors)])
+
+    def update_states(self, updates: Sequence[StateUpdate]) -> None:
+        """:meth:`update_state` of each, in order, in one transaction: all are stored or none is (one
+        commit, so one sync to disk, for a message of many updates)."""
         with self._transaction() as db:
-            cursor = db.execute(
-                "UPDATE layers SET version = ?, num_batches_tracked = ? WHERE name = ?",
-                (version, num_batches_tracked, name),
-            )
-            if cursor.rowcount != 1:
-                raise KeyError(name)
-            self._put_tensors(db, name, tensors)
-            self._keep_version(db, name, version, num_batches_tracked)
+            for name, version, num_batches_tracked, tensors in updates:
+                cursor = db.execute(
+                    "UPDATE layers SET version = ?, num_batches_tracked = ? WHERE name = ?",
+                    (version, num_batches_tracked, name),
+                )
+                if cursor.rowcount != 1:
+                    raise KeyError(name)
+                self._put_tensors(db, name, tensors)
+                self._keep_version(db, name, version, num_batches_tracked)
 
     def _keep_version(self, db: sqlite3.Connection, name: str, version: int, num_batches_tracked: int) -> None:
         """Keep the layer's whole state (just written) as ``version``; forget versions past the last

@@ -276,7 +276,8 @@ def test_eval_and_kinds_without_running_statistics_make_no_call(start_server) ->
     proc = start_server()
     with NormClient(proc.target, timeout=patience(1)) as nc:
         model = convert_to_remote(_mlp(), nc, prefix="offline.", mode="statistics")
-        model(torch.randn(8, 12)).sum().backward()  # trains: one TrainStatistics (batch norm)
+        model(torch.randn(8, 12)).sum().backward()  # trains: one update of the batch norm, sent behind the step
+        nc.statistics_pipeline().wait()  # ... and stored, before the server goes
         proc.kill()  # from here on, no server
         model.eval()
         assert torch.isfinite(model(torch.randn(4, 12))).all()

@@ -508,3 +508,60 @@ class GradientStatisticsResponse(_message.Message):
     sum_dy: _containers.RepeatedScalarFieldContainer[float]
     sum_dy_xmu: _containers.RepeatedScalarFieldContainer[float]
     def __init__(self, count: _Optional[int] = ..., sum_dy: _Optional[_Iterable[float]] = ..., sum_dy_xmu: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class StatisticsUpdate(_message.Message):
+    __slots__ = ("layer", "step", "count", "mean", "m2", "parameters")
+    class ParametersEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Tensor
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    M2_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    layer: str
+    step: int
+    count: int
+    mean: Tensor
+    m2: Tensor
+    parameters: _containers.MessageMap[str, Tensor]
+    def __init__(self, layer: _Optional[str] = ..., step: _Optional[int] = ..., count: _Optional[int] = ..., mean: _Optional[_Union[Tensor, _Mapping]] = ..., m2: _Optional[_Union[Tensor, _Mapping]] = ..., parameters: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+
+class PushStatisticsRequest(_message.Message):
+    __slots__ = ("sequence", "updates")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    UPDATES_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    updates: _containers.RepeatedCompositeFieldContainer[StatisticsUpdate]
+    def __init__(self, sequence: _Optional[int] = ..., updates: _Optional[_Iterable[_Union[StatisticsUpdate, _Mapping]]] = ...) -> None: ...
+
+class StatisticsOutcome(_message.Message):
+    __slots__ = ("code", "message", "reason", "version", "num_batches_tracked", "running_mean", "running_var")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_BATCHES_TRACKED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_MEAN_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_VAR_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    reason: str
+    version: int
+    num_batches_tracked: int
+    running_mean: Tensor
+    running_var: Tensor
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., reason: _Optional[str] = ..., version: _Optional[int] = ..., num_batches_tracked: _Optional[int] = ..., running_mean: _Optional[_Union[Tensor, _Mapping]] = ..., running_var: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PushStatisticsResponse(_message.Message):
+    __slots__ = ("sequence", "outcomes")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    outcomes: _containers.RepeatedCompositeFieldContainer[StatisticsOutcome]
+    def __init__(self, sequence: _Optional[int] = ..., outcomes: _Optional[_Iterable[_Union[StatisticsOutcome, _Mapping]]] = ...) -> None: ...

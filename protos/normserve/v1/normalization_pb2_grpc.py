@@ -110,6 +110,11 @@ class NormalizationStub:
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.SerializeToString,
                 response_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.FromString,
                 _registered_method=True)
+        self.PushStatistics = channel.stream_stream(
+                '/normserve.v1.Normalization/PushStatistics',
+                request_serializer=normserve_dot_v1_dot_normalization__pb2.PushStatisticsRequest.SerializeToString,
+                response_deserializer=normserve_dot_v1_dot_normalization__pb2.PushStatisticsResponse.FromString,
+                _registered_method=True)
         self.RegisterSharedMemory = channel.unary_unary(
                 '/normserve.v1.Normalization/RegisterSharedMemory',
                 request_serializer=normserve_dot_v1_dot_normalization__pb2.RegisterSharedMemoryRequest.SerializeToString,
@@ -237,6 +242,15 @@ class NormalizationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PushStatistics(self, request_iterator, context):
+        """Statistics mode's training updates on one stream (see StatisticsUpdate):
+        many layers and steps per message, one transaction per message, one
+        answer per message once stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterSharedMemory(self, request, context):
         """Map a POSIX shared-memory object; registering a name again with the same
         key, offset and size is a no-op, with different ones ALREADY_EXISTS.
@@ -335,6 +349,11 @@ def add_NormalizationServicer_to_server(servicer, server):
                     servicer.GradientStatistics,
                     request_deserializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.FromString,
                     response_serializer=normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.SerializeToString,
+            ),
+            'PushStatistics': grpc.stream_stream_rpc_method_handler(
+                    servicer.PushStatistics,
+                    request_deserializer=normserve_dot_v1_dot_normalization__pb2.PushStatisticsRequest.FromString,
+                    response_serializer=normserve_dot_v1_dot_normalization__pb2.PushStatisticsResponse.SerializeToString,
             ),
             'RegisterSharedMemory': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterSharedMemory,
@@ -758,6 +777,33 @@ class Normalization:
             '/normserve.v1.Normalization/GradientStatistics',
             normserve_dot_v1_dot_normalization__pb2.GradientStatisticsRequest.SerializeToString,
             normserve_dot_v1_dot_normalization__pb2.GradientStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushStatistics(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/normserve.v1.Normalization/PushStatistics',
+            normserve_dot_v1_dot_normalization__pb2.PushStatisticsRequest.SerializeToString,
+            normserve_dot_v1_dot_normalization__pb2.PushStatisticsResponse.FromString,
             options,
             channel_credentials,
             insecure,

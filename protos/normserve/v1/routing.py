@@ -26,7 +26,7 @@ from typing import Any
 
 from normserve.v1 import normalization_pb2 as pb
 
-__all__ = ["LAYER_HEADER", "NAME_PATTERN", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of"]
+__all__ = ["LAYER_HEADER", "NAME_PATTERN", "VIEW_CLUSTER", "VIEW_HEADER", "layer_of", "layers_of"]
 
 #: Layer names (and sync group ids): what a header may carry and logs show, PyTorch module paths included.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_.:/-]{1,256}")
@@ -48,6 +48,16 @@ _NAMED_BY_NAME = frozenset(
         pb.RollbackRequest,
     )
 )
+
+
+def layers_of(request: Any) -> tuple[str, ...]:
+    """Every layer a request acts on: its one layer (:func:`layer_of`), or each update's layer of a
+    PushStatistics message (a stream over many layers: through a proxy, the routing header must name the
+    one layer all its updates are about)."""
+    if getattr(request, "DESCRIPTOR", None) is pb.PushStatisticsRequest.DESCRIPTOR:
+        return tuple(dict.fromkeys(update.layer for update in request.updates))
+    layer = layer_of(request)
+    return () if layer is None else (layer,)
 
 
 def layer_of(request: Any) -> str | None:
