@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from normserve.client import NormClient, SyncGroup
-from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d
+from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteNorm, convert_to_remote
 from normserve.tools import children
 from normserve.tools.bench import Echo, alternate, echo_server, normserve_server
 
@@ -134,6 +134,139 @@ def measure(target: str, echo: Echo, repeats: int) -> list[dict[str, Any]]:
     return rows
 
 
+# ---------------------------------------------------------------------- depth: whole models (issue 27)
+class _Basic(nn.Module):
+    """ResNet's basic block (two 3x3 convolutions), with a 1x1 projection when the shape changes."""
+
+    expansion = 1
+
+    def __init__(self, inputs: int, width: int, stride: int) -> None:
+        super().__init__()
+        out = width * self.expansion
+        self.body = self._body(inputs, width, stride)
+        self.project = (
+            nn.Sequential(nn.Conv2d(inputs, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+            if stride != 1 or inputs != out
+            else nn.Identity()
+        )
+
+    @staticmethod
+    def _body(inputs: int, width: int, stride: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(inputs, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+        )  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.project(x))
+
+
+class _Bottleneck(_Basic):
+    """ResNet-50's block: 1x1 down, 3x3, 1x1 up (four times the width)."""
+
+    expansion = 4
+
+    @staticmethod
+    def _body(inputs: int, width: int, stride: int) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(inputs, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width * 4, 1, bias=False), nn.BatchNorm2d(width * 4),
+        )  # fmt: skip
+
+
+def resnet_shaped(block: type[_Basic], stages: tuple[int, ...], width: int = 64, classes: int = 10) -> nn.Module:
+    """A ResNet of ``stages`` blocks per stage for 32 x 32 images (a 3x3 stem, as CIFAR ResNets): ResNet-18
+    is ``(_Basic, (2, 2, 2, 2))`` (20 batch norms), ResNet-50 ``(_Bottleneck, (3, 4, 6, 3))`` (53)."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    inputs = width
+    for stage, count in enumerate(stages):
+        for index in range(count):
+            layers.append(block(inputs, width << stage, 2 if stage and not index else 1))
+            inputs = (width << stage) * block.expansion
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inputs, classes))
+
+
+def mlp_one_norm() -> nn.Module:
+    """The smallest step with a batch norm: Linear, BatchNorm1d(512), ReLU, Linear (batch 256 of 256)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(256, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10))
+
+
+#: name -> (model, input shape): the depth cases.
+MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
+    "mlp, 1 BN": (mlp_one_norm, (256, 256)),
+    "resnet18-shaped, 20 BN": (lambda: resnet_shaped(_Basic, (2, 2, 2, 2)), (32, 3, 32, 32)),
+    "resnet50-shaped, 53 BN": (lambda: resnet_shaped(_Bottleneck, (3, 4, 6, 3), width=32), (16, 3, 32, 32)),
+}
+
+
+def _model_step(model: nn.Module, shape: tuple[int, ...], settle: Callable[[], None]) -> Callable[[int], None]:
+    """``steps`` SGD steps of ``model`` on a fixed batch, then ``settle`` (what a state read waits for)."""
+    data = torch.Generator().manual_seed(1)
+    x, target = torch.randn(shape, generator=data), torch.randint(0, 10, (shape[0],), generator=data)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def run(steps: int) -> None:
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), target).backward()
+            optimizer.step()
+        settle()
+
+    return run
+
+
+def measure_depth(target: str, rounds: int, steps: int) -> list[dict[str, Any]]:
+    """Per model: ms per training step, local torch and statistics mode (the pipeline drained at the end of
+    each round of ``steps`` steps, so nothing is left in flight), alternating rounds; median and quartiles."""
+    rows = []
+    with NormClient(target) as nc:
+        for label, (make, shape) in MODELS.items():
+            remote = convert_to_remote(make(), nc, mode="statistics")
+            norms = sum(isinstance(m, RemoteNorm) for m in remote.modules())
+            runs = {
+                "torch": _model_step(make(), shape, lambda: None),
+                "statistics": _model_step(remote, shape, nc.statistics_pipeline().wait),
+            }
+            for run in runs.values():
+                run(2)  # warm up: the first steps allocate, and open the stream
+            samples: dict[str, list[float]] = {name: [] for name in runs}
+            for _ in range(rounds):
+                for name, run in runs.items():
+                    start = time.perf_counter()
+                    run(steps)
+                    samples[name].append((time.perf_counter() - start) * 1e3 / steps)
+            ms = {name: _quartiles(values) for name, values in samples.items()}
+            ratio = _quartiles([r / t for r, t in zip(samples["statistics"], samples["torch"], strict=True)])
+            row = {"model": label, "shape": list(shape), "norms": norms, "ms": ms, "ratio": ratio}
+            rows.append(row)
+            print(_format_depth(row), flush=True)
+    return rows
+
+
+def _quartiles(values: list[float]) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return {"median": median, "q1": q1, "q3": q3}
+
+
+DEPTH_HEADER = (
+    f"{'model':24s} {'norms':>5s} {'torch ms (q1-q3)':>24s} {'statistics ms (q1-q3)':>24s} {'ratio (q1-q3)':>20s}"
+)
+
+
+def _format_depth(row: dict[str, Any]) -> str:
+    def cell(q: dict[str, float], digits: int = 2) -> str:
+        return f"{q['median']:.{digits}f} ({q['q1']:.{digits}f}-{q['q3']:.{digits}f})"
+
+    ms = row["ms"]
+    return (
+        f"{row['model']:24s} {row['norms']:5d} {cell(ms['torch']):>24s} {cell(ms['statistics']):>24s} "
+        f"{cell(row['ratio'], 3):>20s}"
+    )
+
+
 COLUMNS = ("torch", "echo", "small echo", "remote", "sync x1", "sync x4", "stats", "stats sync x1", "stats sync x4")
 HEADER = f"{'case':18s} {'MB':>6s} " + " ".join(f"{k:>13s}" for k in COLUMNS) + "  remote/echo  stats/goal"
 
@@ -166,26 +299,36 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test")
+    parser.add_argument("--depth-only", action="store_true", help="only the whole models (statistics mode)")
     parser.add_argument("--json", type=Path, default=OUT / "training.json")
     parser.add_argument("--plot", type=Path, default=OUT / "training.png")
     args = parser.parse_args(argv)
     children.exit_on_signals()  # SIGTERM unwinds: the servers it started stop
     torch.set_num_threads(os.cpu_count() or 1)
     with echo_server() as echo_target, normserve_server() as target:
-        print(f"median ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
-        print(HEADER)
-        echo = Echo(echo_target)
-        rows = measure(target, echo, 10 if args.quick else 200)
-        echo.channel.close()
+        print(f"load average at the start: {os.getloadavg()}")
+        print("\nms per SGD step of whole models in statistics mode, beside local torch (rounds alternate)\n")
+        print(DEPTH_HEADER)
+        depth = measure_depth(target, 3 if args.quick else 15, 2 if args.quick else 10)
+        rows = []
+        if not args.depth_only:
+            print(f"\nmedian ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
+            print(HEADER)
+            echo = Echo(echo_target)
+            rows = measure(target, echo, 10 if args.quick else 200)
+            echo.channel.close()
+        print(f"load average at the end: {os.getloadavg()}")
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "torch": torch.__version__,
+        "depth": depth,
         "rows": rows,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=2))
-    plot(rows, args.plot)
-    print(f"wrote {args.json} and {args.plot}")
+    if rows:
+        plot(rows, args.plot)
+    print(f"wrote {args.json}" + (f" and {args.plot}" if rows else ""))
     return 0
 
 
