@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from normserve.client import NormClient, SyncGroup
-from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteNorm, convert_to_remote
+from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteNorm, convert_to_remote, settle_updates
 from normserve.tools import children
 from normserve.tools.bench import Echo, alternate, echo_server, normserve_server
 
@@ -228,7 +228,7 @@ def measure_depth(target: str, rounds: int, steps: int) -> list[dict[str, Any]]:
             norms = sum(isinstance(m, RemoteNorm) for m in remote.modules())
             runs = {
                 "torch": _model_step(make(), shape, lambda: None),
-                "statistics": _model_step(remote, shape, nc.statistics_pipeline().wait),
+                "statistics": _model_step(remote, shape, lambda model=remote: settle_updates(model)),
             }
             for run in runs.values():
                 run(2)  # warm up: the first steps allocate, and open the stream

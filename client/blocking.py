@@ -79,7 +79,7 @@ class NormClient(operations.ClientOperations, make_method=_blocking_method):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def statistics_pipeline(self) -> StatisticsPipeline:
+    def _statistics_pipeline(self) -> StatisticsPipeline:
         """This client's statistics-mode training updates in flight (made on first use): how
         ``mode="statistics"`` modules send their updates off the step's critical path
         (:mod:`normserve.client.statistics_pipeline`)."""

@@ -114,7 +114,7 @@ class ClientOperations(protocol.ClientBase, _Operations):
         if pipeline is not None:
             try:
                 yield pipeline.close
-            except NormServeError as error:  # still in flight after the timeout: said after closing
+            except NormServeError as error:  # a failure, or still in flight after the timeout: said after closing
                 unfinished = error
         if self._regions:
             with contextlib.suppress(NormServeError):
@@ -122,8 +122,6 @@ class ClientOperations(protocol.ClientBase, _Operations):
         yield self._channel.close
         if unfinished is not None:
             raise unfinished
-        if pipeline is not None:
-            yield pipeline.raise_unreported
 
     @operation
     def call(self, method: str, request: Any, timeout: float | None = None) -> Plan[Any]:

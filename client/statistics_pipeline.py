@@ -81,8 +81,8 @@ class UpdateLog:
     def __init__(self, layer: pb.Layer) -> None:
         self.layer = layer
         self.in_flight = 0
-        #: The outcome of the latest stored update (the running statistics after it), until taken.
-        self.stored: pb.StatisticsOutcome | None = None
+        #: The latest stored update's running statistics after it and count of batches, until taken.
+        self.stored: Stored | None = None
         self._failures: list[tuple[int, NormServeError]] = []
 
     @property
@@ -240,7 +240,7 @@ def _drain_at_exit() -> None:
 
 class StatisticsPipeline:
     """A blocking client's statistics-mode updates in flight (see the module docstring): one per client,
-    made on first use by :meth:`NormClient.statistics_pipeline`."""
+    made on first use by the client (``NormClient._statistics_pipeline``)."""
 
     def __init__(
         self,
@@ -326,9 +326,13 @@ class StatisticsPipeline:
                 )
 
     def close(self, timeout: float | None = None) -> None:
-        """Wait for what is in flight (as :meth:`wait`), then end the streams. Idempotent."""
+        """Wait for what is in flight (as :meth:`wait`), end the streams, and raise the first failure no
+        module raised yet (closing a client never hides one). Once closed, a no-op."""
+        if self._closed:
+            return
         try:
             self.wait(timeout=timeout)
+            self.raise_unreported()
         finally:
             with self._changed:
                 self._closed = True
@@ -366,7 +370,9 @@ class StatisticsPipeline:
 
     # ------------------------------------------------------------------ the streams' side
     def answered(self, stream: _Stream, response: pb.PushStatisticsResponse) -> None:
-        """One answer: each update's outcome recorded in its log (stored, or why it was refused)."""
+        """One answer: each update's outcome recorded in its log (stored, with the running statistics after
+        it, or why it was refused). An answer that does not fit the message it answers is refused whole
+        (MalformedAnswer) before anything of it is used."""
         with self._changed:
             if not stream.sent:
                 raise MalformedAnswer(f"the server answered message {response.sequence}, never sent", method=METHOD)
@@ -377,14 +383,14 @@ class StatisticsPipeline:
                     f"message {sequence} with {len(batch)} updates was next",
                     method=METHOD,
                 )
+            results = [_result(update, outcome) for update, outcome in zip(batch, response.outcomes, strict=True)]
             stream.sent.popleft()
             stream.answered = True
-            for update, outcome in zip(batch, response.outcomes, strict=True):
-                if outcome.code == 0:
-                    update.log.stored = outcome
+            for update, result in zip(batch, results, strict=True):
+                if isinstance(result, NormServeError):
+                    update.log._fail(update.step, result)
                 else:
-                    code, details = _status_code(outcome.code), outcome.message[:4096]
-                    update.log._fail(update.step, error_from_status(code, details, METHOD, outcome.reason[:256]))
+                    update.log.stored = result
                 self._settle(update)
             self._changed.notify_all()
 
@@ -433,11 +439,23 @@ def _status_code(value: int) -> grpc.StatusCode:
     return next((code for code in grpc.StatusCode if code.value[0] == value), grpc.StatusCode.UNKNOWN)
 
 
-def running_after(log: UpdateLog) -> tuple[dict[str, np.ndarray], int] | None:
-    """The running statistics and count of batches after ``log``'s latest stored update (taken: None the
-    next time until another is stored), checked against the layer."""
-    outcome, log.stored = log.stored, None
-    if outcome is None:
-        return None
+#: A stored update's running statistics after it (checked against its layer), and its count of batches.
+Stored = tuple[dict[str, np.ndarray], int]
+
+
+def _result(update: _Update, outcome: pb.StatisticsOutcome) -> Stored | NormServeError:
+    """What an outcome says of ``update``: stored (its running statistics checked against the layer), or
+    the error that refused it; MalformedAnswer for an outcome that does not fit the layer."""
+    if outcome.code != 0:
+        code, details = _status_code(outcome.code), outcome.message[:4096]
+        return error_from_status(code, details, METHOD, outcome.reason[:256])
     tensors = {key: getattr(outcome, key) for key in ("running_mean", "running_var")}
-    return protocol.running_stats(tensors, log.layer), outcome.num_batches_tracked
+    with protocol.reading_answer(METHOD):
+        return protocol.running_stats(tensors, update.log.layer), outcome.num_batches_tracked
+
+
+def running_after(log: UpdateLog) -> Stored | None:
+    """The running statistics and count of batches after ``log``'s latest stored update (taken: None the
+    next time until another is stored)."""
+    stored, log.stored = log.stored, None
+    return stored

@@ -100,6 +100,7 @@ __all__ = [
     "convert_to_local",
     "convert_to_remote",
     "realign_sync_steps",
+    "settle_updates",
     "sync_group_of",
 ]
 
@@ -262,7 +263,7 @@ class RemoteNorm(nn.Module):
 
     # ------------------------------------------------------------------ statistics mode's updates in flight
     def _pipeline(self) -> StatisticsPipeline:
-        return self.client.statistics_pipeline()
+        return self.client._statistics_pipeline()
 
     def settle_updates(self) -> None:
         """Statistics mode: wait until this module's training updates in flight are stored, mirror the
@@ -747,6 +748,14 @@ def realign_sync_steps(model: nn.Module, process_group: Any = WORLD) -> None:
     dist.all_gather_object(ranks, [m.sync_step for m in modules], group=group)  # any backend, any device
     for module, *steps in zip(modules, *ranks, strict=True):
         module.sync_step = max(steps)
+
+
+def settle_updates(model: nn.Module) -> None:
+    """Wait until every statistics-mode training update of ``model``'s remote layers is stored, and raise
+    the first that failed (naming its steps); what every state read of a module does for that module."""
+    for module in model.modules():
+        if isinstance(module, RemoteNorm):
+            module.settle_updates()
 
 
 def convert_to_local(model: nn.Module) -> nn.Module:

@@ -98,6 +98,14 @@ class _Handler(grpc.GenericRpcHandler):
             for part in fake.answers[method]():
                 yield await part if asyncio.iscoroutine(part) else part
 
+        async def answering_each(requests: Any, context: Any) -> Any:  # PushStatistics: an answer per message
+            fake.calls[method] = fake.calls.get(method, 0) + 1
+            async for request in requests:
+                answer = fake.answers[method](pb.PushStatisticsRequest.FromString(request))
+                yield await answer if asyncio.iscoroutine(answer) else answer
+
+        if method.endswith("PushStatistics"):
+            return grpc.stream_stream_rpc_method_handler(answering_each)
         if method.endswith("Stream"):
             return grpc.stream_stream_rpc_method_handler(stream)
         return grpc.unary_unary_rpc_method_handler(unary)
@@ -285,3 +293,57 @@ def test_the_asyncio_client_refuses_lies_alike(fake) -> None:
                 await client.layer("bad\nname")
 
     asyncio.run(main())
+
+
+def _outcomes(*outcomes: pb.StatisticsOutcome, sequence_offset: int = 0) -> Callable[[Any], bytes]:
+    """A PushStatistics answer of ``outcomes`` to each message (its sequence moved by ``sequence_offset``)."""
+
+    def answer(request: pb.PushStatisticsRequest) -> bytes:
+        return pb.PushStatisticsResponse(
+            sequence=request.sequence + sequence_offset, outcomes=outcomes
+        ).SerializeToString()
+
+    return answer
+
+
+_RUNNING = {"running_mean": codec.encode(np.zeros(4, np.float32)), "running_var": codec.encode(np.ones(4, np.float32))}
+PUSH_LIES = {
+    "another-message's-number": _outcomes(pb.StatisticsOutcome(**_RUNNING), sequence_offset=1),
+    "more-outcomes-than-updates": _outcomes(pb.StatisticsOutcome(**_RUNNING), pb.StatisticsOutcome(**_RUNNING)),
+    "no-outcome": _outcomes(),
+    "running-statistics-unlike-the-layer": _outcomes(
+        pb.StatisticsOutcome(running_mean=codec.encode(np.zeros(9, np.float32)), running_var=_RUNNING["running_var"])
+    ),
+    "running-statistics-missing": _outcomes(pb.StatisticsOutcome()),
+    "garbage": lambda request: b"\x0a\xff\xff\xff\xff\x0f",
+}
+
+
+@pytest.mark.parametrize("lie", list(PUSH_LIES))
+def test_a_lying_answer_to_statistics_updates_is_raised_naming_their_steps(fake, nc, lie) -> None:
+    import torch
+
+    from normserve.client.torch import RemoteBatchNorm1d
+
+    fake.answers[SERVICE + "CreateLayer"] = LAYER.SerializeToString
+    fake.answers[SERVICE + "PushStatistics"] = PUSH_LIES[lie]
+    bn = RemoteBatchNorm1d(4, client=nc, name="bn", mode="statistics")
+    bn(torch.as_tensor(X)).sum().backward()
+    with pytest.raises(MalformedAnswer) as raised:
+        bn.state_dict()
+    assert raised.value.steps == (0,)
+
+
+def test_a_server_that_never_answers_statistics_updates_is_a_deadline_exceeded(fake, nc) -> None:
+    import torch
+
+    from normserve.client.torch import RemoteBatchNorm1d
+
+    fake.answers[SERVICE + "CreateLayer"] = LAYER.SerializeToString
+    fake.answers[SERVICE + "PushStatistics"] = lambda request: _stall()
+    bn = RemoteBatchNorm1d(4, client=nc, name="bn", mode="statistics")
+    bn(torch.as_tensor(X)).sum().backward()  # the step itself never waits
+    with pytest.raises(DeadlineExceeded, match="still in flight"):
+        bn.state_dict()
+    with pytest.raises(DeadlineExceeded, match="still in flight"):
+        nc.close()  # says so too, and closes

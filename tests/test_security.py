@@ -146,6 +146,17 @@ def _every_method(stub: pb_grpc.NormalizationStub, metadata) -> dict[str, tuple[
         "GradientStatistics": pb.GradientStatisticsRequest(
             layer="kept", count=4, sum_dy=[1.0, 2.0], sum_dy_xmu=[0.5, 0.5], sync=pb.SyncGroup(id="g", world_size=1)
         ),
+        "PushStatistics": pb.PushStatisticsRequest(
+            sequence=1,
+            updates=[
+                pb.StatisticsUpdate(
+                    layer="kept",
+                    count=4,
+                    mean=pb.Tensor(dtype=pb.FLOAT64, shape=[2], data=np.array([0.5, 1.0]).tobytes()),
+                    m2=pb.Tensor(dtype=pb.FLOAT64, shape=[2], data=np.array([2.0, 3.0]).tobytes()),
+                )
+            ],
+        ),
         "DeleteLayer": pb.DeleteLayerRequest(name="kept"),
         "TrainStream": pb.TrainStreamRequest(head=pb.TrainRequest(layer="kept", x=x)),
         "InferStream": pb.InferStreamRequest(head=pb.InferRequest(layer="kept", x=x)),

@@ -15,7 +15,7 @@ from serverproc import everything, patience
 import normkernels as nk
 from normkernels import statistics
 from normserve.client import InvalidArgument, NormClient, SyncGroup
-from normserve.client.torch import RemoteBatchNorm1d, convert_to_remote
+from normserve.client.torch import RemoteBatchNorm1d, convert_to_remote, settle_updates
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
@@ -277,7 +277,7 @@ def test_eval_and_kinds_without_running_statistics_make_no_call(start_server) ->
     with NormClient(proc.target, timeout=patience(1)) as nc:
         model = convert_to_remote(_mlp(), nc, prefix="offline.", mode="statistics")
         model(torch.randn(8, 12)).sum().backward()  # trains: one update of the batch norm, sent behind the step
-        nc.statistics_pipeline().wait()  # ... and stored, before the server goes
+        settle_updates(model)  # ... and stored, before the server goes
         proc.kill()  # from here on, no server
         model.eval()
         assert torch.isfinite(model(torch.randn(4, 12))).all()

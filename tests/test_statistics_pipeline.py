@@ -70,9 +70,9 @@ def test_a_training_step_does_not_wait_for_the_server(start_server) -> None:
         with _paused(proc):
             for x in batches[1:]:  # the server answers nothing: the steps go on regardless
                 _step(bn, x)
-            assert nc.statistics_pipeline().in_flight == 3
+            assert nc._statistics_pipeline().in_flight == 3
             with pytest.raises(DeadlineExceeded, match="still in flight"):
-                nc.statistics_pipeline().wait(timeout=0.2)
+                nc._statistics_pipeline().wait(timeout=0.2)
         state = bn.state_dict()  # waits for the three, then reads
         want = _replayed(batches).state_dict()
         for key, value in want.items():
@@ -88,7 +88,7 @@ def test_a_refused_update_raises_at_the_next_forward_naming_its_step_and_the_lay
     before = bn.remote.state_dict()
     bad[3, 2] = float("nan")
     _step(bn, bad)  # step 1: its statistics hold a NaN, which the server refuses
-    client.statistics_pipeline().wait()  # its answer is in (a forward never waits for one)
+    client._statistics_pipeline().wait()  # its answer is in (a forward never waits for one)
     with pytest.raises(InvalidArgument, match=r"training step\(s\) 1 were refused: .*NaN") as refused:
         _step(bn, good)
     assert refused.value.steps == (1,)
@@ -117,7 +117,7 @@ def test_updates_of_a_deleted_layer_raise_not_found_at_the_next_state_read(clien
 def test_what_is_in_flight_is_bounded(start_server) -> None:
     proc = start_server()
     with NormClient(proc.target, timeout=patience(6)) as nc:
-        pipeline = nc.statistics_pipeline()
+        pipeline = nc._statistics_pipeline()
         pipeline.max_in_flight = 3
         bn = RemoteBatchNorm1d(6, client=nc, name="bn", mode="statistics")
         _step(bn, _batches(1)[0])
@@ -157,7 +157,7 @@ def test_a_server_killed_mid_window_loses_nothing_acknowledged(start_server, tmp
     batches = _batches(400, seed=3)
     with NormClient(proc.target, timeout=patience(6)) as nc:
         bn = RemoteBatchNorm1d(6, client=nc, name="bn", mode="statistics", momentum=0.2)
-        pipeline = nc.statistics_pipeline()
+        pipeline = nc._statistics_pipeline()
         taken = 0
         for taken, x in enumerate(batches, 1):
             _step(bn, x)

@@ -9,10 +9,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from normserve.client import NormClient, SyncGroup
+from normserve.client.torch import RemoteBatchNorm1d
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import wire
 
@@ -123,6 +125,9 @@ def test_every_message_of_every_rpc_writes_each_field_once(start_server, written
         layer.rollback(2)
         nc.layer("bn").refresh()
         nc.list_layers()
+        statistics_mode = RemoteBatchNorm1d(4, client=nc, name="stats", mode="statistics")
+        statistics_mode(torch.as_tensor(x[:, :, 0])).sum().backward()  # a PushStatistics message, and its answer
+        statistics_mode.settle_updates()
         streamed = streaming.layer("bn")
         streamed.train(x, keep_forward=True)
         streamed.infer(x)
