@@ -138,6 +138,7 @@ class _Update:
     step: int
     message: pb.StatisticsUpdate
     nbytes: int
+    queued_at: float
 
 
 class _Stream:
@@ -156,30 +157,47 @@ class _Stream:
 
     def add(self, update: _Update) -> None:
         self.queued.append(update)
-        self._wake.notify()
+        if len(self.queued) == 1 or len(self.queued) >= MAX_UPDATES_PER_MESSAGE:
+            self._wake.notify()
 
     def close(self) -> None:
         self.closing = True
+        self._wake.notify()
+
+    def wake(self) -> None:
         self._wake.notify()
 
     def join(self, timeout: float) -> None:
         self._thread.join(timeout)
 
     def _messages(self) -> Iterator[pb.PushStatisticsRequest]:
-        """The stream's requests (gRPC pulls them on a thread of its own): everything queued, a message at a
-        time; ends when closed or idle."""
+        """The stream's requests (gRPC pulls them on a thread of its own); ends when closed or idle.
+
+        Each message costs both sides about the same CPU whatever it holds, and on a trainer's machine
+        that CPU is the step's: so one message is in flight at a time, and an update lingers up to
+        ``linger_seconds`` for others to join it, unless someone waits for it (a state read, a full
+        window) or a message's worth is queued.
+        """
         sequence = 0
         while True:
             with self._wake:
                 idle_since = time.monotonic()
-                while not self.queued and not self.closing:
-                    left = self.pipeline.idle_seconds - (time.monotonic() - idle_since)
-                    if left <= 0 and not self.sent:
-                        self.closing = True
-                        break
-                    self._wake.wait(max(left, 0.05))
-                if not self.queued:
-                    return
+                while True:
+                    now = time.monotonic()
+                    if self.queued and not self.sent:
+                        due = self.queued[0].queued_at + self.pipeline.linger_seconds
+                        if self.closing or self.pipeline.hurried or len(self.queued) >= MAX_UPDATES_PER_MESSAGE:
+                            break
+                        if now >= due:
+                            break
+                        self._wake.wait(due - now)
+                    elif self.closing and not self.sent:
+                        return
+                    elif not self.queued and not self.sent and now - idle_since >= self.pipeline.idle_seconds:
+                        self.closing = True  # the next update opens another stream
+                        return
+                    else:  # an answer, or the first update, is awaited
+                        self._wake.wait(max(0.05, self.pipeline.idle_seconds - (now - idle_since)))
                 batch = [self.queued.popleft() for _ in range(min(len(self.queued), MAX_UPDATES_PER_MESSAGE))]
                 sequence += 1
                 self.sent.append((sequence, batch))
@@ -249,10 +267,12 @@ class StatisticsPipeline:
         max_in_flight: int = 4096,
         max_in_flight_bytes: int = 64 << 20,
         idle_seconds: float = 10.0,
+        linger_seconds: float = 0.05,
     ) -> None:
         self.client = client
         self.max_in_flight, self.max_in_flight_bytes = max_in_flight, max_in_flight_bytes
-        self.idle_seconds = idle_seconds
+        self.idle_seconds, self.linger_seconds = idle_seconds, linger_seconds
+        self._waiting = 0  # threads waiting for answers: what is queued goes at once
         self.lock = threading.Lock()
         self._changed = threading.Condition(self.lock)
         self._streams: dict[str | None, _Stream] = {}
@@ -267,6 +287,22 @@ class StatisticsPipeline:
     def metadata(self, route: str | None) -> tuple[tuple[str, str], ...]:
         header = () if route is None else ((routing.LAYER_HEADER, route),)
         return (*self.client._metadata, *header)
+
+    @property
+    def hurried(self) -> bool:
+        """Whether someone waits for answers (then nothing lingers)."""
+        return self._waiting > 0
+
+    @contextlib.contextmanager
+    def _hurrying(self) -> Iterator[None]:
+        """While inside (with the lock held but for the waits), every stream sends what it has at once."""
+        self._waiting += 1
+        for stream in self._streams.values():
+            stream.wake()
+        try:
+            yield
+        finally:
+            self._waiting -= 1
 
     @property
     def in_flight(self) -> int:
@@ -292,11 +328,16 @@ class StatisticsPipeline:
         while the window is full: DeadlineExceeded after ``timeout``, default the client's, with nothing
         queued)."""
         message = protocol.statistics_update(log.layer.name, step, count, mean, m2, parameters)
-        update = _Update(log, step, message, message.ByteSize())
+        update = _Update(log, step, message, message.ByteSize(), time.monotonic())
         with self._changed:
             if self._closed:
                 raise FailedPrecondition("the client is closed: its statistics-mode updates cannot be sent")
-            full = self._changed.wait_for(self._has_room(update.nbytes), self._patience(timeout))
+            room = self._has_room(update.nbytes)
+            if room():
+                full = True
+            else:
+                with self._hurrying():
+                    full = self._changed.wait_for(room, self._patience(timeout))
             if not full:
                 raise DeadlineExceeded(
                     f"step {step} of layer {log.layer.name!r} waited {self._patience(timeout)} s for the server to "
@@ -313,7 +354,7 @@ class StatisticsPipeline:
     def wait(self, log: UpdateLog | None = None, timeout: float | None = None) -> None:
         """Until no update of ``log`` (None: of any module) is in flight; DeadlineExceeded after ``timeout``
         (default the client's), the updates staying in flight."""
-        with self._changed:
+        with self._changed, self._hurrying():
             done = self._changed.wait_for(
                 lambda: (self._in_flight if log is None else log.in_flight) == 0, self._patience(timeout)
             )
@@ -386,6 +427,7 @@ class StatisticsPipeline:
             results = [_result(update, outcome) for update, outcome in zip(batch, response.outcomes, strict=True)]
             stream.sent.popleft()
             stream.answered = True
+            stream.wake()  # the next message may go
             for update, result in zip(batch, results, strict=True):
                 if isinstance(result, NormServeError):
                     update.log._fail(update.step, result)

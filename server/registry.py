@@ -600,7 +600,8 @@ class Registry:
         """Each update as :meth:`train_statistics` without sync would apply it, in order (a layer's second
         update after its first), all stored in one transaction: per update, the snapshot after it or the
         exception that refused it. A refused update changes nothing; the others are stored or refused each
-        on their own, except a failed store, which refuses every update of the message."""
+        on their own, except a failed store, which refuses every update of the message. Each stored update
+        is a version; of a layer's updates in one message, the last one's state is stored and kept."""
         outcomes: list[Outcome | None] = [None] * len(updates)
         entries: dict[str, _Entry] = {}
         for index, update in enumerate(updates):
@@ -615,15 +616,15 @@ class Registry:
             for index, update in enumerate(updates):
                 if outcomes[index] is None:
                     outcomes[index] = await self._tracked(entries[update.layer], after, update)
+            changed: dict[str, set[str]] = {}
+            for update, outcome in zip(updates, outcomes, strict=True):
+                if isinstance(outcome, Snapshot):
+                    changed.setdefault(update.layer, set(RUNNING_KEYS)).update(update.parameters)
+            # A layer's last state of the message is stored, once: the versions before it were never current
+            # (the message publishes whole), so they are not kept either.
             writes = [
-                StateUpdate(
-                    update.layer,
-                    outcome.version,
-                    outcome.layer.num_batches_tracked,
-                    host_state(outcome.layer, (*update.parameters, *RUNNING_KEYS)),
-                )
-                for update, outcome in zip(updates, outcomes, strict=True)
-                if isinstance(outcome, Snapshot)
+                StateUpdate(name, s.version, s.layer.num_batches_tracked, host_state(s.layer, tuple(changed[name])))
+                for name, s in after.items()
             ]
             if not writes:
                 return
