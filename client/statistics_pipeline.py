@@ -68,8 +68,10 @@ from normserve.v1 import routing
 __all__ = ["StatisticsPipeline", "UpdateLog"]
 
 METHOD = "PushStatistics"
-#: Updates per message (the server's MAX_UPDATES_PER_MESSAGE is larger).
+#: Updates per message (the server's MAX_UPDATES_PER_MESSAGE is larger), and bytes past which a message
+#: takes no more (a few MiB: well inside any --max-message-bytes a server sets for a training job).
 MAX_UPDATES_PER_MESSAGE = 1024
+MESSAGE_BYTES = 4 << 20
 #: Seconds the process waits at exit for updates still unanswered (per pipeline), besides the client's timeout.
 EXIT_PATIENCE = 30.0
 
@@ -198,7 +200,10 @@ class _Stream:
                         return
                     else:  # an answer, or the first update, is awaited
                         self._wake.wait(max(0.05, self.pipeline.idle_seconds - (now - idle_since)))
-                batch = [self.queued.popleft() for _ in range(min(len(self.queued), MAX_UPDATES_PER_MESSAGE))]
+                batch, nbytes = [self.queued.popleft()], 0
+                while self.queued and len(batch) < MAX_UPDATES_PER_MESSAGE and nbytes < MESSAGE_BYTES:
+                    nbytes += self.queued[0].nbytes
+                    batch.append(self.queued.popleft())
                 sequence += 1
                 self.sent.append((sequence, batch))
             yield pb.PushStatisticsRequest(sequence=sequence, updates=[update.message for update in batch])

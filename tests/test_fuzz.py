@@ -299,7 +299,7 @@ def mutated_call(draw: st.DrawFn, level: str) -> tuple[Seed, list[bytes]]:
             parts.insert(index, parts[index])
         elif edit == "swap" and len(parts) > 1:
             parts[0], parts[-1] = parts[-1], parts[0]
-        elif edit == "head-fields" and seed.path.startswith(SERVICE):
+        elif edit == "head-fields" and seed.path.startswith(SERVICE) and seed.path.endswith("Stream"):
             head_type = {"Train": pb.TrainRequest, "Infer": pb.InferRequest, "Gradient": pb.GradientRequest}[
                 seed.path[len(SERVICE) : -len("Stream")]
             ]
@@ -348,21 +348,25 @@ class Target:
         """The call's status, and whether it may have changed state (a PushStatistics answer whose every
         outcome is a refusal may not: a refused update changes nothing)."""
         self.calls += 1
-        answers = []
+        answers: list[bytes] = []
+        code = grpc.StatusCode.OK
         try:
             if seed.streamed:
-                answers = list(self.channel.stream_stream(seed.path)(iter(parts), timeout=patience(1)))
+                for answer in self.channel.stream_stream(seed.path)(iter(parts), timeout=patience(1)):
+                    answers.append(answer)
             else:
                 self.channel.unary_unary(seed.path)(parts[0], timeout=patience(1))
         except grpc.RpcError as error:
-            # A deadline the client gave up on may end a write the server goes on with (a write that holds
-            # its locks runs to the end): on a loaded machine it lands after the answer.
-            return error.code(), error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        if seed.path.endswith("/PushStatistics"):
+            code = error.code()
+        if seed.path.endswith("/PushStatistics"):  # each message answered before a failure may have stored
             outcomes = [o for answer in answers for o in pb.PushStatisticsResponse.FromString(answer).outcomes]
             assert all(o.code in {c.value[0] for c in ALLOWED} for o in outcomes), outcomes
-            return grpc.StatusCode.OK, any(o.code == 0 for o in outcomes)
-        return grpc.StatusCode.OK, True
+            stored = any(o.code == 0 for o in outcomes)
+        else:
+            stored = code == grpc.StatusCode.OK
+        # A deadline the client gave up on may end a write the server goes on with (a write that holds its
+        # locks runs to the end): on a loaded machine it lands after the answer.
+        return code, stored or code == grpc.StatusCode.DEADLINE_EXCEEDED
 
     def check(self, seed: Seed, parts: list[bytes]) -> None:
         code, changing = self.send(seed, parts)
