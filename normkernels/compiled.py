@@ -96,6 +96,12 @@ SPLITS_PER_THREAD = 4
 _COLUMNS_BELOW = 64
 _TILE = 32768
 _TILE_WIDTH = 1024
+#: Channels-first tiles (cpu_kernels.forward_pixels) hold about this many bytes of x: with dy, the
+#: backward's tile stays in a 1 MiB L2 between its statistics and its outputs (256 KiB beat 64 and
+#: 128 KiB on the LayerNorm2d shapes of benchmarks/kernels.py: fewer, longer pixel rows).
+_PIXEL_TILE_BYTES = 256 << 10
+#: Pixels per tile are a multiple of this (the float32 vector width of AVX-512) unless the sample has fewer.
+_PIXEL_ALIGN = 16
 
 
 # --------------------------------------------------------------------------- configuration
@@ -392,6 +398,46 @@ def _lines(ew: fused.Elementwise, imap: fused.IndexMap) -> _Lines:
     return _Lines(lines, K, period, imap.sdiv, imap.smod, imap.pmod, imap.pmul, imap.pdiv, params)
 
 
+class _Pixels(NamedTuple):
+    """x as (A, C, S) with one statistic per (a, s), over the C channels, in tiles of P pixels."""
+
+    A: int
+    C: int
+    S: int
+    P: int
+
+    @property
+    def tiles(self) -> int:
+        return self.A * -(-self.S // self.P)
+
+
+@functools.lru_cache(maxsize=256)
+def _pixels(plan: core.Plan, itemsize: int) -> _Pixels | None:
+    """The channels-first geometry of ``plan``, or None when it is not one.
+
+    One: the statistics reduce a contiguous block of inner axes and keep the
+    rest, including some after it (LayerNorm2d's channels, between the sample
+    and the pixels), and the parameters vary over exactly the reduced block.
+    (A reduction that runs to the last axis is a line: ``fused.geometry``'s.)
+    """
+    view, stat, param = fused._squeeze(plan.view, plan.stat_shape, plan.param_shape)
+    reduced = [i for i, s in enumerate(stat) if s == 1]  # squeezed: every axis left is longer than 1
+    if not reduced or reduced[-1] == len(view) - 1 or reduced != list(range(reduced[0], reduced[-1] + 1)):
+        return None
+    lo, hi = reduced[0], reduced[-1] + 1
+    if param != tuple(n if lo <= i < hi else 1 for i, n in enumerate(view)):
+        return None
+    A, C, S = math.prod(view[:lo]), math.prod(view[lo:hi]), math.prod(view[hi:])
+    widest = max(_PIXEL_ALIGN, _PIXEL_TILE_BYTES // (itemsize * C))
+    per_tile = -(-S // -(-S // widest))  # as many pixels in every tile but the last
+    return _Pixels(A, C, S, min(S, -(-per_tile // _PIXEL_ALIGN) * _PIXEL_ALIGN))
+
+
+def _param_partials(chunks: int, n: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed per-chunk dweight and dbias partials, which the backward kernels add to."""
+    return np.zeros((chunks, n), dtype), np.zeros((chunks, n), dtype)
+
+
 @dataclass(frozen=True)
 class CpuLauncher:
     """:class:`normkernels.fused.Launcher` on the numba kernels; arrays are NumPy, in the compute dtype.
@@ -500,7 +546,7 @@ class CpuLauncher:
         """Training backward of the per-line kinds in one pass; returns dweight and dbias (flat)."""
         g = _lines(ew, imap)
         chunks = _chunks(g.lines, 3 * x.nbytes, self.sm_count)
-        dw, db = np.zeros((chunks, g.params), dtype), np.zeros((chunks, g.params), dtype)
+        dw, db = _param_partials(chunks, g.params, dtype)
         _run(
             _kernels.backward_lines,
             x.reshape(-1),
@@ -512,6 +558,63 @@ class CpuLauncher:
             g.pmul,
             g.pdiv,
             _vector(weight, g.params, 1.0, dtype),
+            dtype.type(eps),
+            int(center),
+            dw,
+            db,
+            chunks,
+        )
+        return dw.sum(axis=0), db.sum(axis=0)
+
+    def forward_pixels(
+        self,
+        x: Array,
+        y: Array,
+        px: _Pixels,
+        weight: Array | None,
+        bias: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+        mean_out: np.ndarray,
+        var_out: np.ndarray,
+    ) -> int:
+        """Training forward of a channels-first plan; returns how many statistics written are NaN or Inf."""
+        return _run(
+            _kernels.forward_pixels,
+            x.reshape(-1),
+            y.reshape(-1),
+            *px,
+            _vector(weight, px.C, 1.0, dtype),
+            _vector(bias, px.C, 0.0, dtype),
+            dtype.type(eps),
+            int(center),
+            mean_out,
+            var_out,
+            _chunks(px.tiles, 2 * x.nbytes, self.sm_count),
+        )
+
+    def backward_pixels(
+        self,
+        x: Array,
+        dy: Array,
+        dx: Array,
+        px: _Pixels,
+        weight: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training backward of a channels-first plan in one pass; returns dweight and dbias (per channel)."""
+        chunks = _chunks(px.tiles, 3 * x.nbytes, self.sm_count)
+        dw, db = _param_partials(chunks, px.C, dtype)
+        _run(
+            _kernels.backward_pixels,
+            x.reshape(-1),
+            dy.reshape(-1),
+            dx.reshape(-1),
+            *px,
+            _vector(weight, px.C, 1.0, dtype),
             dtype.type(eps),
             int(center),
             dw,
@@ -547,20 +650,27 @@ def forward_train(
         return core.forward_train(xv, plan, weight, bias, eps, dtype)
     xv = _compute(xv, dtype)
     geo = fused.geometry(plan, launcher.sm_count)
-    if geo is None:
+    px = _pixels(plan, dtype.itemsize) if geo is None else None
+    if geo is None and px is None:
         return fused.forward_train(xv, plan, weight, bias, eps, dtype, launcher=launcher)
     # fused.forward_train's launches, without its array-module and layout checks (xv is this module's
     # own: contiguous, in the compute dtype): small inputs are bound by them.
-    ew, imap, y = geo.elementwise, geo.train_map, fused._output(xv)
-    moments: type[core.Moments] = core.Moments
-    if geo.per_line_forward:  # one kernel call, which checks the statistics too
+    y = fused._output(xv)
+    non_finite = None  # how many statistics are NaN or Inf, where the kernel counted them
+    if px is not None:  # channels first: one kernel call, which checks the statistics too
+        mean, var = np.empty(px.A * px.S, dtype), np.empty(px.A * px.S, dtype)
+        non_finite = launcher.forward_pixels(xv, y, px, weight, bias, eps, dtype, plan.center, mean, var)
+    elif geo.per_line_forward:  # the same, a line per statistic
+        ew, imap = geo.elementwise, geo.train_map
         mean, var = np.empty(ew.lines, dtype), np.empty(ew.lines, dtype)
         o = {"center": plan.center, "mean_out": mean, "var_out": var}
-        if not launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o):
-            moments = CheckedMoments
+        non_finite = launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o)
     else:
         mean, var = fused.batch_moments(launcher, geo, plan, xv, dtype)
-        launcher.normalize(xv, y, ew, imap, mean=mean, var=var, eps=eps, weight=weight, bias=bias, dtype=dtype)
+        launcher.normalize(
+            xv, y, geo.elementwise, geo.train_map, mean=mean, var=var, eps=eps, weight=weight, bias=bias, dtype=dtype
+        )
+    moments = CheckedMoments if non_finite == 0 else core.Moments
     return y, moments(mean.reshape(plan.stat_shape) if plan.center else None, var.reshape(plan.stat_shape))
 
 
@@ -622,6 +732,11 @@ def backward(
         return core.backward(xv, dyv, plan, weight, eps, dtype, stats)
     xv, dyv = _compute(xv, dtype), _compute(dyv, dtype)
     geo = fused.geometry(plan, launcher.sm_count)
+    px = _pixels(plan, dtype.itemsize) if geo is None and stats is None else None
+    if px is not None:  # channels first, training: one pass, as for the lines below
+        dx = np.empty_like(xv)
+        dweight, dbias = launcher.backward_pixels(xv, dyv, dx, px, weight, eps, dtype, plan.center)
+        return dx, dweight.reshape(plan.param_shape), dbias.reshape(plan.param_shape)
     # One pass per line when each line is one statistic: always for layer and RMS norm (their
     # per-column dweight would otherwise take a pass of its own), and for instance and group norm
     # when there are lines enough to share among the threads (else their split reductions do better).
