@@ -42,6 +42,8 @@ __all__ = ["FASTMATH", "KERNELS", "SEGMENT", "SIGNATURES"]
 FASTMATH = frozenset({"reassoc", "contract"})
 #: Elements of one line summed in one two-pass (16 KiB of float64: both passes hit L1).
 SEGMENT = 2048
+#: float32 lines up to this long get their moments in one pass in float64 (:func:`_short_moments`).
+SHORT_LINE = 256
 #: Elements per block of lines in the per-line kinds' fused passes: the block stays in L2 between
 #: its statistics and its outputs (a line longer than this is a block of its own).
 BLOCK = 16384
@@ -69,6 +71,21 @@ def _zero_of_impl(a):
 
     def impl(a):
         return dtype(0)
+
+    return impl
+
+
+def _single(a):  # pragma: no cover - replaced by the overload inside kernels
+    return a.dtype == np.float32
+
+
+@overload(_single, inline="always")
+def _single_impl(a):
+    # A constant of the compiled signature: the branches it guards are compiled out of the others.
+    single = a.dtype == types.float32
+
+    def impl(a):
+        return single
 
     return impl
 
@@ -163,6 +180,28 @@ def _line_moments(x):
 
 
 @_helper
+def _short_moments(x):
+    """Mean and M2 (float64) of a short float32 line in one pass: sums of x - x[0] in float64.
+
+    Two passes over a short line cost more in their per-line work (three horizontal sums, the
+    dependent second pass) than in the loops. Shifting by a value of the line bounds the
+    cancellation: (x[0] - mean)^2 <= n * var, so M2 = sum(d^2) - sum(d)^2 / n loses at most
+    log2(n + 1) of float64's 53 bits, and keeps float32's 24.
+    """
+    x0 = np.float64(x[0])
+    s = 0.0
+    q = 0.0
+    for i in range(x.size):
+        d = np.float64(x[i]) - x0
+        s += d
+        q += d * d
+    m2 = q - s * s / x.size
+    if m2 < 0.0:  # written so that NaN passes
+        m2 = 0.0
+    return x0 + s / x.size, m2
+
+
+@_helper
 def _mean_square(x):
     """sum(x * x) / n (float64), a segment at a time: no cancellation to fear, and Inf stays Inf."""
     total = 0.0
@@ -187,7 +226,7 @@ def _line_stats(x, center, eps):
     """A line's mean as m0 + off (0 without centering), variance (mean square without centering), rstd."""
     z = _zero_of(x)
     if center:
-        mean, m2 = _line_moments(x)
+        mean, m2 = _short_moments(x) if _single(x) and x.size <= SHORT_LINE else _line_moments(x)
         var = m2 / x.size
     else:
         mean, var = 0.0, _mean_square(x)
