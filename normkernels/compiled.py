@@ -364,6 +364,12 @@ def _constant(value: float, n: int, dtype: np.dtype) -> np.ndarray:
     return a
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, dtype: np.dtype) -> np.generic:
+    """``value`` as a scalar of the kernels' dtype (eps: a few per process; dtype.type() costs 0.4 us a call)."""
+    return dtype.type(value)
+
+
 def _vector(a: Array | None, n: int, fill: float, dtype: np.dtype) -> np.ndarray:
     """``a`` as the kernels take it (1-D, contiguous, the compute dtype), or ``n`` times ``fill`` when absent."""
     if a is None:
@@ -433,6 +439,25 @@ def _pixels(plan: core.Plan, itemsize: int) -> _Pixels | None:
     return _Pixels(A, C, S, min(S, -(-per_tile // _PIXEL_ALIGN) * _PIXEL_ALIGN))
 
 
+class _Call(NamedTuple):
+    """What every call of a plan needs besides its arrays (see :func:`_call`)."""
+
+    geo: fused.Geometry | None
+    pixels: _Pixels | None  # channels first (geo is None)
+    train: _Lines | None  # geo's elementwise pass with the batch's statistics
+    eval: _Lines | None  # ... with per-parameter (running) statistics; None for group norm
+
+
+@functools.lru_cache(maxsize=256)
+def _call(plan: core.Plan, sm_count: int, dtype: np.dtype) -> _Call:
+    """The geometry of ``plan``'s calls, looked up once a call: a small input's call is bound by lookups."""
+    geo = fused.geometry(plan, sm_count)
+    if geo is None:
+        return _Call(None, _pixels(plan, dtype.itemsize), None, None)
+    ew = geo.elementwise
+    return _Call(geo, None, _lines(ew, geo.train_map), None if geo.eval_map is None else _lines(ew, geo.eval_map))
+
+
 def _param_partials(chunks: int, n: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Zeroed per-chunk dweight and dbias partials, which the backward kernels add to."""
     return np.zeros((chunks, n), dtype), np.zeros((chunks, n), dtype)
@@ -479,12 +504,12 @@ class CpuLauncher:
         return (
             _vector(o.get("mean"), g.smod, 0.0, dtype),
             _vector(o["var"], g.smod, 1.0, dtype),
-            dtype.type(o["eps"]),
+            _scalar(o["eps"], dtype),
             _vector(o.get("weight"), g.params, 1.0, dtype),
         )
 
     def normalize(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
         stats = self._statistics(g, o, dtype)
         bias = _vector(o.get("bias"), g.params, 0.0, dtype)
         _run(
@@ -498,7 +523,7 @@ class CpuLauncher:
         )
 
     def grad_input(self, x: Array, dy: Array, dx: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
         _run(
             _kernels.grad_input,
             x.reshape(-1),
@@ -514,7 +539,7 @@ class CpuLauncher:
 
     def forward_lines(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> int:
         """As the CUDA launcher's; returns how many statistics written are NaN or Inf."""
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
         return _run(
             _kernels.forward_lines,
             x.reshape(-1),
@@ -524,7 +549,7 @@ class CpuLauncher:
             *g[3:8],
             _vector(o.get("weight"), g.params, 1.0, dtype),
             _vector(o.get("bias"), g.params, 0.0, dtype),
-            dtype.type(o["eps"]),
+            _scalar(o["eps"], dtype),
             int(o["center"]),
             o["mean_out"],
             o["var_out"],
@@ -542,9 +567,10 @@ class CpuLauncher:
         eps: float,
         dtype: np.dtype,
         center: bool,
+        lines: _Lines | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Training backward of the per-line kinds in one pass; returns dweight and dbias (flat)."""
-        g = _lines(ew, imap)
+        g = lines or _lines(ew, imap)
         chunks = _chunks(g.lines, 3 * x.nbytes, self.sm_count)
         dw, db = _param_partials(chunks, g.params, dtype)
         _run(
@@ -558,7 +584,7 @@ class CpuLauncher:
             g.pmul,
             g.pdiv,
             _vector(weight, g.params, 1.0, dtype),
-            dtype.type(eps),
+            _scalar(eps, dtype),
             int(center),
             dw,
             db,
@@ -587,7 +613,7 @@ class CpuLauncher:
             *px,
             _vector(weight, px.C, 1.0, dtype),
             _vector(bias, px.C, 0.0, dtype),
-            dtype.type(eps),
+            _scalar(eps, dtype),
             int(center),
             mean_out,
             var_out,
@@ -615,7 +641,7 @@ class CpuLauncher:
             dx.reshape(-1),
             *px,
             _vector(weight, px.C, 1.0, dtype),
-            dtype.type(eps),
+            _scalar(eps, dtype),
             int(center),
             dw,
             db,
@@ -649,8 +675,7 @@ def forward_train(
     if launcher is None:
         return core.forward_train(xv, plan, weight, bias, eps, dtype)
     xv = _compute(xv, dtype)
-    geo = fused.geometry(plan, launcher.sm_count)
-    px = _pixels(plan, dtype.itemsize) if geo is None else None
+    geo, px, lines, _ = _call(plan, launcher.sm_count, dtype)
     if geo is None and px is None:
         return fused.forward_train(xv, plan, weight, bias, eps, dtype, launcher=launcher)
     # fused.forward_train's launches, without its array-module and layout checks (xv is this module's
@@ -663,13 +688,12 @@ def forward_train(
     elif geo.per_line_forward:  # the same, a line per statistic
         ew, imap = geo.elementwise, geo.train_map
         mean, var = np.empty(ew.lines, dtype), np.empty(ew.lines, dtype)
-        o = {"center": plan.center, "mean_out": mean, "var_out": var}
+        o = {"center": plan.center, "mean_out": mean, "var_out": var, "lines": lines}
         non_finite = launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o)
     else:
         mean, var = fused.batch_moments(launcher, geo, plan, xv, dtype)
-        launcher.normalize(
-            xv, y, geo.elementwise, geo.train_map, mean=mean, var=var, eps=eps, weight=weight, bias=bias, dtype=dtype
-        )
+        o = {"mean": mean, "var": var, "lines": lines}
+        launcher.normalize(xv, y, geo.elementwise, geo.train_map, eps=eps, weight=weight, bias=bias, dtype=dtype, **o)
     moments = CheckedMoments if non_finite == 0 else core.Moments
     return y, moments(mean.reshape(plan.stat_shape) if plan.center else None, var.reshape(plan.stat_shape))
 
@@ -714,7 +738,16 @@ def forward_eval(
     launcher = _launcher()
     if launcher is None:
         return core.forward_eval(xv, plan, stats, weight, bias, eps, dtype)
-    return fused.forward_eval(_compute(xv, dtype), plan, stats, weight, bias, eps, dtype, launcher=launcher)
+    call = _call(plan, launcher.sm_count, dtype)
+    xv = _compute(xv, dtype)
+    if call.eval is None:  # fused's fallbacks (core)
+        return fused.forward_eval(xv, plan, stats, weight, bias, eps, dtype, launcher=launcher)
+    # fused.forward_eval's launch without its flattening copies: the launcher takes the vectors as they are.
+    y = fused._output(xv)
+    geo = call.geo
+    o = {"mean": stats.mean, "var": stats.var, "lines": call.eval}
+    launcher.normalize(xv, y, geo.elementwise, geo.eval_map, eps=eps, weight=weight, bias=bias, dtype=dtype, **o)
+    return y
 
 
 def backward(
@@ -731,9 +764,8 @@ def backward(
     if launcher is None:
         return core.backward(xv, dyv, plan, weight, eps, dtype, stats)
     xv, dyv = _compute(xv, dtype), _compute(dyv, dtype)
-    geo = fused.geometry(plan, launcher.sm_count)
-    px = _pixels(plan, dtype.itemsize) if geo is None and stats is None else None
-    if px is not None:  # channels first, training: one pass, as for the lines below
+    geo, px, lines, _ = _call(plan, launcher.sm_count, dtype)
+    if px is not None and stats is None:  # channels first, training: one pass, as for the lines below
         dx = np.empty_like(xv)
         dweight, dbias = launcher.backward_pixels(xv, dyv, dx, px, weight, eps, dtype, plan.center)
         return dx, dweight.reshape(plan.param_shape), dbias.reshape(plan.param_shape)
@@ -748,7 +780,7 @@ def backward(
     ):
         dx = np.empty_like(xv)
         dweight, dbias = launcher.backward_lines(
-            xv, dyv, dx, geo.elementwise, geo.train_map, weight, eps, dtype, plan.center
+            xv, dyv, dx, geo.elementwise, geo.train_map, weight, eps, dtype, plan.center, lines
         )
         return dx, dweight.reshape(plan.param_shape), dbias.reshape(plan.param_shape)
     return fused.backward(xv, dyv, plan, weight, eps, dtype, stats, launcher=launcher)
