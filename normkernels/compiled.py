@@ -81,8 +81,10 @@ ENV_CACHE = "NORMKERNELS_CACHE_DIR"
 PROGRESS_SECONDS = 10.0
 
 #: Below this many bytes touched, a kernel runs on the calling thread alone: waking the other
-#: threads costs more than they save (measured with benchmarks/kernels.py --calibrate on 2 cores).
-PARALLEL_MIN_BYTES = 256 << 10
+#: threads costs more than they save (measured with benchmarks/kernels.py --calibrate on 2 cores: on
+#: a quiet machine they start to pay at 256 KiB, on a shared one at 1-2 MiB; LayerNorm 4x8192 and
+#: 128x768 forward, 256 and 768 KiB, took 19 and 32 us on one thread against 25 and 43 us on two).
+PARALLEL_MIN_BYTES = 896 << 10
 #: Lines shorter than this run as rows of whole periods of the index map (see cpu_kernels.normalize) ...
 _SHORT_LINE = 64
 #: ... when a period has at most this many elements.
@@ -537,9 +539,27 @@ class CpuLauncher:
             _chunks(g.lines, 3 * x.nbytes, self.sm_count),
         )
 
-    def forward_lines(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> int:
-        """As the CUDA launcher's; returns how many statistics written are NaN or Inf."""
-        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
+    def forward_lines(
+        self,
+        x: Array,
+        y: Array,
+        ew: fused.Elementwise,
+        imap: fused.IndexMap,
+        *,
+        weight: Array | None,
+        bias: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+        mean_out: np.ndarray,
+        var_out: np.ndarray,
+        lines: _Lines | None = None,
+    ) -> int:
+        """As the CUDA launcher's; returns how many statistics written are NaN or Inf.
+
+        The operands are named, not a dict: a small input's whole call costs a few microseconds.
+        """
+        g = lines or _lines(ew, imap)
         return _run(
             _kernels.forward_lines,
             x.reshape(-1),
@@ -547,12 +567,12 @@ class CpuLauncher:
             g.lines,
             g.K,
             *g[3:8],
-            _vector(o.get("weight"), g.params, 1.0, dtype),
-            _vector(o.get("bias"), g.params, 0.0, dtype),
-            _scalar(o["eps"], dtype),
-            int(o["center"]),
-            o["mean_out"],
-            o["var_out"],
+            _vector(weight, g.params, 1.0, dtype),
+            _vector(bias, g.params, 0.0, dtype),
+            _scalar(eps, dtype),
+            int(center),
+            mean_out,
+            var_out,
             _chunks(g.lines, 2 * x.nbytes, self.sm_count),
         )
 
@@ -688,8 +708,20 @@ def forward_train(
     elif geo.per_line_forward:  # the same, a line per statistic
         ew, imap = geo.elementwise, geo.train_map
         mean, var = np.empty(ew.lines, dtype), np.empty(ew.lines, dtype)
-        o = {"center": plan.center, "mean_out": mean, "var_out": var, "lines": lines}
-        non_finite = launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o)
+        non_finite = launcher.forward_lines(
+            xv,
+            y,
+            ew,
+            imap,
+            weight=weight,
+            bias=bias,
+            eps=eps,
+            dtype=dtype,
+            center=plan.center,
+            mean_out=mean,
+            var_out=var,
+            lines=lines,
+        )
     else:
         mean, var = fused.batch_moments(launcher, geo, plan, xv, dtype)
         o = {"mean": mean, "var": var, "lines": lines}
