@@ -35,6 +35,7 @@ from normkernels import compiled, core, cpu_kernels, fused
 # Shapes that reach the branches CASES (test_fused) does not: lines longer than a segment, one huge
 # line, tall and wide column reductions, short lines whose map period is too long to spread.
 EXTRA = [
+    ("batch_norm", {"num_features": 6}, (1, 6, 40)),  # one period of the map: a line at a time, not spread
     ("layer_norm", {"normalized_shape": [5000]}, (3, 5000)),
     ("rms_norm", {"normalized_shape": [4500]}, (5, 4500)),
     ("instance_norm", {"num_features": 1, "affine": True}, (1, 1, 70000)),
