@@ -129,9 +129,13 @@ def compute_dtype(*dtypes: np.dtype) -> np.dtype:
 
     float16 data therefore always accumulates in float32.
     """
-    if np.dtype(np.float64) in [np.dtype(d) for d in dtypes]:
-        return np.dtype(np.float64)
-    return np.dtype(np.float32)
+    for d in dtypes:  # every call goes through here: no np.dtype() per operand (dtype == accepts what it accepts)
+        if d == _FLOAT64:
+            return _FLOAT64
+    return _FLOAT32
+
+
+_FLOAT32, _FLOAT64 = np.dtype(np.float32), np.dtype(np.float64)
 
 
 class _OnesCache:

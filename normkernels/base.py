@@ -62,6 +62,13 @@ def config_names(cls: type) -> tuple[str, ...]:
     return tuple(config_parameters(cls))
 
 
+def _as_input(y: Array, x: Array) -> Array:
+    """``y`` in ``x``'s shape and dtype (no astype call when it is in that dtype already: a small input's
+    whole call costs a few microseconds)."""
+    y = y.reshape(x.shape)
+    return y if y.dtype == x.dtype else y.astype(x.dtype)
+
+
 class Prepared(NamedTuple):
     """A validated call: the input (and dy) on the layer's device, its plan and how to compute."""
 
@@ -113,6 +120,8 @@ class _NormBase:
         self.running_var: Array | None = None
         self.num_batches_tracked = 0
         self._plans: dict[tuple[int, ...], core.Plan] = {}  # validated input shapes (a small cache)
+        # The arrays _params last converted, and what it made of them.
+        self._param_views: tuple[Any, Any, Any, tuple[Array | None, Array | None]] = (None, None, None, (None, None))
         budget = _STATE_BUDGET.get()
         if budget is not None and self.state_nbytes > budget:
             raise StateTooLarge(self.state_nbytes, budget, f"{type(self).__name__} of param shape {param_shape}")
@@ -269,10 +278,20 @@ class _NormBase:
         return Prepared(x, dy, plan, compute_dtype(*dtypes), use_batch_stats)
 
     def _params(self, plan: core.Plan, dtype: np.dtype) -> tuple[Array | None, Array | None]:
-        return tuple(
+        """Weight and bias in the compute dtype and the plan's parameter shape.
+
+        Kept for the next call while the layer holds the same arrays: layers bind new arrays rather
+        than write theirs (see :meth:`copy`), and a small input's call is bound by such steps.
+        """
+        cached = self._param_views
+        if cached[0] is self.weight and cached[1] is self.bias and cached[2] == (plan.param_shape, dtype):
+            return cached[3]
+        views = tuple(
             None if p is None else p.astype(dtype, copy=False).reshape(plan.param_shape)
             for p in (self.weight, self.bias)
         )
+        self._param_views = (self.weight, self.bias, (plan.param_shape, dtype), views)
+        return views
 
     def _running_moments(self, plan: core.Plan) -> core.Moments:
         return core.Moments(self.running_mean.reshape(plan.param_shape), self.running_var.reshape(plan.param_shape))
@@ -296,7 +315,7 @@ class _NormBase:
             eps = self._eps_for(dtype)
             if not use_batch_stats:
                 y = self._math.forward_eval(xv, plan, self._running_moments(plan), weight, bias, eps, dtype)
-                return y.reshape(x.shape).astype(x.dtype, copy=False), None
+                return _as_input(y, x), None
             y, stats = self._math.forward_train(xv, plan, weight, bias, eps, dtype)
             prior = core.Moments(self.running_mean, self.running_var)  # the update binds new arrays
             batch = self._after_training_batch(stats, plan.count) if training else None
@@ -304,7 +323,7 @@ class _NormBase:
             summary = (
                 monitor.batch_report(plan, stats, y.astype(dtype, copy=False), eps, batch, prior) if report else None
             )
-            return y.reshape(x.shape).astype(x.dtype, copy=False), summary
+            return _as_input(y, x), summary
 
     __call__ = forward
 

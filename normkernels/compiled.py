@@ -81,8 +81,10 @@ ENV_CACHE = "NORMKERNELS_CACHE_DIR"
 PROGRESS_SECONDS = 10.0
 
 #: Below this many bytes touched, a kernel runs on the calling thread alone: waking the other
-#: threads costs more than they save (measured with benchmarks/kernels.py --calibrate on 2 cores).
-PARALLEL_MIN_BYTES = 256 << 10
+#: threads costs more than they save (measured with benchmarks/kernels.py --calibrate on 2 cores: on
+#: a quiet machine they start to pay at 256 KiB, on a shared one at 1-2 MiB; LayerNorm 4x8192 and
+#: 128x768 forward, 256 and 768 KiB, took 19 and 32 us on one thread against 25 and 43 us on two).
+PARALLEL_MIN_BYTES = 896 << 10
 #: Lines shorter than this run as rows of whole periods of the index map (see cpu_kernels.normalize) ...
 _SHORT_LINE = 64
 #: ... when a period has at most this many elements.
@@ -96,6 +98,12 @@ SPLITS_PER_THREAD = 4
 _COLUMNS_BELOW = 64
 _TILE = 32768
 _TILE_WIDTH = 1024
+#: Channels-first tiles (cpu_kernels.forward_pixels) hold about this many bytes of x: with dy, the
+#: backward's tile stays in a 1 MiB L2 between its statistics and its outputs (256 KiB beat 64 and
+#: 128 KiB on the LayerNorm2d shapes of benchmarks/kernels.py: fewer, longer pixel rows).
+_PIXEL_TILE_BYTES = 256 << 10
+#: Pixels per tile are a multiple of this (the float32 vector width of AVX-512) unless the sample has fewer.
+_PIXEL_ALIGN = 16
 
 
 # --------------------------------------------------------------------------- configuration
@@ -358,6 +366,12 @@ def _constant(value: float, n: int, dtype: np.dtype) -> np.ndarray:
     return a
 
 
+@functools.lru_cache(maxsize=64)
+def _scalar(value: float, dtype: np.dtype) -> np.generic:
+    """``value`` as a scalar of the kernels' dtype (eps: a few per process; dtype.type() costs 0.4 us a call)."""
+    return dtype.type(value)
+
+
 def _vector(a: Array | None, n: int, fill: float, dtype: np.dtype) -> np.ndarray:
     """``a`` as the kernels take it (1-D, contiguous, the compute dtype), or ``n`` times ``fill`` when absent."""
     if a is None:
@@ -388,8 +402,71 @@ def _lines(ew: fused.Elementwise, imap: fused.IndexMap) -> _Lines:
     period = 0
     if K < _SHORT_LINE:
         p = math.lcm(imap.sdiv * imap.smod, imap.pmod)
-        period = p if p * K <= _MAX_PERIOD and lines % p == 0 else 0
+        # Spreading a period's factors writes as much as a period of x: with one period (batch norm of
+        # one sample) that doubles the pass (1x512x7x7: 26 us against 18 a line at a time), unless the
+        # lines are so short that a line at a time is all per-line work.
+        one_period = lines < 2 * p and K >= _SHORT_LINE // 2
+        period = p if p * K <= _MAX_PERIOD and lines % p == 0 and not one_period else 0
     return _Lines(lines, K, period, imap.sdiv, imap.smod, imap.pmod, imap.pmul, imap.pdiv, params)
+
+
+class _Pixels(NamedTuple):
+    """x as (A, C, S) with one statistic per (a, s), over the C channels, in tiles of P pixels."""
+
+    A: int
+    C: int
+    S: int
+    P: int
+
+    @property
+    def tiles(self) -> int:
+        return self.A * -(-self.S // self.P)
+
+
+@functools.lru_cache(maxsize=256)
+def _pixels(plan: core.Plan, itemsize: int) -> _Pixels | None:
+    """The channels-first geometry of ``plan``, or None when it is not one.
+
+    One: the statistics reduce a contiguous block of inner axes and keep the
+    rest, including some after it (LayerNorm2d's channels, between the sample
+    and the pixels), and the parameters vary over exactly the reduced block.
+    (A reduction that runs to the last axis is a line: ``fused.geometry``'s.)
+    """
+    view, stat, param = fused._squeeze(plan.view, plan.stat_shape, plan.param_shape)
+    reduced = [i for i, s in enumerate(stat) if s == 1]  # squeezed: every axis left is longer than 1
+    if not reduced or reduced[-1] == len(view) - 1 or reduced != list(range(reduced[0], reduced[-1] + 1)):
+        return None
+    lo, hi = reduced[0], reduced[-1] + 1
+    if param != tuple(n if lo <= i < hi else 1 for i, n in enumerate(view)):
+        return None
+    A, C, S = math.prod(view[:lo]), math.prod(view[lo:hi]), math.prod(view[hi:])
+    widest = max(_PIXEL_ALIGN, _PIXEL_TILE_BYTES // (itemsize * C))
+    per_tile = -(-S // -(-S // widest))  # as many pixels in every tile but the last
+    return _Pixels(A, C, S, min(S, -(-per_tile // _PIXEL_ALIGN) * _PIXEL_ALIGN))
+
+
+class _Call(NamedTuple):
+    """What every call of a plan needs besides its arrays (see :func:`_call`)."""
+
+    geo: fused.Geometry | None
+    pixels: _Pixels | None  # channels first (geo is None)
+    train: _Lines | None  # geo's elementwise pass with the batch's statistics
+    eval: _Lines | None  # ... with per-parameter (running) statistics; None for group norm
+
+
+@functools.lru_cache(maxsize=256)
+def _call(plan: core.Plan, sm_count: int, dtype: np.dtype) -> _Call:
+    """The geometry of ``plan``'s calls, looked up once a call: a small input's call is bound by lookups."""
+    geo = fused.geometry(plan, sm_count)
+    if geo is None:
+        return _Call(None, _pixels(plan, dtype.itemsize), None, None)
+    ew = geo.elementwise
+    return _Call(geo, None, _lines(ew, geo.train_map), None if geo.eval_map is None else _lines(ew, geo.eval_map))
+
+
+def _param_partials(chunks: int, n: int, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed per-chunk dweight and dbias partials, which the backward kernels add to."""
+    return np.zeros((chunks, n), dtype), np.zeros((chunks, n), dtype)
 
 
 @dataclass(frozen=True)
@@ -433,12 +510,12 @@ class CpuLauncher:
         return (
             _vector(o.get("mean"), g.smod, 0.0, dtype),
             _vector(o["var"], g.smod, 1.0, dtype),
-            dtype.type(o["eps"]),
+            _scalar(o["eps"], dtype),
             _vector(o.get("weight"), g.params, 1.0, dtype),
         )
 
     def normalize(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
         stats = self._statistics(g, o, dtype)
         bias = _vector(o.get("bias"), g.params, 0.0, dtype)
         _run(
@@ -452,7 +529,7 @@ class CpuLauncher:
         )
 
     def grad_input(self, x: Array, dy: Array, dx: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> None:
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+        dtype, g = np.dtype(o["dtype"]), o.get("lines") or _lines(ew, imap)
         _run(
             _kernels.grad_input,
             x.reshape(-1),
@@ -466,9 +543,27 @@ class CpuLauncher:
             _chunks(g.lines, 3 * x.nbytes, self.sm_count),
         )
 
-    def forward_lines(self, x: Array, y: Array, ew: fused.Elementwise, imap: fused.IndexMap, **o: Any) -> int:
-        """As the CUDA launcher's; returns how many statistics written are NaN or Inf."""
-        dtype, g = np.dtype(o["dtype"]), _lines(ew, imap)
+    def forward_lines(
+        self,
+        x: Array,
+        y: Array,
+        ew: fused.Elementwise,
+        imap: fused.IndexMap,
+        *,
+        weight: Array | None,
+        bias: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+        mean_out: np.ndarray,
+        var_out: np.ndarray,
+        lines: _Lines | None = None,
+    ) -> int:
+        """As the CUDA launcher's; returns how many statistics written are NaN or Inf.
+
+        The operands are named, not a dict: a small input's whole call costs a few microseconds.
+        """
+        g = lines or _lines(ew, imap)
         return _run(
             _kernels.forward_lines,
             x.reshape(-1),
@@ -476,12 +571,12 @@ class CpuLauncher:
             g.lines,
             g.K,
             *g[3:8],
-            _vector(o.get("weight"), g.params, 1.0, dtype),
-            _vector(o.get("bias"), g.params, 0.0, dtype),
-            dtype.type(o["eps"]),
-            int(o["center"]),
-            o["mean_out"],
-            o["var_out"],
+            _vector(weight, g.params, 1.0, dtype),
+            _vector(bias, g.params, 0.0, dtype),
+            _scalar(eps, dtype),
+            int(center),
+            mean_out,
+            var_out,
             _chunks(g.lines, 2 * x.nbytes, self.sm_count),
         )
 
@@ -496,11 +591,12 @@ class CpuLauncher:
         eps: float,
         dtype: np.dtype,
         center: bool,
+        lines: _Lines | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Training backward of the per-line kinds in one pass; returns dweight and dbias (flat)."""
-        g = _lines(ew, imap)
+        g = lines or _lines(ew, imap)
         chunks = _chunks(g.lines, 3 * x.nbytes, self.sm_count)
-        dw, db = np.zeros((chunks, g.params), dtype), np.zeros((chunks, g.params), dtype)
+        dw, db = _param_partials(chunks, g.params, dtype)
         _run(
             _kernels.backward_lines,
             x.reshape(-1),
@@ -512,7 +608,64 @@ class CpuLauncher:
             g.pmul,
             g.pdiv,
             _vector(weight, g.params, 1.0, dtype),
-            dtype.type(eps),
+            _scalar(eps, dtype),
+            int(center),
+            dw,
+            db,
+            chunks,
+        )
+        return dw.sum(axis=0), db.sum(axis=0)
+
+    def forward_pixels(
+        self,
+        x: Array,
+        y: Array,
+        px: _Pixels,
+        weight: Array | None,
+        bias: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+        mean_out: np.ndarray,
+        var_out: np.ndarray,
+    ) -> int:
+        """Training forward of a channels-first plan; returns how many statistics written are NaN or Inf."""
+        return _run(
+            _kernels.forward_pixels,
+            x.reshape(-1),
+            y.reshape(-1),
+            *px,
+            _vector(weight, px.C, 1.0, dtype),
+            _vector(bias, px.C, 0.0, dtype),
+            _scalar(eps, dtype),
+            int(center),
+            mean_out,
+            var_out,
+            _chunks(px.tiles, 2 * x.nbytes, self.sm_count),
+        )
+
+    def backward_pixels(
+        self,
+        x: Array,
+        dy: Array,
+        dx: Array,
+        px: _Pixels,
+        weight: Array | None,
+        eps: float,
+        dtype: np.dtype,
+        center: bool,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Training backward of a channels-first plan in one pass; returns dweight and dbias (per channel)."""
+        chunks = _chunks(px.tiles, 3 * x.nbytes, self.sm_count)
+        dw, db = _param_partials(chunks, px.C, dtype)
+        _run(
+            _kernels.backward_pixels,
+            x.reshape(-1),
+            dy.reshape(-1),
+            dx.reshape(-1),
+            *px,
+            _vector(weight, px.C, 1.0, dtype),
+            _scalar(eps, dtype),
             int(center),
             dw,
             db,
@@ -546,21 +699,38 @@ def forward_train(
     if launcher is None:
         return core.forward_train(xv, plan, weight, bias, eps, dtype)
     xv = _compute(xv, dtype)
-    geo = fused.geometry(plan, launcher.sm_count)
-    if geo is None:
+    geo, px, lines, _ = _call(plan, launcher.sm_count, dtype)
+    if geo is None and px is None:
         return fused.forward_train(xv, plan, weight, bias, eps, dtype, launcher=launcher)
     # fused.forward_train's launches, without its array-module and layout checks (xv is this module's
     # own: contiguous, in the compute dtype): small inputs are bound by them.
-    ew, imap, y = geo.elementwise, geo.train_map, fused._output(xv)
-    moments: type[core.Moments] = core.Moments
-    if geo.per_line_forward:  # one kernel call, which checks the statistics too
+    y = fused._output(xv)
+    non_finite = None  # how many statistics are NaN or Inf, where the kernel counted them
+    if px is not None:  # channels first: one kernel call, which checks the statistics too
+        mean, var = np.empty(px.A * px.S, dtype), np.empty(px.A * px.S, dtype)
+        non_finite = launcher.forward_pixels(xv, y, px, weight, bias, eps, dtype, plan.center, mean, var)
+    elif geo.per_line_forward:  # the same, a line per statistic
+        ew, imap = geo.elementwise, geo.train_map
         mean, var = np.empty(ew.lines, dtype), np.empty(ew.lines, dtype)
-        o = {"center": plan.center, "mean_out": mean, "var_out": var}
-        if not launcher.forward_lines(xv, y, ew, imap, weight=weight, bias=bias, eps=eps, dtype=dtype, **o):
-            moments = CheckedMoments
+        non_finite = launcher.forward_lines(
+            xv,
+            y,
+            ew,
+            imap,
+            weight=weight,
+            bias=bias,
+            eps=eps,
+            dtype=dtype,
+            center=plan.center,
+            mean_out=mean,
+            var_out=var,
+            lines=lines,
+        )
     else:
         mean, var = fused.batch_moments(launcher, geo, plan, xv, dtype)
-        launcher.normalize(xv, y, ew, imap, mean=mean, var=var, eps=eps, weight=weight, bias=bias, dtype=dtype)
+        o = {"mean": mean, "var": var, "lines": lines}
+        launcher.normalize(xv, y, geo.elementwise, geo.train_map, eps=eps, weight=weight, bias=bias, dtype=dtype, **o)
+    moments = CheckedMoments if non_finite == 0 else core.Moments
     return y, moments(mean.reshape(plan.stat_shape) if plan.center else None, var.reshape(plan.stat_shape))
 
 
@@ -604,7 +774,16 @@ def forward_eval(
     launcher = _launcher()
     if launcher is None:
         return core.forward_eval(xv, plan, stats, weight, bias, eps, dtype)
-    return fused.forward_eval(_compute(xv, dtype), plan, stats, weight, bias, eps, dtype, launcher=launcher)
+    call = _call(plan, launcher.sm_count, dtype)
+    xv = _compute(xv, dtype)
+    if call.eval is None:  # fused's fallbacks (core)
+        return fused.forward_eval(xv, plan, stats, weight, bias, eps, dtype, launcher=launcher)
+    # fused.forward_eval's launch without its flattening copies: the launcher takes the vectors as they are.
+    y = fused._output(xv)
+    geo = call.geo
+    o = {"mean": stats.mean, "var": stats.var, "lines": call.eval}
+    launcher.normalize(xv, y, geo.elementwise, geo.eval_map, eps=eps, weight=weight, bias=bias, dtype=dtype, **o)
+    return y
 
 
 def backward(
@@ -621,7 +800,11 @@ def backward(
     if launcher is None:
         return core.backward(xv, dyv, plan, weight, eps, dtype, stats)
     xv, dyv = _compute(xv, dtype), _compute(dyv, dtype)
-    geo = fused.geometry(plan, launcher.sm_count)
+    geo, px, lines, _ = _call(plan, launcher.sm_count, dtype)
+    if px is not None and stats is None:  # channels first, training: one pass, as for the lines below
+        dx = np.empty_like(xv)
+        dweight, dbias = launcher.backward_pixels(xv, dyv, dx, px, weight, eps, dtype, plan.center)
+        return dx, dweight.reshape(plan.param_shape), dbias.reshape(plan.param_shape)
     # One pass per line when each line is one statistic: always for layer and RMS norm (their
     # per-column dweight would otherwise take a pass of its own), and for instance and group norm
     # when there are lines enough to share among the threads (else their split reductions do better).
@@ -633,7 +816,7 @@ def backward(
     ):
         dx = np.empty_like(xv)
         dweight, dbias = launcher.backward_lines(
-            xv, dyv, dx, geo.elementwise, geo.train_map, weight, eps, dtype, plan.center
+            xv, dyv, dx, geo.elementwise, geo.train_map, weight, eps, dtype, plan.center, lines
         )
         return dx, dweight.reshape(plan.param_shape), dbias.reshape(plan.param_shape)
     return fused.backward(xv, dyv, plan, weight, eps, dtype, stats, launcher=launcher)

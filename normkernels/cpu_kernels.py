@@ -4,7 +4,11 @@ They implement the contract of ``normkernels/cuda/normalization.cu`` on the
 CPU: ``x`` is ``lines`` contiguous lines of ``K`` elements, and element
 (line, k) belongs to statistic ``(line // sdiv) % smod`` and parameter
 ``(line % pmod) * pmul + (k // pdiv if pdiv else 0)`` (a
-:class:`normkernels.fused.IndexMap`). One set of kernels serves every kind.
+:class:`normkernels.fused.IndexMap`). One set of kernels serves every kind
+whose statistics are constant along a line; statistics over the channels at
+each pixel (LayerNorm2d: x as (A, C, S), a statistic per (a, s)) have kernels
+of their own, ``forward_pixels`` and ``backward_pixels``, which take the
+pixels as the vector dimension.
 
 Importing it configures numba first (:func:`normkernels.compiled.configure_numba`:
 threading layer, cache folder). Nothing compiles at import:
@@ -38,6 +42,8 @@ __all__ = ["FASTMATH", "KERNELS", "SEGMENT", "SIGNATURES"]
 FASTMATH = frozenset({"reassoc", "contract"})
 #: Elements of one line summed in one two-pass (16 KiB of float64: both passes hit L1).
 SEGMENT = 2048
+#: float32 lines up to this long get their moments in one pass in float64 (:func:`_short_moments`).
+SHORT_LINE = 256
 #: Elements per block of lines in the per-line kinds' fused passes: the block stays in L2 between
 #: its statistics and its outputs (a line longer than this is a block of its own).
 BLOCK = 16384
@@ -65,6 +71,21 @@ def _zero_of_impl(a):
 
     def impl(a):
         return dtype(0)
+
+    return impl
+
+
+def _single(a):  # pragma: no cover - replaced by the overload inside kernels
+    return a.dtype == np.float32
+
+
+@overload(_single, inline="always")
+def _single_impl(a):
+    # A constant of the compiled signature: the branches it guards are compiled out of the others.
+    single = a.dtype == types.float32
+
+    def impl(a):
+        return single
 
     return impl
 
@@ -159,6 +180,28 @@ def _line_moments(x):
 
 
 @_helper
+def _short_moments(x):
+    """Mean and M2 (float64) of a short float32 line in one pass: sums of x - x[0] in float64.
+
+    Two passes over a short line cost more in their per-line work (three horizontal sums, the
+    dependent second pass) than in the loops. Shifting by a value of the line bounds the
+    cancellation: (x[0] - mean)^2 <= n * var, so M2 = sum(d^2) - sum(d)^2 / n loses at most
+    log2(n + 1) of float64's 53 bits, and keeps float32's 24.
+    """
+    x0 = np.float64(x[0])
+    s = 0.0
+    q = 0.0
+    for i in range(x.size):
+        d = np.float64(x[i]) - x0
+        s += d
+        q += d * d
+    m2 = q - s * s / x.size
+    if m2 < 0.0:  # written so that NaN passes
+        m2 = 0.0
+    return x0 + s / x.size, m2
+
+
+@_helper
 def _mean_square(x):
     """sum(x * x) / n (float64), a segment at a time: no cancellation to fear, and Inf stays Inf."""
     total = 0.0
@@ -183,7 +226,7 @@ def _line_stats(x, center, eps):
     """A line's mean as m0 + off (0 without centering), variance (mean square without centering), rstd."""
     z = _zero_of(x)
     if center:
-        mean, m2 = _line_moments(x)
+        mean, m2 = _short_moments(x) if _single(x) and x.size <= SHORT_LINE else _line_moments(x)
         var = m2 / x.size
     else:
         mean, var = 0.0, _mean_square(x)
@@ -740,6 +783,196 @@ def reduce_cols(x, g, has_g, A, B, K, R, WB, parts, out, chunks):
     _merge_columns(cols, B, K, A, out)
 
 
+# --------------------------------------------------------------------------- channels first
+# LayerNorm2d: x is (A, C, S) and statistic (a, s) reduces the channels x[a, :, s], S apart in
+# memory. No line of the index map holds a statistic, so these kernels make the pixels the vector
+# dimension: a tile is W consecutive pixels of one sample across all C channels (C rows of W, S
+# apart). Its per-pixel sums run channel rows outer, pixels inner (vectorized), in buffers of W;
+# the tile stays in L2 for its second statistics pass and its output (or gradient) passes.
+@_helper
+def _pixel_stats(x, C, S, W, center, eps, seg, acc, m, off, r, v):
+    """Statistics of the W pixels ``x[c * S + p]`` (x a view from the tile's first element) over the C
+    channels: mean as ``m + off`` (0 without centering), variance (mean square), rstd, in m, off, v, r.
+
+    As :func:`_segment` per pixel, SEGMENT channels at a time (seg: three dtype buffers), and the
+    segments merged with Chan's formula in float64 (acc: mean, M2), vectorized over the pixels.
+    """
+    z = _zero_of(x)
+    s, cs, q = seg[0], seg[1], seg[2]
+    mean, m2 = acc[0], acc[1]
+    n = 0
+    if not center:
+        for p in range(W):
+            mean[p] = 0.0
+    for c0 in range(0, C, SEGMENT):
+        c1 = min(c0 + SEGMENT, C)
+        nb = c1 - c0
+        k = _as(z, nb)
+        for p in range(W):
+            s[p] = z
+        for c in range(c0, c1):
+            xr = x[c * S : c * S + W]
+            if center:
+                for p in range(W):
+                    s[p] += xr[p]
+            else:
+                for p in range(W):
+                    s[p] += xr[p] * xr[p]
+        if not center:  # a mean square: no cancellation, the segments add up
+            for p in range(W):
+                mean[p] += np.float64(s[p])
+            n += nb
+            continue
+        for p in range(W):
+            s[p] = s[p] / k
+            cs[p] = z
+            q[p] = z
+        for c in range(c0, c1):
+            xr = x[c * S : c * S + W]
+            for p in range(W):
+                d = xr[p] - s[p]
+                cs[p] += d
+                q[p] += d * d
+        if n == 0:
+            for p in range(W):
+                sm2 = q[p] - cs[p] * cs[p] / k
+                if sm2 < z:  # written so that NaN passes (max() would drop it)
+                    sm2 = z
+                mean[p] = np.float64(s[p]) + np.float64(cs[p] / k)
+                m2[p] = sm2
+        else:
+            total = n + nb
+            f = nb / total
+            g = n * f
+            for p in range(W):
+                sm2 = q[p] - cs[p] * cs[p] / k
+                if sm2 < z:
+                    sm2 = z
+                delta = np.float64(s[p]) + np.float64(cs[p] / k) - mean[p]
+                mean[p] += delta * f
+                m2[p] += sm2 + delta * delta * g
+        n += nb
+    one = _as(z, 1)
+    for p in range(W):
+        if center:
+            m0 = _as(z, mean[p])
+            m[p] = m0
+            off[p] = _as(z, mean[p] - np.float64(m0))
+            v[p] = _as(z, m2[p] / C)
+        else:
+            m[p] = z
+            off[p] = z
+            v[p] = _as(z, mean[p] / C)
+        r[p] = one / np.sqrt(v[p] + eps)
+
+
+@_helper
+def _pixel_buffers(P, dtype, count):
+    """``count`` per-pixel buffers of the dtype and two float64 ones (the segment merge's state)."""
+    return np.empty((count, P), dtype=dtype), np.empty((2, P), dtype=np.float64)
+
+
+@_serial
+def _forward_pixels(x, y, C, S, P, w, b, eps, center, mean_out, var_out, t0, t1):
+    """Training forward of tiles [t0, t1) (``(S + P - 1) // P`` tiles of P pixels per sample)."""
+    tiles = (S + P - 1) // P
+    buf, acc = _pixel_buffers(P, x.dtype, 7)
+    seg, m, off, r, v = buf[0:3], buf[3], buf[4], buf[5], buf[6]
+    for t in range(t0, t1):
+        a = t // tiles
+        p0 = (t % tiles) * P
+        W = min(P, S - p0)
+        base = a * C * S + p0
+        xt, yt = x[base:], y[base:]
+        _pixel_stats(xt, C, S, W, center, eps, seg, acc, m, off, r, v)
+        mo, vo = mean_out[a * S + p0 : a * S + p0 + W], var_out[a * S + p0 : a * S + p0 + W]
+        for p in range(W):
+            mo[p] = m[p]
+            vo[p] = v[p]
+        for c in range(C):
+            xr, yr = xt[c * S : c * S + W], yt[c * S : c * S + W]
+            wc, bc = w[c], b[c]
+            for p in range(W):
+                yr[p] = (xr[p] - m[p]) * (r[p] * wc) + bc
+
+
+@_serial
+def _backward_pixels(x, dy, dx, C, S, P, w, eps, center, dw, db, t0, t1):
+    """Training backward of tiles [t0, t1): statistics, per-pixel sums of g = dy * w[c] and g * (x - mean)
+    (dweight, dbias per channel into dw, db), then dx, all while the tile is in cache."""
+    tiles = (S + P - 1) // P
+    buf, acc = _pixel_buffers(P, x.dtype, 9)
+    seg, m, off, r, v, sg, sgx = buf[0:3], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8]
+    z = _zero_of(x)
+    n = _as(z, C)
+    for t in range(t0, t1):
+        a = t // tiles
+        p0 = (t % tiles) * P
+        W = min(P, S - p0)
+        base = a * C * S + p0
+        xt, dyt, dxt = x[base:], dy[base:], dx[base:]
+        _pixel_stats(xt, C, S, W, center, eps, seg, acc, m, off, r, v)
+        for p in range(W):
+            sg[p] = z
+            sgx[p] = z
+        for c in range(C):
+            xr, dyr = xt[c * S : c * S + W], dyt[c * S : c * S + W]
+            wc = w[c]
+            sdy = z
+            sdyx = z
+            for p in range(W):
+                d = dyr[p]
+                xm = (xr[p] - m[p]) - off[p]
+                sdy += d
+                sdyx += d * xm * r[p]
+                sg[p] += d * wc
+                sgx[p] += d * wc * xm
+            dw[c] += sdyx
+            db[c] += sdy
+        # dx = r * (g - mean(g) - xhat * mean(g * xhat)), xhat = (x - m - off) * r: off goes in the constant
+        for p in range(W):
+            rp = r[p]
+            qp = -rp * rp * rp * sgx[p] / n
+            sgx[p] = qp
+            sg[p] = -rp * sg[p] / n - off[p] * qp if center else z
+        for c in range(C):
+            xr, dyr, dxr = xt[c * S : c * S + W], dyt[c * S : c * S + W], dxt[c * S : c * S + W]
+            wc = w[c]
+            for p in range(W):
+                dxr[p] = dyr[p] * (r[p] * wc) + (xr[p] - m[p]) * sgx[p] + sg[p]
+
+
+@_kernel
+def forward_pixels(x, y, A, C, S, P, w, b, eps, center, mean_out, var_out, chunks):
+    """Training forward with statistics over the channels of (A, C, S) per sample and pixel (LayerNorm2d).
+
+    Returns how many of the statistics written are NaN or Inf, as :func:`forward_lines`.
+    """
+    tiles = A * ((S + P - 1) // P)
+    if chunks == 1:
+        _forward_pixels(x, y, C, S, P, w, b, eps, center, mean_out, var_out, 0, tiles)
+    else:
+        for c in prange(chunks):
+            t0, t1 = c * tiles // chunks, (c + 1) * tiles // chunks
+            _forward_pixels(x, y, C, S, P, w, b, eps, center, mean_out, var_out, t0, t1)
+    return _non_finite(mean_out) + _non_finite(var_out)
+
+
+@_kernel
+def backward_pixels(x, dy, dx, A, C, S, P, w, eps, center, dw, db, chunks):
+    """Training backward of :func:`forward_pixels`' normalization in one read of x and dy.
+
+    dweight and dbias accumulate per chunk in ``dw[c]``, ``db[c]`` (zeroed by the caller).
+    """
+    tiles = A * ((S + P - 1) // P)
+    if chunks == 1:
+        _backward_pixels(x, dy, dx, C, S, P, w, eps, center, dw[0], db[0], 0, tiles)
+        return
+    for c in prange(chunks):
+        t0, t1 = c * tiles // chunks, (c + 1) * tiles // chunks
+        _backward_pixels(x, dy, dx, C, S, P, w, eps, center, dw[c], db[c], t0, t1)
+
+
 # --------------------------------------------------------------------------- running statistics
 @numba.njit(nogil=True, cache=True, error_model="numpy", boundscheck=False)  # no fastmath: NumPy's roundings
 def track_running(mean, var, mean_scale, var_scale, factor, running_mean, running_var, out):
@@ -782,6 +1015,8 @@ _ARGS = {
     "backward_lines": "rrwiiiiirsiOOi",
     "reduce_rows": "rriiiiiFOi",
     "reduce_cols": "rriiiiiiFOi",
+    "forward_pixels": "rwiiiirrsiwwi",
+    "backward_pixels": "rrwiiiirsiOOi",
     "track_running": "rrdddrrO",
 }
 KERNELS = {name: globals()[name] for name in _ARGS}

@@ -30,11 +30,12 @@ from test_deploy import IMAGES, image_environment
 from test_fused import CASES
 
 import normkernels as nk
-from normkernels import compiled, core, cpu_kernels
+from normkernels import compiled, core, cpu_kernels, fused
 
 # Shapes that reach the branches CASES (test_fused) does not: lines longer than a segment, one huge
 # line, tall and wide column reductions, short lines whose map period is too long to spread.
 EXTRA = [
+    ("batch_norm", {"num_features": 6}, (1, 6, 40)),  # one period of the map: a line at a time, not spread
     ("layer_norm", {"normalized_shape": [5000]}, (3, 5000)),
     ("rms_norm", {"normalized_shape": [4500]}, (5, 4500)),
     ("instance_norm", {"num_features": 1, "affine": True}, (1, 1, 70000)),
@@ -43,6 +44,15 @@ EXTRA = [
     ("batch_norm", {"num_features": 3000}, (6, 3000, 2)),
     ("batch_norm", {"num_features": 40000, "affine": False}, (2, 40000, 2)),
     ("batch_norm", {"num_features": 16}, (8, 16, 3000)),
+]
+# Statistics over the channels at each pixel (cpu_kernels.forward_pixels): odd sizes, samples of
+# several tiles with a short last one, more channels than a segment, one sample, 3-D spatial.
+PIXELS = [
+    ("layer_norm_2d", {"num_features": 7}, (3, 7, 5, 9)),
+    ("layer_norm_2d", {"num_features": 96}, (2, 96, 37, 41)),
+    ("layer_norm_2d", {"num_features": 2100, "bias": False}, (2, 2100, 3, 5)),
+    ("layer_norm_2d", {"num_features": 5, "elementwise_affine": False}, (4, 5, 1, 33)),
+    ("layer_norm_2d", {"num_features": 3}, (1, 3, 2, 3, 2)),
 ]
 STORAGE = {  # input dtype, layer dtype, tolerance
     "float32": (np.float32, np.float32, 2e-5),
@@ -65,7 +75,7 @@ def _close(got, want, tol: float, scale: float = 1.0) -> None:
 
 @pytest.mark.parametrize("thread_count", [1, 2, 3])
 @pytest.mark.parametrize("storage", list(STORAGE))
-@pytest.mark.parametrize(("kind", "config", "shape"), CASES + EXTRA)
+@pytest.mark.parametrize(("kind", "config", "shape"), CASES + EXTRA + PIXELS)
 def test_compiled_math_matches_float64(kind, config, shape, storage, thread_count, threads, monkeypatch, rng) -> None:
     threads(thread_count)
     monkeypatch.setattr(compiled, "PARALLEL_MIN_BYTES", 0)  # every size splits its work among the threads
@@ -130,7 +140,7 @@ def test_synchronized_passes_match_the_core(kind, config, shape, rng) -> None:
         assert got_centered.d is xv  # x itself, never written
 
 
-@pytest.mark.parametrize(("kind", "config", "shape"), CASES + EXTRA)
+@pytest.mark.parametrize(("kind", "config", "shape"), CASES + EXTRA + PIXELS)
 def test_nan_and_inf_reach_the_statistics_and_outputs(kind, config, shape, rng) -> None:
     """fastmath without nnan/ninf: a NaN or Inf input shows in its group's statistics, as in the core."""
     layer = nk.make_layer(kind, **config)
@@ -147,6 +157,46 @@ def test_nan_and_inf_reach_the_statistics_and_outputs(kind, config, shape, rng) 
         np.testing.assert_array_equal(np.isfinite(y), np.isfinite(y_want))
         with pytest.raises(nk.NonFiniteError):
             layer.forward(x.reshape(shape))
+
+
+def test_channels_first_plans_and_only_they_run_the_pixel_kernels() -> None:
+    for kind, config, shape in CASES + EXTRA + PIXELS:
+        plan = nk.make_layer(kind, **config)._plan(shape)
+        geo = fused.geometry(plan, 2)
+        px = compiled._pixels(plan, 4)
+        assert (px is not None) == (kind == "layer_norm_2d") == (geo is None)
+        if px is not None:
+            assert px[:3] == (shape[0], shape[1], math.prod(shape[2:]))
+            assert px.P == px.S or (
+                px.P % compiled._PIXEL_ALIGN == 0 and px.P * px.C * 4 <= 2 * compiled._PIXEL_TILE_BYTES
+            )
+    px = compiled._pixels(nk.make_layer("layer_norm_2d", num_features=96)._plan((2, 96, 37, 41)), 4)
+    assert px.tiles == 6  # 512 + 512 + 493 pixels a sample
+
+
+@pytest.mark.parametrize("thread_count", [1, 3])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_channels_first_kernels_without_centering_match_float64(dtype, thread_count, threads, monkeypatch, rng) -> None:
+    """The pixel kernels' RMS branch (no kind uses it yet): a plan like LayerNorm2d's, center=False."""
+    threads(thread_count)
+    monkeypatch.setattr(compiled, "PARALLEL_MIN_BYTES", 0)
+    plan = core.Plan(view=(3, 2100, 21), stat_shape=(3, 1, 21), param_shape=(1, 2100, 1), center=False)
+    acc, tol = np.dtype(dtype), 2e-5 if dtype == np.float32 else 1e-11
+    x = rng.normal(1.5, 2.0, plan.view).astype(dtype)
+    dy = rng.normal(size=plan.view).astype(dtype)
+    weight, bias = (rng.normal(0.3, 0.8, plan.param_shape).astype(dtype) for _ in range(2))
+    f64 = np.dtype(np.float64)
+    y_ref, stats_ref = core.forward_train(x.astype(f64), plan, weight.astype(f64), bias.astype(f64), 1e-6, f64)
+    dx_ref, dw_ref, db_ref = core.backward(x.astype(f64), dy.astype(f64), plan, weight.astype(f64), 1e-6, f64)
+    y, stats = compiled.forward_train(x, plan, weight, bias, 1e-6, acc)
+    assert stats.mean is None
+    assert isinstance(stats, compiled.CheckedMoments)
+    _close(stats.var, stats_ref.var, tol)
+    _close(y, y_ref, tol)
+    dx, dw, db = compiled.backward(x, dy, plan, weight, 1e-6, acc)
+    _close(dx, dx_ref, tol, np.abs(dx_ref).max())
+    _close(dw, dw_ref, tol, 63)
+    _close(db, db_ref, tol, 63)
 
 
 def test_eval_gradient_ignores_non_finite_x_as_the_core_does(rng) -> None:
