@@ -83,9 +83,9 @@ def input_shape(layer: nk.NormLayer, batch: int, spatial: tuple[int, ...], lead:
 
 def reference_forward(layer: nk.NormLayer, x: np.ndarray, training: bool) -> np.ndarray:
     """Textbook float64 formulas, independent of normkernels.core."""
+    eps = _eps(layer, x)  # of the input's compute dtype: taken before x becomes float64
     x = x.astype(np.float64)
     kind = layer.kind
-    eps = layer.eps if layer.eps is not None else np.finfo(np.float64 if x.dtype == np.float64 else np.float32).eps
     if kind in ("layer_norm", "rms_norm"):
         axes = tuple(range(x.ndim - len(layer.normalized_shape), x.ndim))
         w = 1.0 if layer.weight is None else layer.weight.astype(np.float64)
