@@ -203,12 +203,17 @@ def mlp_one_norm() -> nn.Module:
     return nn.Sequential(nn.Linear(256, 512), nn.BatchNorm1d(512), nn.ReLU(), nn.Linear(512, 10))
 
 
-#: name -> (model, input shape): the depth cases.
-MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {
-    "mlp, 1 BN": (mlp_one_norm, (256, 256)),
-    "resnet18-shaped, 20 BN": (lambda: resnet_shaped(_Basic, (2, 2, 2, 2)), (32, 3, 32, 32)),
-    "resnet50-shaped, 53 BN": (lambda: resnet_shaped(_Bottleneck, (3, 4, 6, 3), width=32), (16, 3, 32, 32)),
-}
+def models(quick: bool) -> dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]]:
+    """name -> (model, input shape): the depth cases (``quick``: the same depths, narrow and small)."""
+    width, batch, side = (4, 4, 8) if quick else (64, 32, 32)
+    return {
+        "mlp, 1 BN": (mlp_one_norm, (256, 256)),
+        "resnet18-shaped, 20 BN": (lambda: resnet_shaped(_Basic, (2, 2, 2, 2), width), (batch, 3, side, side)),
+        "resnet50-shaped, 53 BN": (
+            lambda: resnet_shaped(_Bottleneck, (3, 4, 6, 3), width // 2),
+            (batch // 2, 3, side, side),
+        ),
+    }
 
 
 def _model_step(model: nn.Module, shape: tuple[int, ...], settle: Callable[[], None]) -> Callable[[int], None]:
@@ -231,12 +236,12 @@ def _model_step(model: nn.Module, shape: tuple[int, ...], settle: Callable[[], N
 ROUND_SECONDS = 0.5
 
 
-def measure_depth(target: str, rounds: int, steps: int) -> list[dict[str, Any]]:
+def measure_depth(target: str, rounds: int, steps: int, quick: bool = False) -> list[dict[str, Any]]:
     """Per model: ms per training step, local torch and statistics mode (the pipeline drained at the end of
     each round of ``steps`` steps, so nothing is left in flight), alternating rounds; median and quartiles."""
     rows = []
     with NormClient(target) as nc:
-        for label, (make, shape) in MODELS.items():
+        for label, (make, shape) in models(quick).items():
             remote = convert_to_remote(make(), nc, mode="statistics")
             norms = sum(isinstance(m, RemoteNorm) for m in remote.modules())
             runs = {
@@ -249,7 +254,8 @@ def measure_depth(target: str, rounds: int, steps: int) -> list[dict[str, Any]]:
             runs["torch"](2)
             # Rounds of at least `steps` steps and about ROUND_SECONDS: the drain that ends a round (a state
             # read's wait) is paid once per round, as a job pays it once per checkpoint or evaluation.
-            steps = max(steps, round(ROUND_SECONDS / ((time.perf_counter() - start) / 2)))
+            round_seconds = ROUND_SECONDS / 10 if quick else ROUND_SECONDS
+            steps = max(steps, round(round_seconds / ((time.perf_counter() - start) / 2)))
             samples: dict[str, list[float]] = {name: [] for name in runs}
             for _ in range(rounds):
                 for name, run in runs.items():
@@ -327,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average at the start: {os.getloadavg()}")
         print("\nms per SGD step of whole models in statistics mode, beside local torch (rounds alternate)\n")
         print(DEPTH_HEADER)
-        depth = measure_depth(target, 3 if args.quick else 15, 2 if args.quick else 10)
+        depth = measure_depth(target, 3 if args.quick else 15, 2 if args.quick else 10, args.quick)
         rows = []
         if not args.depth_only:
             print(f"\nmedian ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
