@@ -152,6 +152,7 @@ class _Stream:
         self.sent: collections.deque[tuple[int, list[_Update]]] = collections.deque()
         self.closing = False  # takes no more updates (the pipeline opens another stream for the next)
         self.answered = False  # an answer came: the server took the stream (no MISROUTED refusal can follow)
+        self.call: Any = None  # the gRPC call, once opened
         self._wake = threading.Condition(pipeline.lock)
         name = f"normserve-statistics-{route or 'all'}"[:60]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -213,7 +214,7 @@ class _Stream:
         error: NormServeError | None = None
         call = None
         try:
-            call = self.pipeline.rpc(self._messages(), metadata=self.pipeline.metadata(self.route))
+            call = self.call = self.pipeline.rpc(self._messages(), metadata=self.pipeline.metadata(self.route))
             for response in call:
                 self.pipeline.answered(self, response)
         except grpc.RpcError as exc:
@@ -385,6 +386,8 @@ class StatisticsPipeline:
                 streams = [*self._streams.values(), *self._ended]
                 for stream in self._streams.values():
                     stream.close()
+                    if self._in_flight and stream.call is not None:  # gave up waiting: end the calls now
+                        stream.call.cancel()
             for stream in streams:
                 stream.join(timeout=5.0)
             _PIPELINES.discard(self)

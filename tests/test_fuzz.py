@@ -34,7 +34,7 @@ from normserve.v1 import codec, wire
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
-EXAMPLES = int(os.environ.get("NORMSERVE_FUZZ_EXAMPLES", "2000"))
+EXAMPLES = int(os.environ.get("NORMSERVE_FUZZ_EXAMPLES", "1200"))
 #: The POSIX shared-memory object the fuzzed server may read and write (region "r").
 SHM_KEY = f"normserve-fuzz-{os.getpid()}"
 SHM_BYTES = 4096
