@@ -47,14 +47,18 @@ Two modes. ``mode="tensors"`` (the default) is the above: x and dy travel,
 the server computes. ``mode="statistics"`` keeps the tensors with the
 trainer, as torch.nn.SyncBatchNorm does: forward and backward run in torch
 on the tensor's own device (CPU or CUDA), and only per-channel statistics
-travel. A training forward of a layer with running statistics is one
-TrainStatistics call (it carries changed parameters, as Train does); under
-``sync_group`` the backward adds one GradientStatistics call; eval forwards
-use the mirrored running statistics locally, with no call. Kinds without
+travel. A training forward of a layer with running statistics updates them
+here, as torch does, and queues the batch's statistics (and changed
+parameters) for the server without waiting: they travel behind the step on
+the client's statistics stream (:mod:`normserve.client.statistics_pipeline`),
+and a state read or eval forward first waits for them to be stored. Under
+``sync_group`` the forward is one TrainStatistics call (it needs the step's
+statistics) and the backward adds one GradientStatistics call; eval forwards
+use the running statistics locally, with no call. Kinds without
 running statistics (layer, group and RMS norm, untracked instance norm) make
 no call per step: their parameters reach the server on ``state_dict()`` or
 :meth:`RemoteNorm.sync_state`. Use statistics mode to train (the step costs
-one small round trip over local torch); tensors mode to have the server
+local torch plus encoding its updates); tensors mode to have the server
 compute (a trainer without torch kernels for its device, or to offload).
 """
 
