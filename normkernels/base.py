@@ -377,6 +377,12 @@ class _NormBase:
         """Fold a training batch given as its statistics into the running statistics (if the layer keeps
         them), as its forward would; returns the batch's monitoring report, computed from the statistics
         (see :meth:`check_statistics`). ``synchronized``: ``total`` combines the ranks of a step."""
+        return self.fold_statistics(total, synchronized)()
+
+    def fold_statistics(self, total: core.GradSums, synchronized: bool = False) -> Callable[[], monitor.BatchReport]:
+        """:meth:`track_statistics` with the report left to compute when it is read: the service makes one
+        per update of every layer and reads one when asked (GetLayer, a metrics scrape). The arrays it
+        reads are never written again (layers bind new arrays), so a late report is the same report."""
         mean, var = self.check_statistics(total, synchronized).moments
         sent_by = "all workers of the step together" if synchronized else "the batch"
         if total.count < 2:
@@ -388,9 +394,15 @@ class _NormBase:
         with on_device(self.device):
             moments = core.Moments(self.xp.asarray(mean), self.xp.asarray(var))
             batch = self._after_training_batch(moments, total.count)
-            weight = 1.0 if self.weight is None else self.xp.asarray(self.weight, dtype=np.float64)
-            groups = core.Moments(*(a.reshape(-1, self.param_shape[0]) for a in moments))
-            return monitor.statistics_report(groups, weight, self._eps_for(np.dtype(np.float64)), batch, prior)
+        weight, eps, device, xp = self.weight, self._eps_for(np.dtype(np.float64)), self.device, self.xp
+        groups = core.Moments(*(a.reshape(-1, self.param_shape[0]) for a in moments))
+
+        def report() -> monitor.BatchReport:
+            with on_device(device):
+                scale = 1.0 if weight is None else xp.asarray(weight, dtype=np.float64)
+                return monitor.statistics_report(groups, scale, eps, batch, prior)
+
+        return monitor.once(report)
 
     def _grads(self, dweight: Array, dbias: Array) -> dict[str, Array | None]:
         """Parameter gradients in the parameters' shape and dtype (None for a missing parameter)."""

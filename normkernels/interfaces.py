@@ -8,7 +8,7 @@ NumPy and CuPy, :mod:`normkernels.fused` on CUDA) are modules that satisfy
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import numpy as np
@@ -51,6 +51,7 @@ class NormLayer(Protocol):
     def reset_parameters(self) -> None: ...
     def check_statistics(self, part: GradSums, synchronized: bool = False) -> GradSums: ...
     def track_statistics(self, total: GradSums, synchronized: bool = False) -> BatchReport: ...
+    def fold_statistics(self, total: GradSums, synchronized: bool = False) -> Callable[[], BatchReport]: ...
 
 
 class SyncedNorm(NormLayer, Protocol):

@@ -23,6 +23,8 @@ a weight w adds log|w|.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -31,7 +33,7 @@ from normkernels import compiled
 from normkernels.backend import Array, array_module, dot_to, sum_to
 from normkernels.core import Moments, Plan
 
-__all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy", "statistics_report"]
+__all__ = ["HALF_LOG_2PI_E", "BatchReport", "batch_report", "gaussian_entropy", "once", "statistics_report"]
 
 #: Entropy in nats of a unit-variance Gaussian.
 HALF_LOG_2PI_E = 0.5 * math.log(2 * math.pi * math.e)
@@ -44,6 +46,20 @@ class BatchReport(NamedTuple):
     output_entropy: float
     mean_shift: float | None  # None for layers without running statistics
     log_var_shift: float | None
+
+
+def once(compute: Callable[[], BatchReport]) -> Callable[[], BatchReport]:
+    """``compute`` run at the first call only (from any thread); later calls answer its report."""
+    lock = threading.Lock()
+    done: list[BatchReport] = []
+
+    def report() -> BatchReport:
+        with lock:
+            if not done:
+                done.append(compute())
+            return done[0]
+
+    return report
 
 
 def gaussian_entropy(second_moment: Array, eps: float) -> float:

@@ -82,11 +82,16 @@ class TrainingStats:
     """Monitoring of a layer's Trains since the server started (not state: never stored)."""
 
     train_calls: int = 0
-    last: BatchReport | None = None
+    latest: BatchReport | Callable[[], BatchReport] | None = None  # a statistics update's report comes due when read
 
-    def after(self, report: BatchReport | None, calls: int = 1) -> TrainingStats:
+    @property
+    def last(self) -> BatchReport | None:
+        """The last Train's report."""
+        return self.latest() if callable(self.latest) else self.latest
+
+    def after(self, report: BatchReport | Callable[[], BatchReport] | None, calls: int = 1) -> TrainingStats:
         """After ``calls`` more Trains; ``report`` None keeps the last report."""
-        return TrainingStats(self.train_calls + calls, self.last if report is None else report)
+        return TrainingStats(self.train_calls + calls, self.latest if report is None else report)
 
 
 @dataclass(frozen=True)
@@ -590,7 +595,7 @@ class Registry:
             current = entry.snapshot
             start = _with_parameters(current, parameters)
             layer = start.layer.copy()
-            report = await self._compute(layer.track_statistics, part, elements=np.size(part.moments.var))
+            report = await self._compute(layer.fold_statistics, part, elements=np.size(part.moments.var))
             await self._publish(entry, start, layer, current.stats.after(report), parameters)
             return part, entry.snapshot
 
@@ -661,7 +666,7 @@ class Registry:
             assert isinstance(current, Snapshot)  # _entry refused unrestorable layers
             start = _with_parameters(current, update.parameters)
             layer = start.layer.copy()
-            report = await self._compute(layer.track_statistics, update.part, elements=np.size(update.part.moments.var))
+            report = await self._compute(layer.fold_statistics, update.part, elements=np.size(update.part.moments.var))
         except Exception as exc:
             return exc
         after[update.layer] = snapshot = start.after(layer, self.keep_versions, current.stats.after(report))

@@ -4,17 +4,22 @@ Every write is one transaction that is committed (and, with
 ``synchronous=FULL``, fsynced) before the method returns, so an update the
 server has acknowledged survives ``kill -9`` and power loss. Tensors are
 stored as raw bytes with their dtype and shape, so a restart restores them
-bit for bit. A Train rewrites only what it changed (running_mean,
-running_var, the counters): two small rows. A write that finds the
-filesystem full raises :class:`StateDirFull` and leaves the database as it
-was; the next write after space returns goes through.
+bit for bit. A write that finds the filesystem full raises
+:class:`StateDirFull` and leaves the database as it was; the next write
+after space returns goes through.
 
-Besides the current state, the store keeps the whole state of each layer's
-last ``keep_versions`` versions (``versions`` and ``version_tensors``; the
-current one included), written in the same transaction as the change that
-made the version, so that a layer can be read at, and rolled back to, any of
-them after a restart too. A database from before versions were kept gets
-its layers' current versions recorded when it is opened.
+Each state is stored once. A tensor row holds the value a version gave one
+key (``tensors``: layer, key, version), so a Train writes only what it
+changed (running_mean, running_var, the counters) and that write is at once
+the current state and a kept version: the state at version V is each key's
+newest row at or below V, the current state each key's newest row. The last
+``keep_versions`` versions of each layer (``versions``; the current one
+included) stay readable, and rolled back to, after a restart; a write
+forgets the rows no kept version reads. Writing the state once, not a
+current copy and a kept copy, is what makes a statistics update cheap.
+
+A database of schema 1 (the current state in ``tensors``, kept copies in
+``version_tensors``) is migrated when it is opened, in one transaction.
 
 Reading trusts nothing of the file: every column of every row is type- and
 range-checked (:meth:`StateStore.load_all`), and a row that fails says why in
@@ -62,39 +67,46 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DATABASE_NAME = "normserve.sqlite3"
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS layers (
     name TEXT PRIMARY KEY,
     config BLOB NOT NULL,               -- the CreateLayer LayerConfig message, serialized
     version INTEGER NOT NULL,
     num_batches_tracked INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS tensors (
+CREATE TABLE IF NOT EXISTS tensors (  -- the value ``version`` gave ``key``, until the key's next row
     layer TEXT NOT NULL REFERENCES layers(name) ON DELETE CASCADE,
     key TEXT NOT NULL,                  -- weight, bias, running_mean, running_var
+    version INTEGER NOT NULL,
     dtype TEXT NOT NULL,                -- NumPy dtype name
     shape TEXT NOT NULL,                -- JSON list
     data BLOB NOT NULL,                 -- C order, native (little-endian) bytes
-    PRIMARY KEY (layer, key)
-) WITHOUT ROWID;
+    UNIQUE (layer, key, version)        -- a rowid table: a state tensor's bytes sit in its leaf page, where
+);                                      -- WITHOUT ROWID spills them to overflow pages (2.3x the write)
 CREATE TABLE IF NOT EXISTS versions (  -- the kept versions of each layer, its current one included
     layer TEXT NOT NULL REFERENCES layers(name) ON DELETE CASCADE,
     version INTEGER NOT NULL,
     num_batches_tracked INTEGER NOT NULL,
     PRIMARY KEY (layer, version)
 ) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS version_tensors (  -- a kept version's whole state, as in tensors
-    layer TEXT NOT NULL,
-    version INTEGER NOT NULL,
-    key TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    shape TEXT NOT NULL,
-    data BLOB NOT NULL,
-    PRIMARY KEY (layer, version, key),
-    FOREIGN KEY (layer, version) REFERENCES versions(layer, version) ON DELETE CASCADE
-) WITHOUT ROWID;
+"""
+# Schema 1 kept the current state in ``tensors`` (no version column) and a copy of each kept version in
+# ``version_tensors``; both become rows of the new ``tensors``. The current state's rows win over a copy.
+_MIGRATE_FROM_1 = f"""
+ALTER TABLE tensors RENAME TO tensors_1;
+{_SCHEMA}
+INSERT INTO versions SELECT name, version, num_batches_tracked FROM layers WHERE {{recordable}} AND NOT EXISTS
+    (SELECT 1 FROM versions WHERE versions.layer = layers.name AND versions.version = layers.version);
+INSERT OR IGNORE INTO tensors SELECT tensors_1.layer, key,
+    CASE WHEN typeof(layers.version) = 'integer' THEN layers.version ELSE 1 END, dtype, shape, data
+    FROM tensors_1 LEFT JOIN layers ON layers.name = tensors_1.layer;
+INSERT OR IGNORE INTO tensors SELECT layer, key, version, dtype, shape, data FROM version_tensors
+    WHERE EXISTS (SELECT 1 FROM layers WHERE layers.name = version_tensors.layer);
+DROP TABLE tensors_1;
+DROP TABLE version_tensors;
+UPDATE meta SET value = '{_SCHEMA_VERSION}' WHERE key = 'schema_version';
 """
 #: Kept versions of each layer when the server is not told (--keep-versions).
 DEFAULT_KEEP_VERSIONS = 10
@@ -195,41 +207,39 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(f"PRAGMA synchronous={synchronous.upper()}")
         self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        self._check_schema_version()
-        self._record_current_versions()
+        self._open_schema()
 
     def _acquire_directory_lock(self):
         return lock_directory(self.directory)
 
-    def _check_schema_version(self) -> None:
+    def _open_schema(self) -> None:
+        """Create the tables of a new database, migrate one of schema 1, refuse any other schema."""
+        self._db.execute(_META)
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-        if row is None:
+        if row is not None and row[0] == "1":
+            self._migrate_from_1()
+        elif row is None:
+            self._db.executescript(_SCHEMA)
             self._db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(_SCHEMA_VERSION),))
         elif row[0] != str(_SCHEMA_VERSION):
             raise RuntimeError(
                 f"{self.path} has schema version {row[0]}; this normserve reads version {_SCHEMA_VERSION}"
             )
 
-    def _record_current_versions(self) -> None:
-        """Keep every layer's current version that is not kept yet (a database from before versions were kept,
-        or written by such a server since). Without room it stays unrecorded until the layer's next change.
-
-        Only rows that can be a layer's version are copied: a damaged row (a NULL name, a version that is no
-        integer) must not stop the start with a constraint error; load_all reports it instead."""
+    def _migrate_from_1(self) -> None:
+        """Rewrite a schema 1 database as schema 2 in one transaction: all of it, or nothing (a full disk
+        answers :class:`StateDirFull` and leaves the file for the next start to migrate)."""
+        log.info("migrating %s from schema 1 to %d (each state stored once)", self.path, _SCHEMA_VERSION)
+        self._db.execute("PRAGMA foreign_keys=OFF")  # the rename must not rewrite references; restored below
         try:
-            with self._transaction() as db:
-                db.execute(
-                    "INSERT INTO versions SELECT name, version, num_batches_tracked FROM layers WHERE "
-                    f"{_RECORDABLE} AND NOT EXISTS "
-                    "(SELECT 1 FROM versions WHERE versions.layer = layers.name AND versions.version = layers.version)"
-                )
-                db.execute(
-                    "INSERT OR IGNORE INTO version_tensors SELECT tensors.layer, layers.version, key, dtype, shape, "
-                    f"data FROM tensors JOIN layers ON layers.name = tensors.layer WHERE {_RECORDABLE}"
-                )
-        except StateDirFull:
-            log.warning("the state directory %s is full: current versions are kept from their next change", self.path)
+            self._db.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_FROM_1.format(recordable=_RECORDABLE)} COMMIT;")
+        except sqlite3.Error as exc:
+            self._rollback()
+            if _out_of_space(exc, self.directory):
+                raise StateDirFull(self.directory) from exc
+            raise
+        finally:
+            self._db.execute("PRAGMA foreign_keys=ON")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -268,7 +278,9 @@ class StateStore:
         (its counters then read 0 where they are not in range)."""
         tensors: dict[Any, dict[str, np.ndarray]] = {}
         problems: dict[Any, str] = {}
-        for layer, key, dtype, shape, data in self._db.execute("SELECT layer, key, dtype, shape, data FROM tensors"):
+        # Each key's newest row (SQLite takes a bare column from the row that MAX chose).
+        current = "SELECT layer, key, dtype, shape, data, MAX(version) FROM tensors GROUP BY layer, key"
+        for layer, key, dtype, shape, data, _ in self._db.execute(current):
             try:
                 array = _stored_tensor(key, dtype, shape, data)
             except Exception as exc:  # whatever a damaged row holds, it spoils its layer only
@@ -312,13 +324,14 @@ class StateStore:
         ).fetchone()
         if row is None:
             return None
-        rows = self._db.execute(
-            "SELECT key, dtype, shape, data FROM version_tensors WHERE layer = ? AND version = ?", (name, version)
+        rows = self._db.execute(  # each key's newest row at or below the version
+            "SELECT key, dtype, shape, data, MAX(version) FROM tensors WHERE layer = ? AND version <= ? GROUP BY key",
+            (name, version),
         )
         try:  # kept rows are trusted no more than current ones
             if not _counter(row[0], 0):
                 raise ValueError(f"its stored num_batches_tracked {str(row[0])[:40]!r} is not an integer in range")
-            tensors = {key: _stored_tensor(key, dtype, shape, data) for key, dtype, shape, data in rows}
+            tensors = {key: _stored_tensor(key, dtype, shape, data) for key, dtype, shape, data, _ in rows}
         except ValueError as exc:
             raise VersionDamaged(name, version, str(exc)) from None
         return KeptVersion(version, row[0], tensors)
@@ -338,13 +351,13 @@ class StateStore:
         """Insert a new layer with its full state."""
         with self._transaction() as db:
             db.execute("INSERT INTO layers VALUES (?, ?, ?, ?)", (name, config, version, num_batches_tracked))
-            self._put_tensors(db, name, tensors)
+            self._put_tensors(db, name, version, tensors)
             self._keep_version(db, name, version, num_batches_tracked)
 
     def update_state(
         self, name: str, version: int, num_batches_tracked: int, tensors: Mapping[str, np.ndarray]
     ) -> None:
-        """Overwrite the given tensors and the counters of an existing layer."""
+        """Write the given tensors (those the change made) and the counters as the layer's new version."""
         self.update_states([StateUpdate(name, version, num_batches_tracked, tensors)])
 
     def update_states(self, updates: Sequence[StateUpdate]) -> None:
@@ -358,18 +371,25 @@ class StateStore:
                 )
                 if cursor.rowcount != 1:
                     raise KeyError(name)
-                self._put_tensors(db, name, tensors)
+                self._put_tensors(db, name, version, tensors)
                 self._keep_version(db, name, version, num_batches_tracked)
 
     def _keep_version(self, db: sqlite3.Connection, name: str, version: int, num_batches_tracked: int) -> None:
-        """Keep the layer's whole state (just written) as ``version``; forget versions past the last
-        ``keep_versions``."""
+        """Record ``version`` (its changed tensors just written); forget versions past the last
+        ``keep_versions`` and the tensor rows that no kept version reads any more."""
         db.execute("INSERT INTO versions VALUES (?, ?, ?)", (name, version, num_batches_tracked))
+        oldest = version - self.keep_versions + 1  # every kept version is at least this one
+        if oldest <= 1:
+            return
+        db.execute("DELETE FROM versions WHERE layer = ? AND version < ?", (name, oldest))
+        # A row older than ``oldest`` with a newer row of its key at or below ``oldest`` is read by no kept
+        # version. The few rows older than ``oldest`` are all this looks at (the primary key's order).
         db.execute(
-            "INSERT INTO version_tensors SELECT layer, ?, key, dtype, shape, data FROM tensors WHERE layer = ?",
-            (version, name),
+            "DELETE FROM tensors WHERE layer = :name AND version < :oldest AND EXISTS (SELECT 1 FROM tensors AS "
+            "newer WHERE newer.layer = :name AND newer.key = tensors.key AND newer.version > tensors.version "
+            "AND newer.version <= :oldest)",
+            {"name": name, "oldest": oldest},
         )
-        db.execute("DELETE FROM versions WHERE layer = ? AND version <= ?", (name, version - self.keep_versions))
 
     def delete_layer(self, name: str, rowid: int | None = None) -> None:
         """Delete layer ``name`` (with its tensors), or the damaged row ``rowid`` its placeholder name stands for."""
@@ -380,11 +400,11 @@ class StateStore:
                 db.execute("DELETE FROM layers WHERE rowid = ?", (rowid,))
 
     @staticmethod
-    def _put_tensors(db: sqlite3.Connection, name: str, tensors: Mapping[str, np.ndarray]) -> None:
+    def _put_tensors(db: sqlite3.Connection, name: str, version: int, tensors: Mapping[str, np.ndarray]) -> None:
         db.executemany(
-            "INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?)",
+            "INSERT OR REPLACE INTO tensors VALUES (?, ?, ?, ?, ?, ?)",
             [
-                (name, key, array.dtype.name, json.dumps(list(array.shape)), array.tobytes())  # C order
+                (name, key, version, array.dtype.name, json.dumps(list(array.shape)), array.tobytes())  # C order
                 for key, array in tensors.items()
             ],
         )

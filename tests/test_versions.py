@@ -125,7 +125,7 @@ def test_a_damaged_kept_version_answers_data_loss_and_changes_nothing(tmp_path) 
             current, kept = layer.state_dict(), layer.state_dict(version=3)
         proc.stop()
         with sqlite3.connect(tmp_path / "state" / "normserve.sqlite3") as db:
-            db.execute("UPDATE version_tensors SET data = x'00' WHERE layer = 'bn' AND version = 2")
+            db.execute("UPDATE tensors SET data = x'00' WHERE layer = 'bn' AND version = 2")
             db.execute("UPDATE versions SET num_batches_tracked = 'many' WHERE layer = 'bn' AND version = 1")
         proc.start()
         with NormClient(proc.target) as nc:
