@@ -324,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="few repeats: a smoke test")
     parser.add_argument("--depth-only", action="store_true", help="only the whole models (statistics mode)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per whole model (default 15, --quick 3)")
     parser.add_argument("--json", type=Path, default=OUT / "training.json")
     parser.add_argument("--plot", type=Path, default=OUT / "training.png")
     args = parser.parse_args(argv)
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"load average at the start: {os.getloadavg()}")
         print("\nms per SGD step of whole models in statistics mode, beside local torch (rounds alternate)\n")
         print(DEPTH_HEADER)
-        depth = measure_depth(target, 3 if args.quick else 15, 2 if args.quick else 10, args.quick)
+        rounds = args.rounds or (3 if args.quick else 15)
+        depth = measure_depth(target, rounds, 2 if args.quick else 10, args.quick)
         rows = []
         if not args.depth_only:
             print(f"\nmedian ms per training step of one BatchNorm (float32); {RANKS} ranks split the batch\n")
