@@ -22,10 +22,8 @@ import asyncio
 import json
 import os
 import queue
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +35,7 @@ from normserve.server.registry import Registry
 from normserve.server.servicer import Limits, NormalizationServicer
 from normserve.server.store import StateStore, StateUpdate
 from normserve.tools import children
-from normserve.tools.bench import Echo, echo_server, normserve_server
+from normserve.tools.bench import Echo, echo_server, normserve_server, quartiles
 from normserve.v1 import normalization_pb2 as pb
 from normserve.v1 import normalization_pb2_grpc as pb_grpc
 
@@ -54,11 +52,6 @@ def _message(sequence: int, layers: list[str], rng: np.random.Generator) -> pb.P
         for name in layers
     ]
     return pb.PushStatisticsRequest(sequence=sequence, updates=updates)
-
-
-def _quartiles(values: list[float]) -> dict[str, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return {"median": median, "q1": q1, "q3": q3}
 
 
 def measure_wire(target: str, echo: Echo, per_message: int, rounds: int) -> dict[str, Any]:
@@ -94,20 +87,10 @@ def measure_wire(target: str, echo: Echo, per_message: int, rounds: int) -> dict
         "updates per message": per_message,
         "request bytes": request_bytes,
         "answer bytes": answer_bytes,
-        "message ms": _quartiles(push_ms),
-        "echo ms": _quartiles(echo_ms),
-        "server ms per update": _quartiles(server),
+        "message ms": quartiles(push_ms),
+        "echo ms": quartiles(echo_ms),
+        "server ms per update": quartiles(server),
     }
-
-
-def _timed(fn: Callable[[], Any], rounds: int) -> dict[str, float]:
-    fn()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return _quartiles(times)
 
 
 def measure_parts(per_message: int, rounds: int, sync: str = "FULL") -> dict[str, Any]:
@@ -129,24 +112,21 @@ def measure_parts(per_message: int, rounds: int, sync: str = "FULL") -> dict[str
         decoded = await decode()
         times: dict[str, list[float]] = {"decode": [], "push_statistics": [], "store": []}
         state = {k: rng.normal(size=CHANNELS).astype(np.float32) for k in ("running_mean", "running_var")}
-        version = 10**6
-        for _ in range(rounds + 1):
+        for name in layers:  # the store alone writes layers of its own
+            store.create_layer(f"s{name}", b"", 1, 0, {**state, "weight": state["running_var"]})
+        for version in range(2, rounds + 3):
             start = time.perf_counter()
             await decode()
             times["decode"].append(time.perf_counter() - start)
             start = time.perf_counter()
             await registry.push_statistics(decoded)
             times["push_statistics"].append(time.perf_counter() - start)
-            version += 1
             writes = [StateUpdate(f"s{name}", version, 1, state) for name in layers]
-            if version == 10**6 + 1:
-                for name in layers:
-                    store.create_layer(f"s{name}", b"", version - 1, 0, {**state, "weight": state["running_var"]})
             start = time.perf_counter()
             store.update_states(writes)
             times["store"].append(time.perf_counter() - start)
         await registry.close()
-        return {part: _quartiles([t * 1e3 / per_message for t in values[1:]]) for part, values in times.items()}
+        return {part: quartiles([t * 1e3 / per_message for t in values[1:]]) for part, values in times.items()}
 
     with tempfile.TemporaryDirectory() as directory:
         return {"updates per message": per_message, "sync": sync, **asyncio.run(scenario(directory))}

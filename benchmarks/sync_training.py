@@ -56,12 +56,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from training import _Basic, _quartiles, resnet_shaped
+from training import _Basic, resnet_shaped
 
 from normserve.client import NormClient
 from normserve.client.torch import RemoteNorm, convert_to_remote
 from normserve.tools import children
-from normserve.tools.bench import normserve_server
+from normserve.tools.bench import normserve_server, quartiles
 
 OUT = Path(__file__).parent / "out"
 VARIANTS = ("peer", "ddp", "normserve")
@@ -419,9 +419,9 @@ def _summary(world: int, results: list[dict[str, Any]], config: Config) -> dict[
             }
         server = [s["server_cpu_ms"] for s in results[0]["samples"][name] if "server_cpu_ms" in s]
         row["variants"][name] = {
-            "ms": _quartiles(ms[name]),
+            "ms": quartiles(ms[name]),
             "per_round_ms": ms[name],
-            "vs_peer": _quartiles([v / p for v, p in zip(ms[name], ms["peer"], strict=True)]),
+            "vs_peer": quartiles([v / p for v, p in zip(ms[name], ms["peer"], strict=True)]),
             "rank_cpu_ms": statistics.fmean(s["cpu_ms"] for r in results for s in r["samples"][name]),
             "server_cpu_ms": statistics.fmean(server) if server else None,
             "exchanges": exchanges,

@@ -55,7 +55,7 @@ from torch import nn
 from normserve.client import NormClient, SyncGroup
 from normserve.client.torch import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteNorm, convert_to_remote, settle_updates
 from normserve.tools import children
-from normserve.tools.bench import Echo, alternate, echo_server, normserve_server
+from normserve.tools.bench import Echo, alternate, echo_server, normserve_server, quartiles
 
 OUT = Path(__file__).parent / "out"
 CASES = {"mlp-256x512": (256, 512), "conv-32x64x16x16": (32, 64, 16, 16)}
@@ -262,17 +262,12 @@ def measure_depth(target: str, rounds: int, steps: int, quick: bool = False) -> 
                     start = time.perf_counter()
                     run(steps)
                     samples[name].append((time.perf_counter() - start) * 1e3 / steps)
-            ms = {name: _quartiles(values) for name, values in samples.items()}
-            ratio = _quartiles([r / t for r, t in zip(samples["statistics"], samples["torch"], strict=True)])
+            ms = {name: quartiles(values) for name, values in samples.items()}
+            ratio = quartiles([r / t for r, t in zip(samples["statistics"], samples["torch"], strict=True)])
             row = {"model": label, "shape": list(shape), "norms": norms, "steps": steps, "ms": ms, "ratio": ratio}
             rows.append(row)
             print(_format_depth(row), flush=True)
     return rows
-
-
-def _quartiles(values: list[float]) -> dict[str, float]:
-    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
-    return {"median": median, "q1": q1, "q3": q3}
 
 
 DEPTH_HEADER = (

@@ -175,6 +175,12 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[]
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
+def quartiles(values: list[float]) -> dict[str, float]:
+    """Median and quartiles of ``values`` (one value stands for all three)."""
+    q1, median, q3 = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return {"median": median, "q1": q1, "q3": q3}
+
+
 def _median_ms(fn: Callable[[], Any], repeats: int) -> float:
     fn()
     times = []
