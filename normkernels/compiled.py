@@ -23,6 +23,8 @@ Configuration (environment):
 ``NORMKERNELS_THREADS``    threads per kernel call (default: every core numba sees).
 ``NORMKERNELS_CACHE_DIR``  where compiled kernels are cached (default: the user's cache folder,
                            then a folder in the temp dir when that is not writable).
+``NORMKERNELS_COMPILE_PROCESSES``  processes a first start (a cold cache) compiles in (default: one per
+                           core, at most 4; :mod:`normkernels.parallel_compile`).
 
 Compilation never happens inside a call: :func:`warm_up` compiles every
 signature (or loads it from the cache) and then turns compilation off. The
@@ -50,7 +52,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from normkernels import core, fused
+from normkernels import core, fused, parallel_compile
 from normkernels.backend import Array
 
 __all__ = [
@@ -223,6 +225,7 @@ class WarmUp(NamedTuple):
     cache_dir: str
     threading_layer: str
     threads: int
+    processes: int  # that compiled (0: nothing compiled; more than 1: helpers filled a cold cache)
 
 
 def configure_numba() -> None:
@@ -281,12 +284,14 @@ def warm_up() -> WarmUp | None:
         start = reported = time.perf_counter()
         count = compiled = 0
         total = sum(map(len, k.SIGNATURES.values()))
+        filled = _fill_cache(k, total)
+        compiled = sum(len(k.SIGNATURES[name]) for name in filled.compiled)
         for name, signatures in k.SIGNATURES.items():
             kernel = k.KERNELS[name]
             for signature in signatures:
                 before = len(kernel.stats.cache_hits)
                 kernel.compile(signature)
-                compiled += len(kernel.stats.cache_hits) == before  # not a cache hit: it compiled
+                compiled += len(kernel.stats.cache_hits) == before  # not a cache hit: it compiled here
                 count += 1
                 if time.perf_counter() - reported >= PROGRESS_SECONDS:  # a first start: minutes of compiling
                     reported = time.perf_counter()
@@ -313,16 +318,41 @@ def warm_up() -> WarmUp | None:
             return None
         _LAUNCHER[:] = [CpuLauncher(threads())]
         _warm = WarmUp(
-            time.perf_counter() - start, count, compiled, str(numba.config.CACHE_DIR), layer, _LAUNCHER[0].sm_count
+            time.perf_counter() - start,
+            count,
+            compiled,
+            str(numba.config.CACHE_DIR),
+            layer,
+            _LAUNCHER[0].sm_count,
+            max(filled.helpers, 1) if compiled else 0,
         )
     log.info(
-        "CPU kernels ready in %.1f s: %d signatures (%d compiled, the rest from %s), "
+        "CPU kernels ready in %.1f s: %d signatures (%d compiled by %d processes, the rest from %s), "
         "threading layer %s, %d threads per call",
-        *(_warm[:4]),
+        _warm.seconds,
+        _warm.signatures,
+        _warm.compiled,
+        _warm.processes,
+        _warm.cache_dir,
         _warm.threading_layer,
         _warm.threads,
     )
     return _warm
+
+
+def _fill_cache(k: ModuleType, total: int) -> parallel_compile.Filled:
+    """On a cold cache, compile the missing kernels in helper processes first (:mod:`normkernels.parallel_compile`)."""
+    names, count = parallel_compile.missing(k), parallel_compile.processes()
+    if len(names) < 2 or count < 2:
+        return parallel_compile.Filled([], 0)
+    log.info(
+        "CPU kernels: compiling %d of %d kernels in %d processes (a first start; cached in %s for later starts)",
+        len(names),
+        len(k.KERNELS),
+        min(count, len(names)),
+        cache_dir(),
+    )
+    return parallel_compile.fill_cache(names, count)
 
 
 def _start_threads(k: ModuleType) -> None:

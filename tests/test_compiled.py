@@ -294,12 +294,15 @@ def test_a_second_process_starts_from_the_cache_without_compiling(tmp_path) -> N
     warm = compiled.warm_up()
     cache = tmp_path / "cache"
     shutil.copytree(warm.cache_dir, cache)
-    code = "from normkernels import compiled; w = compiled.warm_up(); print(w.compiled, w.signatures, w.cache_dir)"
+    code = (
+        "from normkernels import compiled; w = compiled.warm_up(); "
+        "print(w.compiled, w.processes, w.signatures, w.cache_dir)"
+    )
     env = {**os.environ, "NORMKERNELS_CACHE_DIR": str(cache), "HOME": str(tmp_path / "home")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=patience(30))
     assert done.returncode == 0, done.stderr
-    compiled_now, signatures, where = done.stdout.split()
-    assert (int(compiled_now), int(signatures), where) == (0, warm.signatures, str(cache))
+    compiled_now, processes, signatures, where = done.stdout.split()
+    assert (int(compiled_now), int(processes), int(signatures), where) == (0, 0, warm.signatures, str(cache))
 
 
 def test_numpy_switch_and_thread_settings(monkeypatch, threads, rng) -> None:

@@ -3,6 +3,7 @@ server), and every relative link in them leads to a file of the repository."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import re
 import subprocess
 import sys
@@ -24,12 +25,19 @@ def test_readme_and_docs_python_blocks_run(server) -> None:
     readme = [code for page, code in blocks if page == README]
     assert len(readme) >= 2, "the README has lost its quick start or its PyTorch example"
     assert any("NormClient(" in code for code in readme), "the README has no client example"
-    for page, code in blocks:
+
+    def run_twice(page: Path, code: str) -> None:
         code = code.replace("localhost:50051", server.target)  # the snippet's target is the test server
         for run in ("first", "second"):  # a reader runs a snippet again: it must not collide with its first run
             result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=patience(12))
             assert result.returncode == 0, f"{page.name}, {run} run: {result.stderr}"
             assert "num_batches_tracked" in result.stdout, page.name
+
+    # Two blocks at a time: each is mostly a fresh interpreter importing torch, one core's work. Blocks use
+    # layer names of their own, so running side by side is what two readers at once would do.
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for done in [pool.submit(run_twice, page, code) for page, code in blocks]:
+            done.result()
     assert (
         "encoder.bn1"
         in subprocess.run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from serverproc import ServerProcess, patience
 
-from normkernels import compiled
+from normkernels import compiled, parallel_compile
 from normserve.client import NormClient, RetryPolicy, Unavailable
 from normserve.server.app import LIVENESS_SERVICE, SERVICE_NAME
 
@@ -33,17 +34,35 @@ def _statuses(target: str) -> dict[str, str]:
         }
 
 
+#: Kernels missing from a half-cold cache: one that takes seconds to compile, and a quick one.
+_MISSING = ("normalize", "track_running")
+
+
 def _half_cold_cache(folder) -> str:
-    """A copy of the kernel cache without one kernel (``normalize``): starting on it compiles that one only."""
+    """A copy of the kernel cache without the kernels of _MISSING: starting on it compiles those only."""
     shutil.copytree(compiled.cache_dir(), folder)
-    removed = [path for path in folder.glob("*/cpu_kernels.normalize-*") if path.unlink() is None]
-    assert removed, "the kernel cache holds no normalize kernel to remove"
+    for name in _MISSING:
+        removed = [path for path in folder.glob(f"*/cpu_kernels.{name}-*") if path.unlink() is None]
+        assert removed, f"the kernel cache holds no {name} kernel to remove"
     return str(folder)
+
+
+def _compile_helpers(cache: str) -> list[int]:
+    """The processes compiling into ``cache`` for a starting server (normkernels.parallel_compile)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command, environ = (proc / "cmdline").read_bytes(), (proc / "environ").read_bytes()
+        except OSError:  # ended meanwhile, or not ours
+            continue
+        if b"parallel_compile" in command and f"NORMKERNELS_CACHE_DIR={cache}".encode() in environ.split(b"\0"):
+            found.append(int(proc.name))
+    return found
 
 
 def test_health_says_live_not_ready_while_the_kernels_compile(tmp_path) -> None:
     cache = _half_cold_cache(tmp_path / "cache")
-    proc = ServerProcess(tmp_path / "state", env={"NORMKERNELS_CACHE_DIR": cache})
+    proc = ServerProcess(tmp_path / "state", env={"NORMKERNELS_CACHE_DIR": cache, parallel_compile.ENV_PROCESSES: "2"})
     proc.start(timeout=READY_SECONDS, ready=False)  # returns once the port is open
     try:
         assert _statuses(proc.target) == {"": "NOT_SERVING", SERVICE_NAME: "NOT_SERVING", LIVENESS_SERVICE: "SERVING"}
@@ -63,7 +82,8 @@ def test_health_says_live_not_ready_while_the_kernels_compile(tmp_path) -> None:
         log = proc.log()
         listening, ready = log.index("listening on"), log.index("ready: SERVING")
         assert listening < log.index("warming up the CPU kernels") < log.index("CPU kernels ready") < ready
-        assert "(0 compiled" not in log  # the removed kernel was compiled, not loaded
+        # The removed kernels were compiled (both signatures each), one in each of two helper processes.
+        assert f"({2 * len(_MISSING)} compiled by 2 processes" in log
         assert "layer calls UNAVAILABLE" in log
     finally:
         assert proc.stop() == 0
@@ -72,12 +92,21 @@ def test_health_says_live_not_ready_while_the_kernels_compile(tmp_path) -> None:
 def test_a_server_stopped_while_it_compiles_exits_at_once(tmp_path) -> None:
     cold = tmp_path / "empty-cache"
     cold.mkdir()
-    proc = ServerProcess(tmp_path / "state", env={"NORMKERNELS_CACHE_DIR": str(cold)})
+    proc = ServerProcess(
+        tmp_path / "state", env={"NORMKERNELS_CACHE_DIR": str(cold), parallel_compile.ENV_PROCESSES: "2"}
+    )
     proc.start(timeout=READY_SECONDS, ready=False)
     assert _statuses(proc.target)[""] == "NOT_SERVING"  # a whole first start compiles for long
+    deadline = time.monotonic() + READY_SECONDS
+    while len(_compile_helpers(str(cold))) < 2:  # the cold cache is being filled by two helper processes
+        assert time.monotonic() < deadline, proc.log()
+        time.sleep(0.05)
     started = time.monotonic()
     assert proc.stop() == 0
     # A second or so alone, not the minutes (alone) the compile would take: both grow with the slowdown.
     assert time.monotonic() - started < patience(3)
     assert "ready: SERVING" not in proc.log()
     assert "stopped; state is in" in proc.log()
+    while _compile_helpers(str(cold)):  # the helpers end with the server, in the middle of their compiles
+        assert time.monotonic() - started < patience(3), _compile_helpers(str(cold))
+        time.sleep(0.05)
