@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from normkernels import compiled, parse_device
 from normserve.server import layers_file, transport
 from normserve.server.cluster_views import ClusterViews
-from normserve.server.interceptors import CallSlots, GuardCalls, RequireToken, UntilReady
+from normserve.server.interceptors import CallSlots, Gate, GuardCalls
 from normserve.server.memory import Trimmer
 from normserve.server.metrics import Metrics
 from normserve.server.registry import Registry
@@ -99,7 +99,7 @@ class _Assembled:
     trimmer: Trimmer
     token_auth: bool
     views: ClusterViews | None  # None: no peers, every call answered for this server alone
-    gate: UntilReady  # refuses layer calls until the kernels are warm
+    gate: Gate  # refuses layer calls until the kernels are warm
 
 
 def _open_registry(options: ServerOptions, device: str) -> tuple[StateStore, Registry, int]:
@@ -145,6 +145,7 @@ def _build(options: ServerOptions) -> _Assembled:
     }
     metrics = Metrics(registry.list, gauges) if options.metrics_port else None
     trimmer = Trimmer()
+    gate = Gate((SERVICE_NAME,), _WARMING_UP)
     # outermost: guards and sees every call, refusals included
     interceptors: list[grpc.aio.ServerInterceptor] = [
         GuardCalls(
@@ -153,12 +154,10 @@ def _build(options: ServerOptions) -> _Assembled:
             trimmer.moved,
             max_message_bytes=options.limits.max_message_bytes,
             slots=CallSlots(options.max_concurrent_rpcs),  # counted there so that health never waits for one
+            tokens=tokens,
+            gate=gate,
         )
     ]
-    if tokens is not None:
-        interceptors.append(RequireToken(tokens))
-    gate = UntilReady((SERVICE_NAME,), _WARMING_UP)
-    interceptors.append(gate)
     views = (
         ClusterViews(options.peers, options.peer_timeout, options.limits.max_message_bytes) if options.peers else None
     )

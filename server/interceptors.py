@@ -1,4 +1,4 @@
-"""Server interceptors: every call guarded and observed, every call but health authenticated.
+"""The server's interceptor: every call guarded and observed, every call but health authenticated.
 
 Interceptors see every service on the server (Normalization, health,
 reflection), so what they do holds for all of them. They wrap the method
@@ -38,8 +38,10 @@ the domain alone.
   checks never wait for a slot: Health/Check takes none, and Health/Watch
   streams have a cap of their own (transport.MAX_WATCH_STREAMS).
 
-:class:`RequireToken` decides on the call's headers alone: a call without a
-valid token is answered UNAUTHENTICATED before any of its request is read.
+The guard also decides on the call's headers alone, before any of its request
+is read: a call without a valid token is answered UNAUTHENTICATED (health
+checks carry none), and a layer call while the kernels warm up UNAVAILABLE
+(:class:`Gate`).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ from normserve.server.security import TokenSet
 from normserve.server.transport import MAX_WATCH_STREAMS, receive_limit
 from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER, layer_of, layers_of
 
-__all__ = ["CallSlots", "GuardCalls", "Malformed", "RequireToken", "UntilReady", "same_kind"]
+__all__ = ["CallSlots", "Gate", "GuardCalls", "Malformed", "same_kind"]
 
 access_log = logging.getLogger("normserve.access")
 
@@ -113,6 +115,18 @@ def same_kind(
     )
 
 
+def _refusing(
+    handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str, reason: str
+) -> grpc.RpcMethodHandler:
+    """A handler in ``handler``'s place that answers ``code`` without reading anything of the request
+    (request-streaming, so gRPC runs it at once: nothing of the request is received, let alone parsed)."""
+
+    async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(code, message, status_details(code, message, reason))
+
+    return _streamed_request(handler, refuse, None)
+
+
 class Malformed:
     """What a request deserializes to when its bytes are not a valid message (or too many to parse)."""
 
@@ -147,30 +161,6 @@ def _tolerant(deserializer: Callable[[bytes], Any] | None, limit: int) -> Callab
     return deserialize
 
 
-class RequireToken(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless the call carries ``authorization: Bearer <token>`` with a known token."""
-
-    def __init__(self, tokens: TokenSet) -> None:
-        self._tokens = tokens
-
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(HEALTH_PREFIX):
-            return handler
-        problem = self._tokens.problem(dict(details.invocation_metadata or ()).get("authorization"))
-        if problem is None:
-            return handler
-
-        async def deny(requests: Any, context: grpc.aio.ServicerContext) -> None:
-            code = grpc.StatusCode.UNAUTHENTICATED
-            await context.abort(code, problem, status_details(code, problem, "UNAUTHENTICATED"))
-
-        # Request-streaming, so gRPC runs it at once: nothing of the request is received, let alone parsed.
-        return _streamed_request(handler, deny, None)
-
-
 class CallSlots:
     """Calls in progress: at most ``max_calls`` (None: no limit) besides health, which never waits for a slot
     (Health/Check takes none; Health/Watch streams are capped at ``max_watches`` of their own)."""
@@ -203,9 +193,9 @@ class CallSlots:
             self._taken[pool] -= 1
 
 
-class UntilReady(grpc.aio.ServerInterceptor):
-    """UNAVAILABLE, saying why, for the calls of ``services`` until :meth:`ready`; other services (health,
-    reflection) answer at once. The server listens while it warms up, and a client retries UNAVAILABLE."""
+class Gate:
+    """Refuses the calls of ``services`` UNAVAILABLE, saying why, until :meth:`ready`; other services (health,
+    reflection) pass. The server listens while it warms up, and a client retries UNAVAILABLE."""
 
     def __init__(self, services: tuple[str, ...], why: str) -> None:
         self._prefixes = tuple(f"/{service}/" for service in services)
@@ -214,19 +204,10 @@ class UntilReady(grpc.aio.ServerInterceptor):
     def ready(self) -> None:
         self._why = None
 
-    async def intercept_service(
-        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
+    def refuses(self, method: str) -> str | None:
+        """Why a call of ``method`` is refused now, else None."""
         why = self._why
-        if why is None or handler is None or not details.method.startswith(self._prefixes):
-            return handler
-
-        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
-            code = grpc.StatusCode.UNAVAILABLE
-            await context.abort(code, why, status_details(code, why, "WARMING_UP"))
-
-        return same_kind(handler, refuse)
+        return why if why is not None and method.startswith(self._prefixes) else None
 
 
 class _Call:
@@ -234,8 +215,8 @@ class _Call:
 
     __slots__ = ("layer", "method", "peer", "phases", "proxied", "received", "routed", "sent", "service", "start")
 
-    def __init__(self, full_method: str, context: grpc.aio.ServicerContext) -> None:
-        self.service, _, self.method = full_method.lstrip("/").rpartition("/")
+    def __init__(self, service: str, method: str, context: grpc.aio.ServicerContext) -> None:
+        self.service, self.method = service, method
         self.start = time.perf_counter()
         self.phases = phases.start_call()  # where the call's time goes (the registry fills it in)
         self.peer = context.peer()
@@ -381,6 +362,10 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     ``moved(bytes)`` hears how many bytes each call received and sent;
     ``slots`` bounds the calls in progress; a request larger than
     :func:`normserve.server.transport.receive_limit` is refused unparsed.
+    ``tokens`` (None: no authentication) and ``gate`` refuse calls before any of
+    their request is read: UNAUTHENTICATED without a valid token (health excepted),
+    then UNAVAILABLE while the gate is closed. They are checks of this interceptor,
+    not interceptors of their own: each interceptor is a coroutine more on every call.
     """
 
     def __init__(
@@ -391,12 +376,18 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         *,
         max_message_bytes: int = (1 << 31) - 1,
         slots: CallSlots | None = None,
+        tokens: TokenSet | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._metrics = metrics
         self._idle = idle_seconds
         self._moved = moved
         self._max_message_bytes = max_message_bytes
         self._slots = slots or CallSlots(None)
+        self._tokens = tokens
+        self._gate = gate
+        #: Each method's guarded handler, with the handler it guards: built once, not per call.
+        self._guarded: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]], details: Any
@@ -404,13 +395,37 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None:
             return None
+        method = details.method
+        refusal = self._refusal(method, details)
+        if refusal is not None:
+            return self._guard(method, _refusing(handler, *refusal))
+        known = self._guarded.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        guarded = self._guard(method, handler)
+        self._guarded[method] = (handler, guarded)  # one entry per method a generic handler knows
+        return guarded
+
+    def _refusal(self, method: str, details: Any) -> tuple[grpc.StatusCode, str, str] | None:
+        """Why a call is refused on its headers alone (code, message, reason), else None."""
+        if self._tokens is not None and not method.startswith(HEALTH_PREFIX):
+            problem = self._tokens.problem(dict(details.invocation_metadata or ()).get("authorization"))
+            if problem is not None:
+                return grpc.StatusCode.UNAUTHENTICATED, problem, "UNAUTHENTICATED"
+        why = None if self._gate is None else self._gate.refuses(method)
+        if why is not None:
+            return grpc.StatusCode.UNAVAILABLE, why, "WARMING_UP"
+        return None
+
+    def _guard(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """``handler`` run as the module doc says: a request-streaming handler gRPC calls at once."""
         kind = _kind(handler)
         inner = getattr(handler, kind)
         streams_in, streams_out = kind.startswith("stream"), kind.endswith("stream")
-        method = details.method
+        service, _, name = method.lstrip("/").rpartition("/")
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            call, error, response, result = _Call(method, context), None, None, None
+            call, error, response, result = _Call(service, name, context), None, None, None
             if self._metrics is not None:
                 self._metrics.begin(call.service, call.method)
             guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))

@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import metadata
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, NamedTuple
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
@@ -93,6 +93,9 @@ class _MetricsServer(ThreadingMixIn, WSGIServer):
 
     daemon_threads = True
     block_on_close = False
+    # socketserver's backlog is 5: a burst of silent connections filled it, and the kernel then dropped a
+    # scrape's SYN until the client's retransmit (a second or more) instead of accepting and closing it.
+    request_queue_size = 128
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._slots = threading.BoundedSemaphore(METRICS_CONNECTIONS)
@@ -157,6 +160,16 @@ class _LayerCollector(Collector):
         yield from (layers, calls, mean_shift, log_var_shift, entropy)
 
 
+class _MethodMetrics(NamedTuple):
+    """One method's children of the call metrics (``by_code``: its request counters, made per code as seen)."""
+
+    by_code: dict[str, Any]
+    in_flight: Any
+    latency: Any
+    received: Any
+    sent: Any
+
+
 class Metrics:
     """The server's metrics; :meth:`begin` and :meth:`observe` record one call, :meth:`serve` exposes
     ``/metrics``. ``gauges`` reads each of :data:`SERVER_GAUGES` at scrape time."""
@@ -206,10 +219,26 @@ class Metrics:
         self.registry.register(_LayerCollector(snapshots))
         self.registry.register(_ServerCollector(gauges or {}))
         self._http: Any = None
+        self._methods: dict[tuple[str, str], _MethodMetrics] = {}
+
+    def _of(self, service: str, method: str) -> _MethodMetrics:
+        """The metrics of one method: looked up by label once, not on every call (bounded: a call reaches
+        the metrics only for a method the server has)."""
+        found = self._methods.get((service, method))
+        if found is None:
+            found = _MethodMetrics(
+                {},
+                self._in_flight.labels(service, method),
+                self._latency.labels(service, method),
+                self._received.labels(service, method),
+                self._sent.labels(service, method),
+            )
+            self._methods[(service, method)] = found
+        return found
 
     def begin(self, service: str, method: str) -> None:
         """A call started (the in-flight gauge; :meth:`observe` ends it)."""
-        self._in_flight.labels(service, method).inc()
+        self._of(service, method).in_flight.inc()
 
     def observe(
         self,
@@ -222,11 +251,15 @@ class Metrics:
         phases: Mapping[str, float] | None = None,
     ) -> None:
         """A call that :meth:`begin` started ended, after ``seconds``; ``phases``: where that time went."""
-        self._in_flight.labels(service, method).dec()
-        self._requests.labels(service, method, code).inc()
-        self._latency.labels(service, method).observe(seconds)
-        self._received.labels(service, method).inc(received)
-        self._sent.labels(service, method).inc(sent)
+        of = self._of(service, method)
+        of.in_flight.dec()
+        counted = of.by_code.get(code)
+        if counted is None:
+            counted = of.by_code[code] = self._requests.labels(service, method, code)
+        counted.inc()
+        of.latency.observe(seconds)
+        of.received.inc(received)
+        of.sent.inc(sent)
         for phase, spent in (phases or {}).items():
             self._phases.labels(service, method, phase).observe(spent)
 
