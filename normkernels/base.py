@@ -392,7 +392,7 @@ class _NormBase:
             )
         prior = core.Moments(self.running_mean, self.running_var)
         with on_device(self.device):
-            moments = core.Moments(self.xp.asarray(mean), self.xp.asarray(var))
+            moments = core.CheckedMoments(self.xp.asarray(mean), self.xp.asarray(var))  # checked above
             batch = self._after_training_batch(moments, total.count)
         weight, eps, device, xp = self.weight, self._eps_for(np.dtype(np.float64)), self.device, self.xp
         groups = core.Moments(*(a.reshape(-1, self.param_shape[0]) for a in moments))
@@ -441,14 +441,13 @@ class _NormBase:
         var_scale = 1.0 / rows if self.biased_running_var else n / ((n - 1) * rows) if n > 1 else math.inf
         batches = self.num_batches_tracked + 1 if self._counts_batches else self.num_batches_tracked
         factor = self._update_factor(batches)
-        where = f"the running statistics in {self.dtype}"
         # The compiled CPU path folds the checks and the update into one call (None where it cannot).
         fold = getattr(self._math, "track_running", None)
         folded = None if fold is None else fold(stats, self.running_mean, self.running_var, rows, var_scale, factor)
         if folded is not None:
             status, running_mean, running_var, mean, var = folded
             if status:
-                raise self._non_finite("its statistics" if status == 1 else where)
+                raise self._non_finite("its statistics" if status == 1 else f"the running statistics in {self.dtype}")
         else:
             self._check_finite(stats)
             mean = stats.mean.reshape(-1, channels).sum(axis=0)
@@ -457,7 +456,7 @@ class _NormBase:
             running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(self.dtype, copy=False)
             running_var = ((1.0 - factor) * self.running_var + factor * var).astype(self.dtype, copy=False)
             # Finite in the compute dtype may still overflow the state's dtype (float64 x into float32 stats).
-            self._check_finite(core.Moments(running_mean, running_var), where)
+            self._check_finite(core.Moments(running_mean, running_var), f"the running statistics in {self.dtype}")
         if batches > MAX_BATCHES_TRACKED:
             raise StateDictError(f"num_batches_tracked is at its limit ({MAX_BATCHES_TRACKED}); reset it with SetState")
         self.running_mean, self.running_var = running_mean, running_var

@@ -714,11 +714,8 @@ def _compute(a: Array, dtype: np.dtype) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=dtype)
 
 
-class CheckedMoments(core.Moments):
-    """Batch statistics that the kernel which computed them found finite (the layer need not check again)."""
-
-    __slots__ = ()
-    checked_finite = True
+#: Batch statistics that the kernel which computed them found finite (see :class:`normkernels.core.CheckedMoments`).
+CheckedMoments = core.CheckedMoments
 
 
 def forward_train(

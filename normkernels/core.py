@@ -81,6 +81,14 @@ class Moments(NamedTuple):
     var: Array  # biased variance; mean square for RMS norm
 
 
+class CheckedMoments(Moments):
+    """Batch statistics already found finite by what made them (a compiled kernel, or the checks of a batch
+    given as its statistics): the layer need not check them again."""
+
+    __slots__ = ()
+    checked_finite = True
+
+
 class Centered(NamedTuple):
     d: Array  # x - shift, a new array the caller may overwrite (x itself, read only, for RMS norm)
     offset: Array | float  # mean(d): the shift's rounding error

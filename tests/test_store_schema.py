@@ -17,7 +17,7 @@ import pytest
 from serverproc import ServerProcess
 
 from normserve.client import NormClient, NotFound
-from normserve.server.store import DATABASE_NAME, StateStore
+from normserve.server.store import DATABASE_NAME, StateStore, StateUpdate
 from normserve.v1 import normalization_pb2 as pb
 
 # Schema 1 as its server created it: the current state in ``tensors``, each kept version copied whole.
@@ -100,6 +100,27 @@ def test_a_train_writes_only_its_running_statistics_once(tmp_path, rng) -> None:
     store.delete_layer("bn")
     assert tensor_rows(store, "bn") == 0
     assert store._db.execute("SELECT COUNT(*) FROM versions").fetchone() == (0,)
+    store.close()
+
+
+def test_a_message_naming_a_missing_layer_stores_nothing_and_names_it(tmp_path, rng) -> None:
+    """The message's updates are written by one statement of each kind: one missing layer among them rolls
+    back the others, and the refusal names it."""
+    store = StateStore(tmp_path, keep_versions=2)
+    held = {name: bn_state(rng, 8) for name in ("a", "b")}
+    for name, state in held.items():
+        store.create_layer(name, b"config", 1, 0, state)
+    rows_before = store._db.execute("SELECT COUNT(*) FROM tensors").fetchone()
+    new = {k: rng.normal(size=8).astype(np.float32) for k in KEYS[2:]}
+    updates = [StateUpdate("a", 2, 1, new), StateUpdate("gone", 2, 1, new), StateUpdate("b", 2, 1, new)]
+    with pytest.raises(KeyError, match="gone"):
+        store.update_states(updates)
+    assert store._db.execute("SELECT COUNT(*) FROM tensors").fetchone() == rows_before
+    for layer in store.load_all():
+        assert (layer.version, layer.num_batches_tracked) == (1, 0)
+        assert all(np.array_equal(layer.tensors[k], v) for k, v in held[layer.name].items())
+    store.update_states([u for u in updates if u.name != "gone"])  # the same message without it: stored
+    assert {layer.name: layer.version for layer in store.load_all()} == {"a": 2, "b": 2}
     store.close()
 
 
