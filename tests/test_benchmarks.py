@@ -57,6 +57,16 @@ def test_service_benchmark_quick_mode(tmp_path: Path) -> None:
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
+def test_small_calls_benchmark_quick_mode(tmp_path: Path) -> None:
+    out = tmp_path / "small_calls.json"
+    result = quick("small_calls.py", "--json", str(out))
+    assert "layer.infer" in result.stdout
+    report = json.loads(out.read_text())
+    assert set(report["calls"]) == {"layer.infer", "client.call", "raw callable", "GetLayer", "Health", "echo"}
+    assert all(row["ms"]["median"] > 0 for row in report["calls"].values())
+    assert report["calls"]["echo"]["per_echo"]["median"] == 1.0
+
+
 def test_normserve_bench_against_a_running_server(start_server, tmp_path: Path) -> None:
     from serverproc import NORMSERVE
 
