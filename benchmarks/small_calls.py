@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -53,12 +52,7 @@ def measure(target: str, echo_target: str, rounds: int) -> dict[str, Any]:
         for call in calls.values():  # warm every path (channels, caches) before timing
             for _ in range(20):
                 call()
-        samples: dict[str, list[float]] = {name: [] for name in calls}
-        for _ in range(rounds):
-            for name, call in calls.items():
-                start = time.perf_counter()
-                call()
-                samples[name].append(time.perf_counter() - start)
+        samples = bench.rounds(calls, rounds)
     ratios = {name: [a / b for a, b in zip(values, samples["echo"], strict=True)] for name, values in samples.items()}
     return {
         name: {

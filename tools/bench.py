@@ -47,7 +47,17 @@ from normserve.client import NormClient, NormServeError
 from normserve.client.protocol import DEFAULT_STREAM_THRESHOLD
 from normserve.tools import children
 
-__all__ = ["Echo", "alternate", "echo_server", "main", "normserve_server", "running", "start_process"]
+__all__ = [
+    "Echo",
+    "alternate",
+    "echo_server",
+    "main",
+    "normserve_server",
+    "quartiles",
+    "rounds",
+    "running",
+    "start_process",
+]
 
 CHANNELS = 64
 #: Where `normserve bench` writes its report when not told: one folder, named for it (and ignored by git here).
@@ -161,8 +171,11 @@ def _shape(nbytes: int) -> tuple[int, int, int]:
     return (elements // (CHANNELS * length), CHANNELS, length)
 
 
-def alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[], None]) -> dict[str, float]:
-    """Median ms of each function, timed in alternating rounds so drift hits all alike."""
+def rounds(
+    fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
+    """Seconds of each call of each function, timed in ``repeats`` alternating rounds (``tick`` after each)
+    so that drift in the machine's load hits all alike; each function is called once first, untimed."""
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -172,7 +185,12 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[]
             fn()
             samples[name].append(time.perf_counter() - start)
         tick()
-    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+    return samples
+
+
+def alternate(fns: dict[str, Callable[[], Any]], repeats: int, tick: Callable[[], None]) -> dict[str, float]:
+    """Median ms of each function, timed in alternating rounds (:func:`rounds`)."""
+    return {name: statistics.median(values) * 1e3 for name, values in rounds(fns, repeats, tick).items()}
 
 
 def quartiles(values: list[float]) -> dict[str, float]:
