@@ -225,7 +225,7 @@ class WarmUp(NamedTuple):
     cache_dir: str
     threading_layer: str
     threads: int
-    processes: int  # that compiled (0: nothing compiled; more than 1: helpers filled a cold cache)
+    processes: int  # that compiled: the helpers that filled a cold cache, and this one if it compiled any
 
 
 def configure_numba() -> None:
@@ -284,14 +284,16 @@ def warm_up() -> WarmUp | None:
         start = reported = time.perf_counter()
         count = compiled = 0
         total = sum(map(len, k.SIGNATURES.values()))
-        filled = _fill_cache(k, total)
-        compiled = sum(len(k.SIGNATURES[name]) for name in filled.compiled)
+        filled = _fill_cache(k)
+        by_helpers, here = set(filled.compiled), 0  # kernels the helpers compiled; signatures compiled here
         for name, signatures in k.SIGNATURES.items():
             kernel = k.KERNELS[name]
             for signature in signatures:
                 before = len(kernel.stats.cache_hits)
                 kernel.compile(signature)
-                compiled += len(kernel.stats.cache_hits) == before  # not a cache hit: it compiled here
+                missed = len(kernel.stats.cache_hits) == before  # not a cache hit: it compiled here
+                here += missed
+                compiled += missed or name in by_helpers
                 count += 1
                 if time.perf_counter() - reported >= PROGRESS_SECONDS:  # a first start: minutes of compiling
                     reported = time.perf_counter()
@@ -324,7 +326,7 @@ def warm_up() -> WarmUp | None:
             str(numba.config.CACHE_DIR),
             layer,
             _LAUNCHER[0].sm_count,
-            max(filled.helpers, 1) if compiled else 0,
+            filled.helpers + (here > 0),
         )
     log.info(
         "CPU kernels ready in %.1f s: %d signatures (%d compiled by %d processes, the rest from %s), "
@@ -340,8 +342,10 @@ def warm_up() -> WarmUp | None:
     return _warm
 
 
-def _fill_cache(k: ModuleType, total: int) -> parallel_compile.Filled:
+def _fill_cache(k: ModuleType) -> parallel_compile.Filled:
     """On a cold cache, compile the missing kernels in helper processes first (:mod:`normkernels.parallel_compile`)."""
+    import numba
+
     names, count = parallel_compile.missing(k), parallel_compile.processes()
     if len(names) < 2 or count < 2:
         return parallel_compile.Filled([], 0)
@@ -350,7 +354,7 @@ def _fill_cache(k: ModuleType, total: int) -> parallel_compile.Filled:
         len(names),
         len(k.KERNELS),
         min(count, len(names)),
-        cache_dir(),
+        numba.config.CACHE_DIR,
     )
     return parallel_compile.fill_cache(names, count)
 

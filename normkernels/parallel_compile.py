@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -38,6 +39,9 @@ __all__ = ["ENV_PROCESSES", "MOST_PROCESSES", "Filled", "fill_cache", "missing",
 ENV_PROCESSES = "NORMKERNELS_COMPILE_PROCESSES"
 #: A numba compile holds about 300 MB: more helpers than this gain little and cost memory.
 MOST_PROCESSES = 4
+#: A helper that has not compiled a kernel after this long (seconds) is killed and its kernel left to warm_up
+#: (the longest takes 20 s alone on a 2-core machine, minutes under heavy load).
+KERNEL_SECONDS = 900.0
 #: How often a helper checks that its parent is still there (seconds).
 _PARENT_CHECK_SECONDS = 0.2
 
@@ -77,7 +81,7 @@ class Filled(NamedTuple):
     """What :func:`fill_cache` did."""
 
     compiled: list[str]  # the kernels the helpers compiled
-    helpers: int  # how many helper processes ran
+    helpers: int  # how many helper processes compiled at least one of them
 
 
 def fill_cache(names: Iterable[str], count: int) -> Filled:
@@ -93,6 +97,10 @@ def fill_cache(names: Iterable[str], count: int) -> Filled:
         with lock:
             return work.popleft() if work else None
 
+    # `python -c` puts its working folder first on sys.path: run it in the folder that holds the normkernels
+    # package this process imported, so that the helpers import the same code (and compile into the cache
+    # of that code), never a package of the same name where the server happened to start.
+    home = Path(__file__).resolve().parents[1]
     helpers: list[subprocess.Popen[str]] = []
     for _ in range(count):
         try:
@@ -102,34 +110,53 @@ def fill_cache(names: Iterable[str], count: int) -> Filled:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     text=True,
+                    cwd=home,
                 )
             )
         except OSError:
             break  # warm_up compiles what no helper did
     # One thread per helper feeds it a kernel at a time. Daemon threads: a parent that stops while its
     # helpers compile exits at once, and the helpers follow (see serve).
+    answered: list[str] = []
     feeders = [
-        threading.Thread(target=_feed, args=(helper, next_kernel, compiled.append), daemon=True) for helper in helpers
+        threading.Thread(target=_feed, args=(helper, next_kernel, compiled.append, answered.append), daemon=True)
+        for helper in helpers
     ]
     for feeder in feeders:
         feeder.start()
     for feeder in feeders:
         feeder.join()
-    return Filled(compiled, len(helpers))
+    return Filled(compiled, len(answered))
 
 
-def _feed(helper: subprocess.Popen[str], next_kernel: Callable[[], str | None], done: Callable[[str], None]) -> None:
-    """Hand ``helper`` one kernel at a time until there are none left or it dies (warm_up then compiles
-    what is left of its share)."""
+def _feed(
+    helper: subprocess.Popen[str],
+    next_kernel: Callable[[], str | None],
+    done: Callable[[str], None],
+    answered: Callable[[str], None],
+) -> None:
+    """Hand ``helper`` one kernel at a time until there are none left, or it dies or takes longer than
+    KERNEL_SECONDS over one (then it is killed): warm_up compiles what is left of its share."""
     assert helper.stdin is not None
     assert helper.stdout is not None
+    first = True
     try:
         while (name := next_kernel()) is not None:
             helper.stdin.write(name + "\n")
             helper.stdin.flush()
-            if helper.stdout.readline().strip() != name:
+            timer = threading.Timer(KERNEL_SECONDS, helper.kill)
+            timer.daemon = True
+            timer.start()
+            try:
+                line = helper.stdout.readline()
+            finally:
+                timer.cancel()
+            if line.strip() != name:
                 return
             done(name)
+            if first:
+                answered(name)
+                first = False
     except OSError:  # a broken pipe: the helper died
         return
     finally:
@@ -149,6 +176,7 @@ def serve(parent: int) -> None:
     """A helper process's body: compile each kernel named on stdin (both its signatures) into the cache,
     then answer its name on stdout."""
     threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent's to handle
     from normkernels import compiled
 
     kernels = compiled.kernels()

@@ -305,6 +305,33 @@ def test_a_second_process_starts_from_the_cache_without_compiling(tmp_path) -> N
     assert (int(compiled_now), int(processes), int(signatures), where) == (0, 0, warm.signatures, str(cache))
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="python -P (no working folder on sys.path) is 3.11's")
+def test_compile_helpers_import_the_starting_process_s_kernels_not_the_working_folder_s(tmp_path) -> None:
+    """`python -c` puts its working folder first on sys.path: helpers started there imported a package of
+    the same name from wherever the server was started (a folder others may write to)."""
+    warm = compiled.warm_up()
+    cache = tmp_path / "cache"
+    shutil.copytree(warm.cache_dir, cache)
+    for name in ("track_running", "reduce_rows"):  # two quick kernels missing: two helpers compile them
+        assert [path.unlink() for path in cache.glob(f"*/cpu_kernels.{name}-*")]
+    planted, marker = tmp_path / "cwd" / "normkernels", tmp_path / "planted-code-ran"
+    planted.mkdir(parents=True)
+    (planted / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit(3)\n")
+    code = "from normkernels import compiled; w = compiled.warm_up(); print(w.compiled, w.processes)"
+    env = {**os.environ, "NORMKERNELS_CACHE_DIR": str(cache), "NORMKERNELS_COMPILE_PROCESSES": "2"}
+    done = subprocess.run(  # -P: the starting process itself, like the normserve script, skips its folder
+        [sys.executable, "-P", "-c", code],
+        cwd=planted.parent,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=patience(30),
+    )
+    assert done.returncode == 0, done.stderr
+    assert not marker.exists(), "a compile helper imported the package planted in the working folder"
+    assert done.stdout.split() == ["4", "2"], done.stdout  # both kernels (2 signatures each), by two helpers
+
+
 def test_numpy_switch_and_thread_settings(monkeypatch, threads, rng) -> None:
     monkeypatch.setenv("NORMKERNELS_CPU", "numpy")
     assert nk.LayerNorm(8)._math is core
