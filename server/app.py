@@ -151,7 +151,7 @@ def _build(options: ServerOptions) -> _Assembled:
         GuardCalls(
             metrics,
             options.limits.default_deadline,
-            trimmer.moved,
+            trimmer,
             max_message_bytes=options.limits.max_message_bytes,
             slots=CallSlots(options.max_concurrent_rpcs),  # counted there so that health never waits for one
             tokens=tokens,

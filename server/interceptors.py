@@ -54,7 +54,7 @@ import logging
 import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
@@ -66,7 +66,7 @@ from normserve.server.security import TokenSet
 from normserve.server.transport import MAX_WATCH_STREAMS, receive_limit
 from normserve.v1.routing import LAYER_HEADER, VIEW_CLUSTER, VIEW_HEADER, layer_of, layers_of
 
-__all__ = ["CallSlots", "Gate", "GuardCalls", "Malformed", "same_kind"]
+__all__ = ["CallListener", "CallSlots", "Gate", "GuardCalls", "Malformed", "same_kind"]
 
 access_log = logging.getLogger("normserve.access")
 
@@ -80,6 +80,7 @@ _KINDS = {
 #: health checks carry no token.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _HEALTH_WATCH = HEALTH_PREFIX + "Watch"
+_HEALTH_SERVICE = HEALTH_PREFIX.strip("/")
 #: Failures that are a normal answer, not a problem: logged at INFO, not WARNING. NOT_FOUND is how a client
 #: probes for a layer before it creates it.
 _QUIET_FAILURES = {grpc.StatusCode.NOT_FOUND: logging.INFO}
@@ -191,6 +192,15 @@ class CallSlots:
         pool = self._pool(method)
         if pool is not None:
             self._taken[pool] -= 1
+
+
+class CallListener(Protocol):
+    """Hears of the calls the guard runs: each one's start, then its end, once each."""
+
+    def started(self) -> None: ...
+
+    def ended(self, nbytes: int) -> None:
+        """The call ended, having received and sent ``nbytes``."""
 
 
 class Gate:
@@ -359,7 +369,8 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     Metrics by method and code; successful calls log at debug level, failed
     ones at warning (NOT_FOUND: info) with the layer, the code and the message the client got.
     ``idle_seconds`` bounds how long a call may wait on a silent peer;
-    ``moved(bytes)`` hears how many bytes each call received and sent;
+    ``listener`` hears of each call's start and end (with the bytes it received and sent), health checks
+    excepted (a load balancer's every second would never let the server look quiet);
     ``slots`` bounds the calls in progress; a request larger than
     :func:`normserve.server.transport.receive_limit` is refused unparsed.
     ``tokens`` (None: no authentication) and ``gate`` refuse calls before any of
@@ -372,7 +383,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         self,
         metrics: Metrics | None,
         idle_seconds: float,
-        moved: Callable[[int], None] | None = None,
+        listener: CallListener | None = None,
         *,
         max_message_bytes: int = (1 << 31) - 1,
         slots: CallSlots | None = None,
@@ -381,7 +392,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     ) -> None:
         self._metrics = metrics
         self._idle = idle_seconds
-        self._moved = moved
+        self._listener = listener
         self._max_message_bytes = max_message_bytes
         self._slots = slots or CallSlots(None)
         self._tokens = tokens
@@ -423,6 +434,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
         inner = getattr(handler, kind)
         streams_in, streams_out = kind.startswith("stream"), kind.endswith("stream")
         service, _, name = method.lstrip("/").rpartition("/")
+        listener = None if method.startswith(HEALTH_PREFIX) else self._listener
 
         async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
             call, error, response, result = _Call(service, name, context), None, None, None
@@ -430,6 +442,8 @@ class GuardCalls(grpc.aio.ServerInterceptor):
                 self._metrics.begin(call.service, call.method)
             guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))
             refused = self._slots.take(method)
+            if listener is not None:
+                listener.started()  # ended by _record, once, however the call ends
             try:
                 if refused is not None:
                     code = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -474,8 +488,8 @@ class GuardCalls(grpc.aio.ServerInterceptor):
     def _record(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
         """Count and log an ending call."""
         seconds = time.perf_counter() - call.start
-        if self._moved is not None:
-            self._moved(call.received + call.sent)
+        if self._listener is not None and call.service != _HEALTH_SERVICE:
+            self._listener.ended(call.received + call.sent)
         if self._metrics is not None:
             self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent, call.phases)
         failed = code != grpc.StatusCode.OK
