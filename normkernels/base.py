@@ -411,13 +411,14 @@ class _NormBase:
             "bias": dbias.reshape(self.param_shape).astype(self.dtype) if self._has["bias"] else None,
         }
 
-    def _check_finite(self, stats: core.Moments, where: str = "its statistics") -> None:
+    def _check_finite(self, stats: core.Moments, where: str | Callable[[], str] = "its statistics") -> None:
+        """Refuse non-finite ``stats``; ``where`` names them in the error (a callable: made only then)."""
         if getattr(stats, "checked_finite", False):  # the kernel that computed them checked them
             return
         xp = self.xp
         finite = xp.isfinite(stats.var).all() and (stats.mean is None or xp.isfinite(stats.mean).all())
         if not bool(finite):
-            raise self._non_finite(where)
+            raise self._non_finite(where() if callable(where) else where)
 
     @staticmethod
     def _non_finite(where: str) -> NonFiniteError:
@@ -447,7 +448,7 @@ class _NormBase:
         if folded is not None:
             status, running_mean, running_var, mean, var = folded
             if status:
-                raise self._non_finite("its statistics" if status == 1 else f"the running statistics in {self.dtype}")
+                raise self._non_finite("its statistics" if status == 1 else self._running_statistics())
         else:
             self._check_finite(stats)
             mean = stats.mean.reshape(-1, channels).sum(axis=0)
@@ -456,12 +457,16 @@ class _NormBase:
             running_mean = ((1.0 - factor) * self.running_mean + factor * mean).astype(self.dtype, copy=False)
             running_var = ((1.0 - factor) * self.running_var + factor * var).astype(self.dtype, copy=False)
             # Finite in the compute dtype may still overflow the state's dtype (float64 x into float32 stats).
-            self._check_finite(core.Moments(running_mean, running_var), f"the running statistics in {self.dtype}")
+            self._check_finite(core.Moments(running_mean, running_var), self._running_statistics)
         if batches > MAX_BATCHES_TRACKED:
             raise StateDictError(f"num_batches_tracked is at its limit ({MAX_BATCHES_TRACKED}); reset it with SetState")
         self.running_mean, self.running_var = running_mean, running_var
         self.num_batches_tracked = batches
         return core.Moments(mean, var)
+
+    def _running_statistics(self) -> str:
+        """What errors call the running statistics (made when needed: formatting a dtype costs a fold 10%)."""
+        return f"the running statistics in {self.dtype}"
 
     def _update_factor(self, batches: int) -> float:
         """Exponential-average factor: momentum, or 1/batches for a cumulative average."""

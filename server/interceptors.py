@@ -80,7 +80,6 @@ _KINDS = {
 #: health checks carry no token.
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 _HEALTH_WATCH = HEALTH_PREFIX + "Watch"
-_HEALTH_SERVICE = HEALTH_PREFIX.strip("/")
 #: Failures that are a normal answer, not a problem: logged at INFO, not WARNING. NOT_FOUND is how a client
 #: probes for a layer before it creates it.
 _QUIET_FAILURES = {grpc.StatusCode.NOT_FOUND: logging.INFO}
@@ -440,7 +439,7 @@ class GuardCalls(grpc.aio.ServerInterceptor):
             call, error, response, result = _Call(service, name, context), None, None, None
             if self._metrics is not None:
                 self._metrics.begin(call.service, call.method)
-            guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call))
+            guarded = _GuardedContext(context, call, self._idle, functools.partial(self._record, call, listener))
             refused = self._slots.take(method)
             if listener is not None:
                 listener.started()  # ended by _record, once, however the call ends
@@ -478,18 +477,18 @@ class GuardCalls(grpc.aio.ServerInterceptor):
                 if refused is None:
                     self._slots.give_back(method)
                 if not guarded.ended:  # ended without an abort: gRPC's status for the call, or what ended it
-                    self._record(call, _code(context, error), context.details() or _describe(error))
+                    self._record(call, listener, _code(context, error), context.details() or _describe(error))
                 request = result = response = guarded = None  # nothing of the call outlives it
                 _release(error)
 
         limit = receive_limit(method, self._max_message_bytes)
         return _streamed_request(handler, behavior, _tolerant(handler.request_deserializer, limit))
 
-    def _record(self, call: _Call, code: grpc.StatusCode, details: str) -> None:
-        """Count and log an ending call."""
+    def _record(self, call: _Call, listener: CallListener | None, code: grpc.StatusCode, details: str) -> None:
+        """Count and log an ending call (and tell ``listener``, which heard of its start)."""
         seconds = time.perf_counter() - call.start
-        if self._listener is not None and call.service != _HEALTH_SERVICE:
-            self._listener.ended(call.received + call.sent)
+        if listener is not None:
+            listener.ended(call.received + call.sent)
         if self._metrics is not None:
             self._metrics.observe(call.service, call.method, code.name, seconds, call.received, call.sent, call.phases)
         failed = code != grpc.StatusCode.OK
