@@ -86,10 +86,13 @@ class Trimmer:
                 continue
             self._floor = min(self._floor, held)  # memory given back by itself lowers the mark
             if quiet and held >= self._floor + self.after_bytes:
+                during_call = self._busy > 0  # taken before the trim: a call may end while it runs
                 try:
                     await asyncio.to_thread(self._trim, 0)
                 except Exception:  # never fatal: the memory merely stays
                     log.exception("malloc_trim failed")
+                if during_call and not self._busy:
+                    continue  # the calls it ran beside have ended: what they left, the next quiet second trims
                 if self._busy and self._idle_floor is None:
                     self._idle_floor = self._floor
                 # What is still held after a trim is in use: the next trim waits until it grows again.
