@@ -143,17 +143,19 @@ def test_idempotent_calls_retry_until_the_server_is_up(tmp_path) -> None:
         caller.start()
         time.sleep(1.0)  # the first attempts fail: nothing listens yet
         assert caller.is_alive()
-        server = children.popen(  # ends with the test run, however that ends
-            [NORMSERVE, "serve", "--port", str(port), "--state-dir", str(tmp_path / "state")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log_path = tmp_path / "server.log"
+        with open(log_path, "w") as log:  # a failure shows what the server said
+            server = children.popen(  # ends with the test run, however that ends
+                [NORMSERVE, "serve", "--port", str(port), "--state-dir", str(tmp_path / "state")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             caller.join(patience(6))
-            assert result == {"layers": []}
+            assert result == {"layers": []}, log_path.read_text()
         finally:
             server.terminate()
-            assert server.wait(patience(3)) == 0
+            assert server.wait(patience(3)) == 0, log_path.read_text()
 
 
 UPDATES = [
